@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`. Both work on a fresh Debian machine:
+# they create .venv, install the Python packages and, when missing, redis-server and
+# prometheus-pushgateway from Debian's packages.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest system-deps venv bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-deps:
+	@bash .ci/system-deps.sh
+
+lint: venv
+	$(BIN)/ruff check worker governor tests bench
+	$(BIN)/ruff format --check worker governor tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv system-deps
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=80 -q
+
+test: lint typecheck pytest
+
+demo: venv system-deps
+	$(BIN)/python -m worker demo
+
+bench: venv system-deps
+	$(BIN)/python bench/pipeline.py --sizes 10000,100000 --out bench/results/pipeline.json
+
+clean:
+	rm -rf $(VENV) .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache

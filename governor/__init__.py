@@ -1,0 +1,1 @@
+"""telegram-fetcher governor: keeps the fleet inside Telegram's limits."""

@@ -1,0 +1,149 @@
+"""Settings shared by every process of the fleet (worker and governor).
+
+Read once from the environment and an optional ``.env`` by :func:`load_settings`, which turns a
+validation error into :class:`ConfigError` whose message names the offending key. Units are in
+the field names; secrets are ``SecretStr`` so that they never print.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A setting is missing or has a wrong value; the message names the key."""
+
+
+class FleetSettings(BaseSettings):
+    """Keys both programs read (CONTRACT §6). Defaults are documented in ``.env.example``."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    # --- Redis -----------------------------------------------------------------------------
+    redis_url: SecretStr | None = None
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_key_prefix: str = ""
+    redis_max_outage_seconds: float = Field(300.0, gt=0)
+
+    # --- identity, logs, metrics -------------------------------------------------------------
+    environment: str = "development"
+    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    metrics_mode: Literal["scrape", "push", "both", "off"] | None = None
+    metrics_port: int = Field(0, ge=0, le=65535)
+    pushgateway_url: str | None = None
+    pushgateway_username: str | None = None
+    pushgateway_password: SecretStr | None = None
+    push_interval_seconds: float = Field(15.0, gt=0)
+    victoria_logs_url: str | None = None
+    loki_url: str | None = None
+
+    # --- retries and breaker (seed 002) -------------------------------------------------------
+    retry_max_attempts: int = Field(5, ge=1)
+    retry_max_elapsed_seconds: float = Field(120.0, gt=0)
+    backoff_base_seconds: float = Field(0.5, gt=0)
+    backoff_max_seconds: float = Field(10.0, gt=0)
+    circuit_breaker_window_seconds: float = Field(30.0, gt=0)
+    circuit_breaker_failure_threshold: int = Field(5, ge=1)
+    circuit_breaker_open_timeout_seconds: float = Field(60.0, gt=0)
+
+    # --- rate limiting (issue 4) --------------------------------------------------------------
+    rate_limit_strategy: Literal["adaptive", "fixed", "off"] = "adaptive"
+    flood_wait_max_seconds: float = Field(60.0, ge=0)
+
+    shutdown_grace_seconds: float = Field(25.0, gt=0)
+    schema_version: str = "1.0.0"
+    day_timezone: str = "UTC"
+
+    @field_validator("day_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name like UTC)") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> FleetSettings:
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ValueError("BACKOFF_MAX_SECONDS must be >= BACKOFF_BASE_SECONDS")
+        return self
+
+    @property
+    def effective_metrics_mode(self) -> str:
+        if self.metrics_mode is not None:
+            return self.metrics_mode
+        return "both" if self.environment == "production" else "scrape"
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.day_timezone)
+
+    def redis_dsn(self) -> str:
+        """The Redis URL with credentials; never log it (use :meth:`redis_display`)."""
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        auth = ""
+        if self.redis_password is not None:
+            user = self.redis_username or ""
+            auth = f"{user}:{self.redis_password.get_secret_value()}@"
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+
+    def redis_display(self) -> str:
+        """The Redis address without credentials, for logs."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.redis_dsn())
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for tests and log scrubbing."""
+        out: list[str] = []
+        for value in (self.redis_password, self.pushgateway_password):
+            if value is not None and value.get_secret_value():
+                out.append(value.get_secret_value())
+        if self.redis_url is not None:
+            from urllib.parse import urlsplit
+
+            pw = urlsplit(self.redis_url.get_secret_value()).password
+            if pw:
+                out.append(pw)
+        return out
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides: object) -> S:
+    """Build settings, turning pydantic's report into one readable :class:`ConfigError`."""
+    try:
+        return cls(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "__root__"]
+            key = "_".join(loc).upper() if loc else "configuration"
+            value = err.get("input")
+            shown = "" if _looks_secret(key) or isinstance(value, dict) else f" (got {value!r})"
+            problems.append(f"{key}: {err['msg']}{shown}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def _looks_secret(key: str) -> bool:
+    return any(word in key for word in ("HASH", "PASSWORD", "PHONE", "URL", "TOKEN"))

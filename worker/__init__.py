@@ -1,0 +1,1 @@
+"""telegram-fetcher worker: one OS process per Telegram session."""

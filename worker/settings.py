@@ -1,0 +1,101 @@
+"""The worker's settings: the fleet-wide keys plus Telegram, storage, commands and simulator.
+
+One :class:`WorkerSettings` is built in ``cli.py`` and passed down; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+
+from governor.settings import FleetSettings
+
+
+class WorkerSettings(FleetSettings):
+    # --- Telegram ----------------------------------------------------------------------------
+    telegram_api_id: int | None = None
+    telegram_api_hash: SecretStr | None = None
+    telegram_phone: SecretStr | None = None
+    telegram_backend: Literal["telethon", "sim"] = "telethon"
+    telegram_session: str | None = None
+    telegram_request_timeout_seconds: float = Field(30.0, gt=0)
+    sessions_dir: Path = Path("sessions")
+
+    # --- worker identity and concurrency -------------------------------------------------------
+    worker_id: str | None = None
+    parallelism_max: int = Field(2, ge=1, le=16)
+    fetch_concurrency: int = Field(1, ge=1, le=8)
+    fetch_strategy: Literal["batch", "per_day"] = "batch"
+    fetch_mode: Literal["yesterday", "full"] = "yesterday"
+
+    # --- storage ------------------------------------------------------------------------------
+    data_dir: Path = Path("data")
+
+    # --- commands -----------------------------------------------------------------------------
+    max_range_days: int = Field(366, ge=1)
+    max_command_bytes: int = Field(65536, ge=256)
+    command_pop_timeout_seconds: float = Field(1.0, gt=0)
+    health_file: Path = Path("/tmp/.fetcher_healthy")
+
+    # --- simulator (TELEGRAM_BACKEND=sim) -----------------------------------------------------
+    sim_seed: int = 0
+    sim_messages_per_day: int = Field(200, ge=0, le=400_000)
+    sim_empty_day_ratio: float = Field(0.1, ge=0, le=1)
+    sim_history_start: str = "2024-01-01"
+    sim_history_requests: int = Field(30, ge=0)
+    sim_history_window_seconds: float = Field(30.0, gt=0)
+    sim_resolve_requests: int = Field(20, ge=0)
+    sim_resolve_window_seconds: float = Field(60.0, gt=0)
+    sim_fleet_requests: int = Field(0, ge=0)
+    sim_fleet_window_seconds: float = Field(1.0, gt=0)
+    sim_latency_ms: float = Field(0.0, ge=0)
+    sim_fault_rate: float = Field(0.0, ge=0, le=1)
+    sim_faults: str = "timeout,rpc500"
+
+    @field_validator("fetch_strategy", mode="before")
+    @classmethod
+    def _legacy_strategy(cls, value: object) -> object:
+        return {"auto": "batch", "sequential": "per_day"}.get(str(value), value)
+
+    @field_validator("telegram_session")
+    @classmethod
+    def _session_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError("session names are 1-64 characters of [A-Za-z0-9_.-]")
+        return value
+
+    @field_validator("sim_faults")
+    @classmethod
+    def _known_faults(cls, value: str) -> str:
+        known = {"timeout", "rpc500", "auth_key_unregistered", "channel_private"}
+        names = {v.strip() for v in value.split(",") if v.strip()}
+        unknown = names - known
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {sorted(known)}")
+        return ",".join(sorted(names))
+
+    @field_validator("sim_history_start")
+    @classmethod
+    def _iso_date(cls, value: str) -> str:
+        from datetime import date
+
+        date.fromisoformat(value)
+        return value
+
+    def resolved_worker_id(self, session: str | None = None) -> str:
+        if self.worker_id:
+            return self.worker_id
+        host = socket.gethostname().split(".")[0] or "worker"
+        return f"{host}-{session}" if session else host
+
+    def secret_values(self) -> list[str]:
+        out = super().secret_values()
+        for value in (self.telegram_api_hash, self.telegram_phone):
+            if value is not None and value.get_secret_value():
+                out.append(value.get_secret_value())
+        return out
