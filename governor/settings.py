@@ -50,6 +50,14 @@ class FleetSettings(BaseSettings):
     push_interval_seconds: float = Field(15.0, gt=0)
     victoria_logs_url: str | None = None
     loki_url: str | None = None
+    # Observability knobs (governor/logs.py, governor/metrics.py); documented in .env.example.
+    log_queue_max_records: int = Field(10_000, ge=100)
+    log_batch_max_records: int = Field(500, ge=1)
+    log_batch_max_seconds: float = Field(1.0, gt=0)
+    log_flush_timeout_seconds: float = Field(5.0, ge=0)
+    metrics_host: str = "0.0.0.0"
+    metrics_chat_label_max: int = Field(50, ge=1)
+    metrics_session_label_max: int = Field(100, ge=1)
 
     # --- retries and breaker (seed 002) -------------------------------------------------------
     retry_max_attempts: int = Field(5, ge=1)

@@ -1,0 +1,293 @@
+"""``python -m worker``: the worker's command line.
+
+Subcommands: ``fetch`` (one-shot, for cron or a systemd timer), ``login`` (create a session
+interactively), ``demo`` (the README's first command). Settings are built once here and passed
+down. Exit codes mean something to supervisord and to scripts; see :class:`Exit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from datetime import UTC, date, datetime, timedelta
+from enum import IntEnum
+from pathlib import Path
+
+from loguru import logger
+
+from governor.settings import ConfigError, load_settings
+from worker.commands import CommandLimits, FetchCommand, parse_command, today_in
+from worker.errors import CommandRejected, FetchError, PermanentError, SessionRevoked
+from worker.settings import WorkerSettings
+
+
+class Exit(IntEnum):
+    OK = 0
+    FAILED = 1  # some day did not complete; worth retrying
+    USAGE = 2
+    PERMANENT = 65  # the command can never succeed (bad chat, private chat)
+    SESSION_REVOKED = 77  # the session must be recreated by a person; do not restart
+    CONFIG = 78  # a setting is wrong; do not restart
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        args.cmd = "run"
+    try:
+        settings = load_settings(WorkerSettings)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return Exit.CONFIG
+    _setup_console_logging(settings)
+    handler = _HANDLERS.get(args.cmd)
+    if handler is None:
+        print(f"'{args.cmd}' is not available yet", file=sys.stderr)
+        return Exit.USAGE
+    try:
+        return handler(settings, args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return Exit.CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd")
+
+    fetch = sub.add_parser("fetch", help="fetch a chat once and exit (cron mode)")
+    fetch.add_argument("--chat", required=True, help="@username, t.me link or numeric id")
+    when = fetch.add_mutually_exclusive_group()
+    when.add_argument("--date", help="one day, YYYY-MM-DD")
+    when.add_argument("--days", type=int, help="the N whole days before today")
+    when.add_argument("--yesterday", action="store_true", help="yesterday (the default)")
+    when.add_argument("--from", dest="from_", metavar="FROM", help="first day of a range")
+    when.add_argument("--full", action="store_true", help="the whole history up to yesterday")
+    fetch.add_argument("--to", help="last day of a range (with --from; default yesterday)")
+    fetch.add_argument("--strategy", choices=["batch", "per_day", "auto", "sequential"])
+    fetch.add_argument("--limit", type=int, help="at most this many messages in total")
+    fetch.add_argument("--force", action="store_true", help="re-fetch days already complete")
+    fetch.add_argument("--session", help="session name under SESSIONS_DIR")
+
+    login = sub.add_parser("login", help="create a Telegram session interactively")
+    login.add_argument("--session", required=True, help="session name under SESSIONS_DIR")
+
+    demo = sub.add_parser("demo", help="a local demo against the built-in Telegram simulator")
+    demo.add_argument("--data-dir", default=None, help="where to write (default DATA_DIR)")
+    return parser
+
+
+# --- fetch -------------------------------------------------------------------------------------
+
+
+def _cmd_fetch(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    return asyncio.run(_fetch_once(settings, args))
+
+
+def build_fetch_payload(args: argparse.Namespace, today: date) -> dict[str, object]:
+    """The command a ``fetch`` invocation means, in CONTRACT §3 form."""
+    payload: dict[str, object] = {"command": "fetch", "chat": args.chat}
+    if args.date:
+        payload.update(mode="date", date=args.date)
+    elif args.days:
+        payload.update(mode="days", days=args.days)
+    elif args.from_:
+        to = args.to or (today - timedelta(days=1)).isoformat()
+        payload.update({"mode": "range", "from": args.from_, "to": to})
+    else:
+        payload.update(mode="days", days=1)
+    if args.strategy:
+        payload["strategy"] = args.strategy
+    if args.limit is not None:
+        payload["limit"] = args.limit
+    if args.force:
+        payload["options"] = {"force": True}
+    return payload
+
+
+async def _fetch_once(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    import json
+
+    from worker.fetch import Fetcher, FetchOutcome
+    from worker.storage import DayStore
+    from worker.telegram import TelegramSession
+
+    now = datetime.now(UTC)
+    today = today_in(settings.tz, now)
+    session_name = args.session or settings.telegram_session or _default_session(settings)
+    telegram = TelegramSession(settings, session_name)
+    started = time.monotonic()
+    try:
+        await telegram.connect()
+        payload = build_fetch_payload(args, today)
+        max_days = settings.max_range_days
+        if args.full:
+            first = await _first_message_day(telegram, args.chat, settings)
+            yesterday = today - timedelta(days=1)
+            if first is None or first > yesterday:
+                print(f"{args.chat}: no history before today")
+                return Exit.OK
+            payload.update({"mode": "range", "from": first.isoformat(), "to": str(yesterday)})
+            max_days = (yesterday - first).days + 1
+        limits = CommandLimits(
+            today=today,
+            max_range_days=max_days,
+            max_command_bytes=settings.max_command_bytes,
+            default_strategy=settings.fetch_strategy,
+        )
+        try:
+            cmd = parse_command(json.dumps(payload), limits)
+        except CommandRejected as exc:
+            print(f"invalid request: {exc}", file=sys.stderr)
+            return Exit.USAGE
+        store = DayStore(
+            settings.data_dir, schema_version=settings.schema_version, timezone=settings.day_timezone
+        )
+        fetcher = Fetcher(
+            telegram, store, tz=settings.tz, concurrency=settings.fetch_concurrency
+        )
+        bar = _ProgressPrinter(cmd)
+        outcome: FetchOutcome = await fetcher.run(cmd, on_progress=bar.update)
+        bar.done()
+    except SessionRevoked as exc:
+        print(f"session {session_name!r} cannot be used: {exc}", file=sys.stderr)
+        return Exit.SESSION_REVOKED
+    except PermanentError as exc:
+        print(f"{args.chat}: {exc}", file=sys.stderr)
+        return Exit.PERMANENT
+    except FetchError as exc:
+        print(f"{args.chat}: {exc.type_name}: {exc}", file=sys.stderr)
+        return Exit.FAILED
+    finally:
+        await telegram.close()
+    _print_summary(cmd, outcome, time.monotonic() - started)
+    return Exit.OK if not outcome.days_failed and not outcome.days_partial else Exit.FAILED
+
+
+async def _first_message_day(
+    telegram: object, chat_raw: str, settings: WorkerSettings
+) -> date | None:
+    from worker.chats import parse_chat
+
+    resolved = await telegram.resolve(parse_chat(chat_raw))  # type: ignore[attr-defined]
+    epoch = datetime(2013, 8, 1, tzinfo=UTC)  # Telegram launched in August 2013
+    pages = telegram.iter_history(resolved, epoch, datetime.now(UTC))  # type: ignore[attr-defined]
+    async for page in pages:
+        if page:
+            first: date = page[0].date.astimezone(settings.tz).date()
+            await pages.aclose()
+            return first
+    return None
+
+
+def _default_session(settings: WorkerSettings) -> str:
+    if settings.telegram_backend == "sim":
+        return "sim"
+    found = sorted(settings.sessions_dir.glob("*.session"))
+    if len(found) == 1:
+        return found[0].stem
+    if not found:
+        raise ConfigError(
+            f"no session in {settings.sessions_dir}; create one with "
+            "'python -m worker login --session NAME'"
+        )
+    names = ", ".join(p.stem for p in found)
+    raise ConfigError(f"several sessions ({names}): choose one with --session or TELEGRAM_SESSION")
+
+
+class _ProgressPrinter:
+    """A one-line progress bar on a terminal; plain lines otherwise."""
+
+    def __init__(self, cmd: FetchCommand) -> None:
+        self.cmd = cmd
+        self.tty = sys.stderr.isatty()
+        self.total = len(cmd.days)
+
+    async def update(self, outcome: object) -> None:
+        from worker.fetch import FetchOutcome
+
+        assert isinstance(outcome, FetchOutcome)
+        done = len(outcome.days_completed) + len(outcome.days_skipped) + len(outcome.days_partial)
+        width = 30
+        filled = int(width * done / self.total) if self.total else width
+        line = (
+            f"{self.cmd.chat.display} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done}/{self.total} days, {outcome.processed} messages"
+        )
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _print_summary(cmd: FetchCommand, outcome: object, seconds: float) -> None:
+    from worker.fetch import FetchOutcome
+
+    assert isinstance(outcome, FetchOutcome)
+    print(
+        f"{cmd.chat.display}: {outcome.processed} messages in {seconds:.1f}s; "
+        f"days complete {len(outcome.days_completed)}, already complete "
+        f"{len(outcome.days_skipped)}, partial {len(outcome.days_partial)}, "
+        f"failed {len(outcome.days_failed)}"
+    )
+    for day, err in sorted(outcome.days_failed.items()):
+        print(f"  failed {day}: {err.type_name}: {err}")
+    for path in outcome.files:
+        print(f"  {path}")
+
+
+# --- login -------------------------------------------------------------------------------------
+
+
+def _cmd_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    import getpass
+
+    from worker.telegram import login
+
+    try:
+        name = asyncio.run(
+            login(settings, args.session, ask=input, ask_secret=lambda p: getpass.getpass(p))
+        )
+    except SessionRevoked as exc:
+        print(f"login failed: {exc}", file=sys.stderr)
+        return Exit.SESSION_REVOKED
+    print(f"session {args.session!r} is logged in as {name}")
+    return Exit.OK
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+def _cmd_demo(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    """Fetch two simulated chats for the last three days and show what was written."""
+    data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
+    demo_settings = settings.model_copy(
+        update={"telegram_backend": "sim", "data_dir": data_dir, "telegram_session": "demo"}
+    )
+    print(f"demo: fetching from the built-in Telegram simulator into {data_dir}/", flush=True)
+    worst = Exit.OK
+    for chat in ("@ru_python", "@demo_news"):
+        ns = argparse.Namespace(
+            chat=chat, date=None, days=3, yesterday=False, from_=None, full=False, to=None,
+            strategy=None, limit=None, force=False, session="demo",
+        )
+        code = asyncio.run(_fetch_once(demo_settings, ns))
+        worst = max(worst, Exit(code))
+    return worst
+
+
+def _setup_console_logging(settings: WorkerSettings) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING" if settings.log_level == "INFO" else settings.log_level)
+
+
+_HANDLERS = {"fetch": _cmd_fetch, "login": _cmd_login, "demo": _cmd_demo}

@@ -1,0 +1,316 @@
+"""``DATA_DIR/progress.json``: per (chat, day) whether the day is complete and how far it got.
+
+Layout (``worker/schemas/progress.schema.json``)::
+
+    {"schema_version": "1.0.0", "timezone": "UTC",
+     "chats": {"ru_python": {"2025-11-07": {"complete": true, "last_processed_msg_id": 123,
+                                            "message_count": 2, "timezone": "UTC",
+                                            "updated_at": "2025-11-08T01:00:03Z"}}}}
+
+Several worker *processes* update the file at once. Every update takes an exclusive
+``fcntl.flock`` on ``DATA_DIR/.progress.lock``, re-reads the file, changes one entry, writes a
+temporary file, fsyncs it and ``os.replace``s it over the old one, so no update is lost and a
+reader (which takes no lock) always sees a whole file.
+
+Completion is decided by this file alone: a day file on disk without a ``complete`` entry here
+(written under the current ``timezone``) is fetched again and merged, never trusted blindly. A
+``progress.json`` that cannot be parsed is renamed to ``progress.json.corrupt-<ts>`` with a
+warning and treated as empty, so a damaged file costs a re-fetch, never a crash loop.
+
+All calls block on file I/O (and on the lock, up to ``lock_timeout_s``); async callers use
+``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from worker.clock import Clock, SystemClock, utc_iso
+from worker.errors import StorageError
+
+PROGRESS_FILE = "progress.json"
+PROGRESS_LOCK = ".progress.lock"
+
+
+@dataclass(frozen=True, slots=True)
+class DayProgress:
+    """One (chat, day) entry of ``progress.json``."""
+
+    complete: bool
+    last_processed_msg_id: int
+    message_count: int | None
+    timezone: str
+    updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "complete": self.complete,
+            "last_processed_msg_id": self.last_processed_msg_id,
+            "message_count": self.message_count,
+            "timezone": self.timezone,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_json(cls, raw: object) -> DayProgress | None:
+        """The entry, or ``None`` if it is malformed (then the day counts as not fetched)."""
+        if not isinstance(raw, dict):
+            return None
+        complete = raw.get("complete")
+        last_id = raw.get("last_processed_msg_id")
+        count = raw.get("message_count")
+        tz = raw.get("timezone")
+        updated = raw.get("updated_at", "")
+        if (
+            not isinstance(complete, bool)
+            or not _is_int(last_id)
+            or not (count is None or _is_int(count))
+            or not isinstance(tz, str)
+            or not isinstance(updated, str)
+        ):
+            return None
+        return cls(complete, last_id, count, tz, updated)  # type: ignore[arg-type]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing), waiting up to ``timeout_s``.
+
+    ``flock`` locks belong to the open file description, so two threads or two writers of one
+    process exclude each other too. The lock files stay on disk: deleting them would race.
+    """
+    fd = acquire_fd_lock(path, timeout_s, what)
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def acquire_fd_lock(path: Path, timeout_s: float, what: str) -> int:
+    """Open ``path`` and lock it exclusively; the caller unlocks by closing the returned fd."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        _acquire(fd, path, timeout_s, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _acquire(fd: int, path: Path, timeout_s: float, what: str) -> None:
+    # Polling instead of a blocking flock keeps the wait bounded without signals or threads.
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StorageError(
+                    f"{what} is locked by another writer ({path}); gave up after {timeout_s:g}s"
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        except OSError as exc:
+            raise StorageError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ProgressStore:
+    """Reads and updates ``DATA_DIR/progress.json``; safe across threads and processes."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        schema_version: str,
+        timezone: str,
+        clock: Clock | None = None,
+        lock_timeout_s: float = 30.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / PROGRESS_FILE
+        self.lock_path = self.data_dir / PROGRESS_LOCK
+        self.schema_version = schema_version
+        self.timezone = timezone
+        self.clock: Clock = clock or SystemClock()
+        self.lock_timeout_s = lock_timeout_s
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, chat_key: str, day: date) -> DayProgress | None:
+        """The entry for (chat, day), whatever time zone it was written under."""
+        chats = self._read_unlocked()["chats"]
+        days = chats.get(chat_key)
+        if not isinstance(days, dict):
+            return None
+        return DayProgress.from_json(days.get(day.isoformat()))
+
+    def is_complete(self, chat_key: str, day: date) -> bool:
+        """True if the day was completed under the current time zone."""
+        entry = self.get(chat_key, day)
+        return entry is not None and entry.complete and entry.timezone == self.timezone
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole document (empty if missing or corrupt)."""
+        return self._read_unlocked()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def update(
+        self,
+        chat_key: str,
+        day: date,
+        *,
+        complete: bool,
+        last_processed_msg_id: int,
+        message_count: int | None,
+    ) -> DayProgress:
+        """Set the entry for (chat, day) under the lock; other entries are kept as they are."""
+        entry = DayProgress(
+            complete=complete,
+            last_processed_msg_id=last_processed_msg_id,
+            message_count=message_count,
+            timezone=self.timezone,
+            updated_at=utc_iso(self.clock.now()),
+        )
+        self._ensure_dir()
+        started = time.perf_counter()
+        with file_lock(self.lock_path, self.lock_timeout_s, "progress.json"):
+            doc = self._load(locked=True)
+            doc["chats"].setdefault(chat_key, {})
+            if not isinstance(doc["chats"][chat_key], dict):
+                doc["chats"][chat_key] = {}
+            doc["chats"][chat_key][day.isoformat()] = entry.to_json()
+            size = self._write(doc)
+        logger.bind(chat_key=chat_key, day=day.isoformat()).debug(
+            "progress.json updated (complete={}, last_id={}, {} bytes) in {:.1f} ms",
+            complete,
+            last_processed_msg_id,
+            size,
+            (time.perf_counter() - started) * 1000,
+        )
+        return entry
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _ensure_dir(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.data_dir}: {exc.strerror or exc}") from exc
+
+    def _empty(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "timezone": self.timezone, "chats": {}}
+
+    def _read_unlocked(self) -> dict[str, Any]:
+        doc = self._parse()
+        if doc is not None:
+            return doc
+        if not self.path.exists():
+            return self._empty()
+        # Corrupt: set it aside under the lock, unless a writer replaced it meanwhile.
+        self._ensure_dir()
+        with file_lock(self.lock_path, self.lock_timeout_s, "progress.json"):
+            return self._load(locked=True)
+
+    def _load(self, *, locked: bool) -> dict[str, Any]:
+        """Read the document; with the lock held, a corrupt file is renamed aside."""
+        doc = self._parse()
+        if doc is not None:
+            return doc
+        if locked and self.path.exists():
+            self._set_aside()
+        return self._empty()
+
+    def _parse(self) -> dict[str, Any] | None:
+        """The document, an empty one if there is no file, ``None`` if it is corrupt."""
+        started = time.perf_counter()
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return self._empty()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("chats"), dict):
+            return None
+        logger.debug(
+            "progress.json read ({} bytes) in {:.1f} ms",
+            len(raw),
+            (time.perf_counter() - started) * 1000,
+        )
+        return doc
+
+    def _set_aside(self) -> None:
+        stamp = self.clock.now().strftime("%Y%m%dT%H%M%SZ")
+        target = self.path.with_name(f"{PROGRESS_FILE}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            target = self.path.with_name(f"{PROGRESS_FILE}.corrupt-{stamp}-{n}")
+            n += 1
+        try:
+            os.replace(self.path, target)
+        except OSError as exc:
+            raise StorageError(
+                f"{self.path} is corrupt and cannot be moved aside: {exc.strerror or exc}"
+            ) from exc
+        logger.warning(
+            "progress.json is corrupt: moved to {} and starting from an empty one "
+            "(days will be fetched again and merged with their files)",
+            target.name,
+        )
+
+    def _write(self, doc: dict[str, Any]) -> int:
+        # Sorted, so the file diffs well and does not depend on who wrote first.
+        out = {
+            "schema_version": self.schema_version,
+            "timezone": self.timezone,
+            "chats": {
+                key: dict(sorted(days.items())) for key, days in sorted(doc["chats"].items())
+            },
+        }
+        data = json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        tmp = self.path.with_name(PROGRESS_FILE + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            fsync_dir(self.data_dir)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StorageError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        return len(data)
