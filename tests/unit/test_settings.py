@@ -1,0 +1,115 @@
+"""Settings: bad values fail at start with one readable line naming the key; every key is
+documented in .env.example; secrets never print."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from governor.settings import ConfigError, FleetSettings, load_settings
+from worker.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("REDIS_PORT", "seventy", "REDIS_PORT"),
+        ("DAY_TIMEZONE", "Mars/Olympus", "DAY_TIMEZONE"),
+        ("PARALLELISM_MAX", "0", "PARALLELISM_MAX"),
+        ("TELEGRAM_BACKEND", "carrier-pigeon", "TELEGRAM_BACKEND"),
+        ("TELEGRAM_SESSION", "../../etc/x", "TELEGRAM_SESSION"),
+        ("SIM_FAULTS", "meteor", "SIM_FAULTS"),
+        ("FETCH_STRATEGY", "random", "FETCH_STRATEGY"),
+    ],
+)
+def test_wrong_value_names_the_key(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, key: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(WorkerSettings)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_legacy_strategy_names_are_accepted(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FETCH_STRATEGY", "sequential")
+    assert load_settings(WorkerSettings).fetch_strategy == "per_day"
+
+
+def test_dotenv_file_is_read(clean_env: Path) -> None:
+    (clean_env / ".env").write_text("PARALLELISM_MAX=3\nDAY_TIMEZONE=Europe/Moscow\n")
+    s = load_settings(WorkerSettings)
+    assert s.parallelism_max == 3 and s.day_timezone == "Europe/Moscow"
+
+
+def test_secrets_do_not_print_and_are_listed(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TELEGRAM_API_HASH", "0123456789abcdef0123456789abcdef")
+    monkeypatch.setenv("TELEGRAM_PHONE", "+15550001111")
+    monkeypatch.setenv("REDIS_URL", "redis://user:hunter2secret@redis.example:6380/0")
+    s = load_settings(WorkerSettings)
+    text = repr(s) + str(s)
+    for secret in ("0123456789abcdef0123456789abcdef", "+15550001111", "hunter2secret"):
+        assert secret not in text
+        assert secret in s.secret_values()
+    assert s.redis_display() == "redis://redis.example:6380/0"
+
+
+def test_secret_is_not_echoed_in_a_config_error(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:pw-shouldnt-show@x:notaport/0")
+    monkeypatch.setenv("REDIS_PORT", "nope")
+    with pytest.raises(ConfigError) as info:
+        load_settings(WorkerSettings)
+    assert "pw-shouldnt-show" not in str(info.value)
+
+
+def test_metrics_mode_defaults_to_both_in_production(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings(FleetSettings).effective_metrics_mode == "scrape"
+    monkeypatch.setenv("ENVIRONMENT", "production")
+    assert load_settings(FleetSettings).effective_metrics_mode == "both"
+
+
+def test_every_setting_is_documented_in_env_example() -> None:
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(),
+                                re.M))
+    fields: set[str] = set()
+    for cls in _settings_classes():
+        fields |= {name.upper() for name in cls.model_fields}
+    missing = sorted(fields - documented)
+    assert not missing, f"undocumented settings in .env.example: {missing}"
+
+
+def _settings_classes() -> list[type]:
+    classes: list[type] = [FleetSettings, WorkerSettings]
+    try:
+        from governor.cli import GovernorSettings  # type: ignore[attr-defined]
+
+        classes.append(GovernorSettings)
+    except ImportError:
+        pass
+    return classes
+
+
+def test_cli_exits_78_with_one_line_on_bad_configuration(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PARALLELISM_MAX": "lots", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "fetch", "--chat", "@ru_python"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 78
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "PARALLELISM_MAX" in lines[0]
