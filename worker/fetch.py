@@ -3,8 +3,9 @@
 ``batch`` walks each run of consecutive unfinished days in one pass through the history;
 ``per_day`` fetches every day on its own (up to ``FETCH_CONCURRENCY`` at once), so a failed day
 does not stop the others and is the unit of retry. Days already complete are skipped unless the
-command says ``options.force``. Progress is checkpointed per page by the storage layer, so a
-restart resumes from the last message written.
+command says ``options.force``. Pages are journaled by the storage layer as they arrive, so a
+restart resumes after the last message in the day's journal. Storage calls block (file locks,
+fsync, the final merge), so they run in a thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Fetcher:
         chat = await self.telegram.resolve(cmd.chat)
         todo: list[date] = []
         for day in cmd.days:
-            if not cmd.force and self.store.is_complete(cmd.chat.key, day):
+            if not cmd.force and await asyncio.to_thread(self.store.is_complete, cmd.chat.key, day):
                 outcome.days_skipped.append(day)
                 outcome.files.append(self._relative(cmd.chat.key, day))
             else:
@@ -162,7 +163,7 @@ class Fetcher:
         self._check_stop()
         now = self.clock.now()
         pending = list(days)
-        writer = self._open(cmd, pending[0])
+        writer = await self._open(cmd, pending[0])
         try:
             start, _ = day_bounds(pending[0], self.tz)
             _, end = day_bounds(pending[-1], self.tz)
@@ -171,36 +172,40 @@ class Fetcher:
             async for page in pages:  # type: ignore[attr-defined]
                 for day, part in self._split_by_day(page):
                     while day > pending[0]:
-                        self._finish(cmd, writer, pending.pop(0), outcome, now)
-                        writer = self._open(cmd, pending[0])
+                        await self._finish(cmd, writer, pending.pop(0), outcome, now)
+                        writer = await self._open(cmd, pending[0])
                     if day < pending[0]:
                         continue  # before the interval (resume overlap); already written
                     part = budget.take(part)
                     if part:
-                        outcome.processed += writer.append_page([m.data for m in part])
+                        outcome.processed += await asyncio.to_thread(
+                            writer.append_page, [m.data for m in part]
+                        )
                     if budget.exhausted:
-                        self._finish(cmd, writer, pending[0], outcome, now, limited=True)
+                        await self._finish(cmd, writer, pending[0], outcome, now, limited=True)
                         writer = None  # type: ignore[assignment]
                         await progress.report(force=True)
                         raise _LimitReached
                 await progress.report()
                 self._check_stop()
             while pending:
-                self._finish(cmd, writer, pending.pop(0), outcome, now)
+                await self._finish(cmd, writer, pending.pop(0), outcome, now)
                 if pending:
-                    writer = self._open(cmd, pending[0])
+                    writer = await self._open(cmd, pending[0])
             writer = None  # type: ignore[assignment]
             await progress.report(force=True)
         finally:
             if writer is not None:
-                writer.close()
+                await asyncio.to_thread(writer.close)
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _open(self, cmd: FetchCommand, day: date) -> DayWriter:
-        return self.store.open_day(cmd.chat.key, cmd.chat.display, day, force=cmd.force)
+    async def _open(self, cmd: FetchCommand, day: date) -> DayWriter:
+        return await asyncio.to_thread(
+            self.store.open_day, cmd.chat.key, cmd.chat.display, day, force=cmd.force
+        )
 
-    def _finish(
+    async def _finish(
         self,
         cmd: FetchCommand,
         writer: DayWriter,
@@ -212,10 +217,13 @@ class Fetcher:
     ) -> None:
         _, end = day_bounds(day, self.tz)
         complete = not limited and end <= now
-        try:
-            writer.finish(complete=complete)
-        finally:
-            writer.close()
+        def finish_and_close() -> None:
+            try:
+                writer.finish(complete=complete)
+            finally:
+                writer.close()
+
+        await asyncio.to_thread(finish_and_close)
         outcome.files.append(self._relative(cmd.chat.key, day))
         (outcome.days_completed if complete else outcome.days_partial).append(day)
 

@@ -194,6 +194,9 @@ class ProgressStore:
         message_count: int | None,
     ) -> DayProgress:
         """Set the entry for (chat, day) under the lock; other entries are kept as they are."""
+        from worker.storage import validate_chat_key  # storage imports this module
+
+        validate_chat_key(chat_key)
         entry = DayProgress(
             complete=complete,
             last_processed_msg_id=last_processed_msg_id,

@@ -1,0 +1,661 @@
+"""Day files: ``DATA_DIR/<chat_key>/<YYYY>/discussions_<YYYY-MM-DD>.json`` (CONTRACT §5).
+
+How a day is written, so that a kill at any instant never leaves a half-written file:
+
+1. :meth:`DayStore.open_day` takes an exclusive ``flock`` on ``.discussions_<date>.lock`` next
+   to the file (one writer per day, across processes) and recovers the day's journal.
+2. :meth:`DayWriter.append_page` appends each page of messages to the journal
+   ``.discussions_<date>.partial.jsonl`` (a header line, then one message per line, ids strictly
+   ascending). The cost of a page is one ``write`` of that page, whatever the day's size. Every
+   ``checkpoint_interval_s`` the journal is fsynced and ``progress.json`` records the day's
+   ``last_processed_msg_id``.
+3. :meth:`DayWriter.finish` streams a merge of the existing day file (if any) and the journal,
+   both sorted by id (on equal ids the fresh message wins), into ``.discussions_<date>.json.tmp``,
+   fsyncs it, ``os.replace``s it over the day file and fsyncs the directory; then marks the day
+   complete in ``progress.json`` and deletes the journal. Memory stays bounded: the merge runs
+   twice over the files (count first, so that ``message_count`` precedes ``messages``).
+
+A restart resumes after the journal's last complete line (a line cut by a kill is truncated
+away). The journal is the only place fetched-but-unfinished messages live, so it, not the id in
+``progress.json``, decides where to resume; ``progress.json`` can only lag behind it.
+
+Day files are written one message per line inside the ``messages`` array, with ``id`` first and
+compact separators, so the same messages always give the same bytes and the file can be read
+back as a stream (:func:`iter_day_messages`).
+
+Everything here blocks on file I/O; async callers use ``asyncio.to_thread``. A ``DayWriter`` is
+used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import date, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from loguru import logger
+
+from worker.clock import Clock, SystemClock, utc_iso
+from worker.errors import StorageError
+from worker.progress import ProgressStore, acquire_fd_lock, fsync_dir
+
+CHAT_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Every message line we write starts with its id, so ids are read without parsing the line.
+_ID_PREFIX = re.compile(rb'\{"id":(\d+)[,}]')
+_FINAL_HEAD_END = b'"messages":[\n'
+_FINAL_END = b"]}\n"
+_JOURNAL_KIND = "discussions-journal"
+
+
+def validate_chat_key(chat_key: str) -> str:
+    """``chat_key`` if it is a safe directory name, else :class:`StorageError`."""
+    if (
+        not isinstance(chat_key, str)
+        or chat_key in {".", ".."}
+        or not CHAT_KEY_PATTERN.fullmatch(chat_key)
+    ):
+        raise StorageError(f"invalid chat key {chat_key!r}: expected 1-64 of [A-Za-z0-9_-]")
+    return chat_key
+
+
+def encode_message(message: Mapping[str, Any]) -> bytes:
+    """One message as one line of compact JSON (no newline), ``id`` first, deterministic."""
+    ordered = {"id": message["id"], **{k: v for k, v in message.items() if k != "id"}}
+    text = json.dumps(
+        ordered, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_default
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: keep the file valid UTF-8 by escaping
+        return json.dumps(
+            ordered,
+            ensure_ascii=True,
+            separators=(",", ":"),
+            allow_nan=False,
+            default=_json_default,
+        ).encode("ascii")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return utc_iso(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _check_message(message: object) -> int:
+    if not isinstance(message, Mapping):
+        raise ValueError(f"a message must be a mapping, got {type(message).__name__}")
+    msg_id = message.get("id")
+    if not isinstance(msg_id, int) or isinstance(msg_id, bool) or msg_id < 1:
+        raise ValueError(f"a message needs a positive integer id, got {msg_id!r}")
+    if "date" not in message:
+        raise ValueError(f"message {msg_id} has no date")
+    return msg_id
+
+
+class _NotStreamable(Exception):
+    """The existing day file is not in our one-message-per-line layout."""
+
+
+def iter_day_messages(path: Path) -> Iterator[dict[str, Any]]:
+    """The messages of a day file, streamed (loaded whole only if it is not in our layout)."""
+    with open(path, "rb") as fh:
+        streamable = fh.readline().endswith(_FINAL_HEAD_END)
+    if not streamable:
+        with open(path, "rb") as fh:
+            yield from json.load(fh)["messages"]
+        return
+    try:
+        for _, line in _stream_final(path):
+            yield json.loads(line)
+    except _NotStreamable:
+        raise StorageError(f"{path} is damaged (not a complete day file)") from None
+
+
+def _stream_final(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(id, line) of every message of a day file in our layout; ``_NotStreamable`` otherwise."""
+    with open(path, "rb") as fh:
+        if not fh.readline().endswith(_FINAL_HEAD_END):
+            raise _NotStreamable
+        prev = 0
+        for line in fh:
+            if line == _FINAL_END:
+                return
+            if line.endswith(b",\n"):
+                body = line[:-2]
+            elif line.endswith(b"\n"):
+                body = line[:-1]
+            else:
+                raise _NotStreamable
+            match = _ID_PREFIX.match(body)
+            if not match or int(match.group(1)) <= prev:
+                raise _NotStreamable
+            prev = int(match.group(1))
+            yield prev, body
+    raise _NotStreamable
+
+
+def _read_final_header(path: Path) -> dict[str, Any] | None:
+    """The header fields of a day file (everything but ``messages``), ``None`` if unreadable."""
+    with open(path, "rb") as fh:
+        first = fh.readline()
+    if first.endswith(_FINAL_HEAD_END):
+        with contextlib.suppress(ValueError):
+            head = json.loads(first[:-1] + b"]}")
+            if isinstance(head, dict):
+                return head
+    try:
+        with open(path, "rb") as fh:
+            doc = json.load(fh)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    doc.pop("messages", None)
+    return doc
+
+
+def _load_foreign(path: Path) -> list[tuple[int, bytes]]:
+    """A day file not in our layout, loaded whole, sorted and deduplicated (last one wins)."""
+    with open(path, "rb") as fh:
+        doc = json.load(fh)
+    by_id: dict[int, bytes] = {}
+    for message in doc.get("messages", []) if isinstance(doc, dict) else []:
+        with contextlib.suppress(ValueError):
+            by_id[_check_message(message)] = encode_message(message)
+    return sorted(by_id.items())
+
+
+def _merge(
+    old: Iterable[tuple[int, bytes]], new: Iterable[tuple[int, bytes]]
+) -> Iterator[tuple[int, bytes]]:
+    """Merge two id-sorted streams of unique ids; on equal ids the ``new`` line wins."""
+    old_it, new_it = iter(old), iter(new)
+    a = next(old_it, None)
+    b = next(new_it, None)
+    while a is not None and b is not None:
+        if a[0] < b[0]:
+            yield a
+            a = next(old_it, None)
+        elif a[0] > b[0]:
+            yield b
+            b = next(new_it, None)
+        else:
+            yield b
+            a = next(old_it, None)
+            b = next(new_it, None)
+    if a is not None:
+        yield a
+        yield from old_it
+    if b is not None:
+        yield b
+        yield from new_it
+
+
+def _os_error(action: str, path: Path, exc: OSError) -> StorageError:
+    return StorageError(f"cannot {action} {path}: {exc.strerror or exc}")
+
+
+class DayStore:
+    """Where day files live and how they are opened for writing."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        schema_version: str,
+        timezone: str,
+        clock: Clock | None = None,
+        progress: ProgressStore | None = None,
+        lock_timeout_s: float = 30.0,
+        checkpoint_interval_s: float = 5.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.schema_version = schema_version
+        self.timezone = timezone
+        self.clock: Clock = clock or SystemClock()
+        self.lock_timeout_s = lock_timeout_s
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.progress = progress or ProgressStore(
+            self.data_dir,
+            schema_version=schema_version,
+            timezone=timezone,
+            clock=self.clock,
+            lock_timeout_s=lock_timeout_s,
+        )
+
+    def day_path(self, chat_key: str, day: date) -> Path:
+        """``DATA_DIR/<chat_key>/<YYYY>/discussions_<YYYY-MM-DD>.json``, checked to stay inside."""
+        validate_chat_key(chat_key)
+        if not isinstance(day, date) or isinstance(day, datetime):
+            raise TypeError(f"day must be a datetime.date, got {type(day).__name__}")
+        path = self.data_dir / chat_key / f"{day.year:04d}" / f"discussions_{day.isoformat()}.json"
+        # Defence in depth: the key is already safe, but a symlink under the root could still
+        # point elsewhere.
+        root = self.data_dir.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise StorageError(f"{path} resolves outside the data root {root}")
+        return path
+
+    def is_complete(self, chat_key: str, day: date) -> bool:
+        """The day was completed under the current time zone and its file is there."""
+        path = self.day_path(chat_key, day)
+        return self.progress.is_complete(chat_key, day) and path.exists()
+
+    def open_day(
+        self, chat_key: str, chat_display: str, day: date, *, force: bool = False
+    ) -> DayWriter:
+        """Lock the day (waiting up to ``lock_timeout_s``) and prepare to write it.
+
+        ``force`` fetches the day again from the start even if it is complete; the result is
+        still merged with the existing file by :meth:`DayWriter.finish`.
+        """
+        path = self.day_path(chat_key, day)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error("create directory", path.parent, exc) from exc
+        path = self.day_path(chat_key, day)  # re-checked now that the directories exist
+        lock_fd = acquire_fd_lock(
+            path.with_name(f".discussions_{day.isoformat()}.lock"),
+            self.lock_timeout_s,
+            f"day {chat_key}/{day.isoformat()}",
+        )
+        try:
+            return DayWriter(self, chat_key, chat_display, day, path, lock_fd, force=force)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+
+class DayWriter:
+    """Writes one (chat, day) while holding its lock; a context manager that releases it."""
+
+    def __init__(
+        self,
+        store: DayStore,
+        chat_key: str,
+        chat_display: str,
+        day: date,
+        path: Path,
+        lock_fd: int,
+        *,
+        force: bool,
+    ) -> None:
+        self.store = store
+        self.chat_key = chat_key
+        self.chat_display = chat_display
+        self.day = day
+        self.path = path
+        self.journal_path = path.with_name(f".discussions_{day.isoformat()}.partial.jsonl")
+        self.tmp_path = path.with_name(f".{path.name}.tmp")
+        self.force = force
+        self.new_messages = 0  # appended by this writer
+        self.journal_count = 0  # messages in the journal, including earlier attempts
+        self._lock_fd: int | None = lock_fd
+        self._fd: int | None = None
+        self._finished = False
+        self._broken = False
+        self._dirty = False
+        self._last_checkpoint = float("-inf")
+        self._log = logger.bind(chat_key=chat_key, day=day.isoformat())
+
+        progress = store.progress
+        entry = progress.get(chat_key, day)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self.tmp_path.unlink()  # left by a kill during finish; we hold the lock
+            self.complete = (
+                not force
+                and entry is not None
+                and entry.complete
+                and entry.timezone == store.timezone
+                and path.exists()
+            )
+            if self.complete or force:
+                # Complete: the journal was merged and its deletion was interrupted.
+                # Forced: the day starts over.
+                with contextlib.suppress(FileNotFoundError):
+                    self.journal_path.unlink()
+                self._last_id = 0
+            else:
+                self._last_id = self._recover_journal()
+        except OSError as exc:
+            raise _os_error("prepare", self.journal_path, exc) from exc
+        if (
+            not self.complete
+            and not force
+            and entry is not None
+            and entry.timezone == store.timezone
+            and entry.last_processed_msg_id > self._last_id
+        ):
+            self._log.warning(
+                "progress.json says {} was processed but the journal ends at {}; resuming from "
+                "the journal",
+                entry.last_processed_msg_id,
+                self._last_id,
+            )
+        self.resume_after_id = self._last_id
+
+    # --- context manager -----------------------------------------------------------------------
+
+    def __enter__(self) -> DayWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Checkpoint what was appended, close the journal and release the day's lock."""
+        if self._lock_fd is None:
+            return
+        try:
+            if self._dirty and not self._finished and not self._broken:
+                try:
+                    self._checkpoint()
+                except StorageError as exc:
+                    self._log.warning("could not checkpoint progress on close: {}", exc)
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- writing -------------------------------------------------------------------------------
+
+    @property
+    def last_id(self) -> int:
+        """The highest message id in the journal."""
+        return self._last_id
+
+    def append_page(self, messages: list[dict[str, Any]]) -> int:
+        """Append the messages with ids above :attr:`last_id`; returns how many were new.
+
+        Pages must come in ascending id order: ids at or below the last one are taken as
+        re-sent after a restart and dropped.
+        """
+        if self._lock_fd is None or self._finished:
+            raise RuntimeError("the day writer is closed")
+        if self.complete:
+            raise RuntimeError("the day is complete; open it with force=True to fetch it again")
+        if self._broken:
+            raise StorageError(f"{self.journal_path} is in an unknown state after a write error")
+        fresh: dict[int, Mapping[str, Any]] = {}
+        for message in messages:
+            msg_id = _check_message(message)
+            if msg_id > self._last_id:
+                fresh[msg_id] = message
+        if not fresh:
+            return 0
+        ids = sorted(fresh)
+        data = b"".join(encode_message(fresh[i]) + b"\n" for i in ids)
+        started = time.perf_counter()
+        self._write_journal(data)
+        self._last_id = ids[-1]
+        self.journal_count += len(ids)
+        self.new_messages += len(ids)
+        self._dirty = True
+        self._log.debug(
+            "journal +{} messages ({} bytes, last id {}) in {:.2f} ms",
+            len(ids),
+            len(data),
+            self._last_id,
+            (time.perf_counter() - started) * 1000,
+        )
+        interval = self.store.checkpoint_interval_s
+        if self.store.clock.monotonic() - self._last_checkpoint >= interval:
+            self._checkpoint()
+        return len(ids)
+
+    def finish(self, *, complete: bool = True) -> Path:
+        """Write the day file once (merge of the old file and the journal) and record it.
+
+        ``complete=False`` is for a day that is not over yet or was cut by a ``limit``: the file
+        is written all the same, but the day stays incomplete in ``progress.json`` and the
+        journal is kept, so the next run resumes after its last id and merges again.
+        """
+        if self._lock_fd is None:
+            raise RuntimeError("the day writer is closed")
+        if self.complete or self._finished:
+            return self.path
+        if self._broken:
+            raise StorageError(f"{self.journal_path} is in an unknown state after a write error")
+        started = time.perf_counter()
+        old = self._old_messages()
+        try:
+            try:
+                count, max_id = self._count(old)
+            except _NotStreamable:
+                self._log.warning("{} is not in the streaming layout; merging in memory", self.path)
+                loaded = _load_foreign(self.path)
+                old = lambda: iter(loaded)  # noqa: E731
+                count, max_id = self._count(old)
+        except OSError as exc:
+            raise _os_error("read", self.path, exc) from exc
+        size = self._write_final(count, _merge(old(), self._journal_lines()))
+        if not complete and self._fd is not None:
+            try:
+                os.fsync(self._fd)  # the journal outlives this run: make it as durable as the file
+            except OSError as exc:
+                raise _os_error("sync", self.journal_path, exc) from exc
+        self.store.progress.update(
+            self.chat_key,
+            self.day,
+            complete=complete,
+            last_processed_msg_id=max(self._last_id, max_id) if complete else self._last_id,
+            message_count=count,
+        )
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if complete:
+            try:
+                self.journal_path.unlink(missing_ok=True)
+            except OSError as exc:  # harmless: a complete day's journal is removed on next open
+                self._log.warning("could not delete {}: {}", self.journal_path, exc)
+        self._finished = True
+        self._dirty = False
+        self._log.debug(
+            "day file written ({}): {} messages, {} bytes, in {:.1f} ms",
+            "complete" if complete else "partial",
+            count,
+            size,
+            (time.perf_counter() - started) * 1000,
+        )
+        return self.path
+
+    def _count(self, old: Callable[[], Iterator[tuple[int, bytes]]]) -> tuple[int, int]:
+        """First pass of the merge: how many messages, and the highest id."""
+        count, max_id = 0, 0
+        for msg_id, _ in _merge(old(), self._journal_lines()):
+            count += 1
+            max_id = msg_id
+        return count, max_id
+
+    # --- journal -------------------------------------------------------------------------------
+
+    def _journal_header(self) -> bytes:
+        header = {
+            "journal": _JOURNAL_KIND,
+            "schema_version": self.store.schema_version,
+            "timezone": self.store.timezone,
+            "chat_key": self.chat_key,
+            "date": self.day.isoformat(),
+        }
+        return json.dumps(header, separators=(",", ":")).encode() + b"\n"
+
+    def _recover_journal(self) -> int:
+        """Keep the journal's valid prefix; return its last id (0 if there is none)."""
+        try:
+            fh = open(self.journal_path, "r+b")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return 0
+        started = time.perf_counter()
+        with fh:
+            if fh.readline() != self._journal_header():
+                fh.close()
+                self._log.warning(
+                    "discarding {}: written for another time zone, schema or day, or damaged",
+                    self.journal_path.name,
+                )
+                self.journal_path.unlink()
+                return 0
+            good_end = fh.tell()
+            last_id, count = 0, 0
+            for line in fh:
+                match = _ID_PREFIX.match(line)
+                if not line.endswith(b"\n") or not match or int(match.group(1)) <= last_id:
+                    break
+                try:
+                    json.loads(line)
+                except ValueError:
+                    break
+                last_id = int(match.group(1))
+                count += 1
+                good_end += len(line)
+            size = os.fstat(fh.fileno()).st_size
+            if good_end < size:
+                self._log.warning(
+                    "{}: dropping {} bytes after the last complete line (interrupted write)",
+                    self.journal_path.name,
+                    size - good_end,
+                )
+                fh.truncate(good_end)
+        self.journal_count = count
+        self._log.debug(
+            "journal recovered: {} messages, last id {}, in {:.1f} ms",
+            count,
+            last_id,
+            (time.perf_counter() - started) * 1000,
+        )
+        return last_id
+
+    def _write_journal(self, data: bytes) -> None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(
+                    self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644
+                )
+                if os.fstat(self._fd).st_size == 0:
+                    data = self._journal_header() + data
+        except OSError as exc:
+            raise _os_error("open", self.journal_path, exc) from exc
+        before = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            # Cut the partial page off so that the next page does not follow half a line.
+            try:
+                os.ftruncate(self._fd, before)
+            except OSError:
+                self._broken = True
+            raise _os_error("append to", self.journal_path, exc) from exc
+
+    def _journal_lines(self) -> Iterator[tuple[int, bytes]]:
+        try:
+            fh = open(self.journal_path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return
+        with fh:
+            fh.readline()
+            for line in fh:
+                match = _ID_PREFIX.match(line)
+                if match is None:  # cannot happen: every line was written or checked by us
+                    raise StorageError(f"{self.journal_path} has an unexpected line")
+                yield int(match.group(1)), line[:-1]
+
+    def _checkpoint(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)  # the progress entry never gets ahead of durable messages
+            except OSError as exc:
+                raise _os_error("sync", self.journal_path, exc) from exc
+        self.store.progress.update(
+            self.chat_key,
+            self.day,
+            complete=False,
+            last_processed_msg_id=self._last_id,
+            message_count=None,
+        )
+        self._dirty = False
+        self._last_checkpoint = self.store.clock.monotonic()
+
+    # --- final file ----------------------------------------------------------------------------
+
+    def _old_messages(self) -> Callable[[], Iterator[tuple[int, bytes]]]:
+        """A factory of the existing file's (id, line) stream, empty if it must not be merged."""
+        try:
+            header = _read_final_header(self.path)
+        except FileNotFoundError:
+            return lambda: iter(())
+        except OSError as exc:
+            raise _os_error("read", self.path, exc) from exc
+        if header is None:
+            self._log.warning("{} is not valid JSON; it will be replaced", self.path)
+            return lambda: iter(())
+        if header.get("timezone") != self.store.timezone:
+            # Its days were cut in another zone: its messages do not belong to this day.
+            self._log.warning(
+                "{} was written for time zone {!r}, not {!r}; it will be replaced, not merged",
+                self.path,
+                header.get("timezone"),
+                self.store.timezone,
+            )
+            return lambda: iter(())
+        return lambda: _stream_final(self.path)
+
+    def _write_final(self, count: int, lines: Iterator[tuple[int, bytes]]) -> int:
+        header = {
+            "schema_version": self.store.schema_version,
+            "timezone": self.store.timezone,
+            "chat": self.chat_display,
+            "date": self.day.isoformat(),
+            "message_count": count,
+            "fetched_at": utc_iso(self.store.clock.now()),
+        }
+        head = json.dumps(header, ensure_ascii=False, separators=(",", ":"))[:-1]
+        written = 0
+        try:
+            with open(self.tmp_path, "wb", buffering=1 << 20) as fh:
+                fh.write(head.encode() + b',"messages":[')
+                sep = b"\n"
+                for _, line in lines:
+                    fh.write(sep)
+                    fh.write(line)
+                    sep = b",\n"
+                    written += 1
+                fh.write(b"\n" + _FINAL_END)
+                fh.flush()
+                os.fsync(fh.fileno())
+                size = fh.tell()
+            if written != count:  # the inputs changed between the two passes: cannot happen
+                raise StorageError(f"{self.path}: counted {count} messages but wrote {written}")
+            os.replace(self.tmp_path, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.tmp_path.unlink()
+            raise _os_error("write", self.path, exc) from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.tmp_path.unlink()
+            raise
+        return size
