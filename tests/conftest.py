@@ -57,9 +57,23 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Settings read nothing from the developer's environment or .env: run in an empty dir."""
     for key in list(os.environ):
-        if key.startswith(("TELEGRAM_", "REDIS_", "SIM_", "DATA_DIR", "SESSIONS_DIR", "WORKER_ID",
-                           "METRICS_", "PUSHGATEWAY_", "LOKI_", "VICTORIA_", "DAY_TIMEZONE",
-                           "FETCH_", "LOG_")):
+        if key.startswith(
+            (
+                "TELEGRAM_",
+                "REDIS_",
+                "SIM_",
+                "DATA_DIR",
+                "SESSIONS_DIR",
+                "WORKER_ID",
+                "METRICS_",
+                "PUSHGATEWAY_",
+                "LOKI_",
+                "VICTORIA_",
+                "DAY_TIMEZONE",
+                "FETCH_",
+                "LOG_",
+            )
+        ):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path

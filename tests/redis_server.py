@@ -21,8 +21,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, *, port: int | None = None, password: str | None = None,
-                 appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        appendonly: bool = False,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (run .ci/system-deps.sh)")
@@ -41,11 +47,25 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.workdir), "--save", "", "--daemonize", "no",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always", "--loglevel", "warning",
-            "--logfile", str(self.workdir / "redis.log"),
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.workdir / "redis.log"),
         ]
         if self.password:
             args += ["--requirepass", self.password]

@@ -28,6 +28,7 @@ class Exit(IntEnum):
     FAILED = 1  # some day did not complete; worth retrying
     USAGE = 2
     PERMANENT = 65  # the command can never succeed (bad chat, private chat)
+    REDIS_UNAVAILABLE = 69  # Redis unreachable beyond REDIS_MAX_OUTAGE_SECONDS; restart
     SESSION_REVOKED = 77  # the session must be recreated by a person; do not restart
     CONFIG = 78  # a setting is wrong; do not restart
 
@@ -79,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a local demo against the built-in Telegram simulator")
     demo.add_argument("--data-dir", default=None, help="where to write (default DATA_DIR)")
+    from worker.ops import add_parsers  # run, send, listen, status, dead-letters, check
+
+    add_parsers(sub)
     return parser
 
 
@@ -146,11 +150,11 @@ async def _fetch_once(settings: WorkerSettings, args: argparse.Namespace) -> int
             print(f"invalid request: {exc}", file=sys.stderr)
             return Exit.USAGE
         store = DayStore(
-            settings.data_dir, schema_version=settings.schema_version, timezone=settings.day_timezone
+            settings.data_dir,
+            schema_version=settings.schema_version,
+            timezone=settings.day_timezone,
         )
-        fetcher = Fetcher(
-            telegram, store, tz=settings.tz, concurrency=settings.fetch_concurrency
-        )
+        fetcher = Fetcher(telegram, store, tz=settings.tz, concurrency=settings.fetch_concurrency)
         bar = _ProgressPrinter(cmd)
         outcome: FetchOutcome = await fetcher.run(cmd, on_progress=bar.update)
         bar.done()
@@ -260,6 +264,9 @@ def _cmd_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
     except SessionRevoked as exc:
         print(f"login failed: {exc}", file=sys.stderr)
         return Exit.SESSION_REVOKED
+    except FetchError as exc:
+        print(f"login failed: {exc.type_name}: {exc}", file=sys.stderr)
+        return Exit.FAILED
     print(f"session {args.session!r} is logged in as {name}")
     return Exit.OK
 
@@ -277,8 +284,17 @@ def _cmd_demo(settings: WorkerSettings, args: argparse.Namespace) -> int:
     worst = Exit.OK
     for chat in ("@ru_python", "@demo_news"):
         ns = argparse.Namespace(
-            chat=chat, date=None, days=3, yesterday=False, from_=None, full=False, to=None,
-            strategy=None, limit=None, force=False, session="demo",
+            chat=chat,
+            date=None,
+            days=3,
+            yesterday=False,
+            from_=None,
+            full=False,
+            to=None,
+            strategy=None,
+            limit=None,
+            force=False,
+            session="demo",
         )
         code = asyncio.run(_fetch_once(demo_settings, ns))
         worst = max(worst, Exit(code))
@@ -291,3 +307,12 @@ def _setup_console_logging(settings: WorkerSettings) -> None:
 
 
 _HANDLERS = {"fetch": _cmd_fetch, "login": _cmd_login, "demo": _cmd_demo}
+
+
+def _ops_handlers() -> dict[str, object]:
+    from worker.ops import HANDLERS
+
+    return dict(HANDLERS)
+
+
+_HANDLERS.update(_ops_handlers())  # type: ignore[arg-type]

@@ -144,7 +144,7 @@ def _validate(data: dict[str, Any], limits: CommandLimits) -> FetchCommand:
     if mode == "date":
         day = _parse_date(data.get("date"), "date")
         _not_future(day, limits.today, "date")
-        days = (day,)
+        days: tuple[date, ...] = (day,)
         params = {"date": day.isoformat()}
     elif mode == "days":
         n = _positive_int(days_value, "days_back" if "days_back" in data else "days")
@@ -209,7 +209,7 @@ def _validate(data: dict[str, Any], limits: CommandLimits) -> FetchCommand:
         raw["timestamp"] = timestamp
     return FetchCommand(
         chat=chat,
-        mode=mode,
+        mode=mode,  # type: ignore[arg-type]  # checked against the three modes above
         days=days,
         strategy=strategy,
         command_id=cid,

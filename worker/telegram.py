@@ -1,0 +1,648 @@
+"""The Telegram boundary: the one module that owns a session's Telethon client.
+
+Everything Telethon-specific stays here: the client is a :class:`GatedClient` whose
+``__call__`` is the hook every request passes through, the real ``iter_messages`` pagination
+runs unchanged on top of it, and errors leave this module only as ``worker.errors`` types:
+
+=============================================================  ===================================
+Telethon                                                       worker
+=============================================================  ===================================
+``FloodWaitError``/``FloodPremiumWaitError`` (N <= cap)        slept out (N + jitter), same request
+                                                               retried — pagination goes on
+the same with N > ``FLOOD_WAIT_MAX_SECONDS``                   ``RateLimited(retry_after=N)``
+RPC 5xx, ``TimedOutError``, timeouts, ``OSError``               retried with backoff, then
+                                                               ``TransientError``
+``AuthKeyError``, ``UnauthorizedError`` (revoked, deactivated)  ``SessionRevoked``
+``ChannelPrivateError``, ``UsernameNotOccupiedError``, other    ``PermanentError``
+4xx, unknown chats
+=============================================================  ===================================
+
+Telethon's own defaults would hide the signals the governor lives on, so the client is built
+with ``flood_sleep_threshold=0`` (every FloodWait reaches the hook), ``request_retries=0`` and
+``raise_last_call_error=True`` (we retry ourselves, through :mod:`worker.retry`), a relay
+sender that keeps 5xx errors out of Telethon's ``_call`` (which sleeps 2 s on them even when
+it will not retry), and ``wait_time=0`` for ``iter_messages`` (it sleeps 1 s per page when
+``limit`` is ``None``). Every request first takes a token from the :class:`RequestGate` and
+reports its outcome back to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from telethon import TelegramClient, errors, utils
+from telethon.sessions import SQLiteSession
+from telethon.tl import functions, types
+
+from governor.gate import NullGate, RequestClass, RequestGate
+from governor.settings import ConfigError
+from worker.chats import ChatId
+from worker.clock import Clock, SystemClock
+from worker.errors import (
+    PermanentError,
+    RateLimited,
+    SessionRevoked,
+    TelegramError,
+    TransientError,
+)
+from worker.mapping import message_to_dict
+from worker.retry import OnRetry, Retrier, RetryPolicy
+from worker.settings import WorkerSettings
+
+PAGE_SIZE = 100
+MAX_FLOOD_RETRIES = 5  # consecutive slept-out FloodWaits on one request before giving up
+FLOOD_JITTER_S = (0.1, 1.0)
+
+_SERVER_SIDE = (errors.ServerError, errors.TimedOutError)
+_FLOOD = (
+    errors.FloodWaitError,
+    errors.FloodPremiumWaitError,
+    errors.SlowModeWaitError,
+    errors.FloodTestPhoneWaitError,
+)
+_HISTORY = (functions.messages.GetHistoryRequest,)
+_RESOLVE = (functions.contacts.ResolveUsernameRequest, functions.channels.GetChannelsRequest)
+
+
+class _TransientRpc(Exception):
+    """A 5xx-class RPC error, carried past Telethon's ``_call`` so that it does not sleep 2 s."""
+
+    def __init__(self, error: errors.RPCError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# OSError covers TimeoutError (our wait_for) and ConnectionError (MTProtoSender).
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (_TransientRpc, OSError)
+
+
+def classify(request: Any) -> RequestClass:
+    """The gate's request class of a TL request."""
+    if isinstance(request, _HISTORY):
+        return "history"
+    if isinstance(request, _RESOLVE):
+        return "resolve"
+    return "other"
+
+
+def _rpc_name(exc: BaseException) -> str:
+    return getattr(exc, "message", None) or type(exc).__name__
+
+
+def translate(exc: BaseException, request_class: RequestClass = "other") -> TelegramError:
+    """The ``worker.errors`` form of an error raised by Telethon (or the network under it)."""
+    if isinstance(exc, TelegramError):
+        return exc
+    if isinstance(exc, _TransientRpc):
+        return TransientError(f"Telegram server error {_rpc_name(exc.error)} on {request_class}")
+    if isinstance(exc, TimeoutError):
+        return TransientError(f"{request_class} request timed out")
+    if isinstance(exc, OSError):
+        return TransientError(f"connection problem on {request_class}: {type(exc).__name__}")
+    if isinstance(exc, _FLOOD):
+        seconds = float(getattr(exc, "seconds", 0) or 0)
+        return RateLimited(
+            f"{_rpc_name(exc)} on {request_class}", retry_after=seconds, request_class=request_class
+        )
+    if isinstance(exc, errors.FloodError):  # 420 without a number (e.g. FROZEN_METHOD_INVALID)
+        return RateLimited(f"{_rpc_name(exc)} on {request_class}", 60.0, request_class)
+    if isinstance(exc, errors.AuthKeyError | errors.UnauthorizedError):
+        return SessionRevoked(
+            f"the Telegram session is no longer valid ({_rpc_name(exc)}); log in again with "
+            "`python -m worker login --session NAME`"
+        )
+    if isinstance(exc, errors.ChannelPrivateError):
+        return PermanentError("the chat is private or this account was banned from it")
+    if isinstance(exc, errors.UsernameNotOccupiedError):
+        return PermanentError("no chat has this username")
+    if isinstance(exc, errors.UsernameInvalidError):
+        return PermanentError("the username is invalid")
+    if isinstance(exc, errors.ChannelInvalidError | errors.PeerIdInvalidError):
+        return PermanentError("no chat with this id is known to this account")
+    if isinstance(exc, errors.ChatForbiddenError | errors.ChannelBannedError):
+        return PermanentError("this account may not read the chat")
+    if isinstance(exc, _SERVER_SIDE):
+        return TransientError(f"Telegram server error {_rpc_name(exc)} on {request_class}")
+    if isinstance(exc, errors.RPCError):
+        code = exc.code or 0
+        if code >= 500 or code < 0:
+            return TransientError(f"Telegram error {_rpc_name(exc)} on {request_class}")
+        return PermanentError(f"Telegram refused the request: {_rpc_name(exc)}")
+    if isinstance(exc, ValueError):
+        return PermanentError(f"chat not found: {exc}")
+    return TransientError(f"unexpected {type(exc).__name__} on {request_class}")
+
+
+class _RelaySender:
+    """Wraps the client's sender for one request so 5xx errors bypass ``_call``'s 2 s sleep."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def send(self, request: Any, ordered: bool = False) -> Awaitable[Any]:
+        return self._relay(self._inner.send(request, ordered=ordered))
+
+    @staticmethod
+    async def _relay(future: Awaitable[Any]) -> Any:
+        try:
+            return await future
+        except errors.RPCError as exc:
+            if isinstance(exc, _SERVER_SIDE) or (exc.code or 0) >= 500 or (exc.code or 0) < 0:
+                raise _TransientRpc(exc) from exc
+            raise
+
+
+class GatedClient(TelegramClient):
+    """A ``TelegramClient`` whose every request passes the gate, the timeout and our retries."""
+
+    def __init__(
+        self,
+        session: Any,
+        api_id: int,
+        api_hash: str,
+        *,
+        settings: WorkerSettings,
+        gate: RequestGate | None = None,
+        clock: Clock | None = None,
+        on_retry: OnRetry | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(
+            session,
+            api_id,
+            api_hash,
+            flood_sleep_threshold=0,
+            request_retries=0,
+            raise_last_call_error=True,
+            receive_updates=False,
+            timeout=int(max(1, settings.telegram_request_timeout_seconds)),
+            entity_cache_limit=5000,
+        )
+        self._tf_gate: RequestGate = gate or NullGate()
+        self._tf_clock: Clock = clock or SystemClock()
+        self._tf_timeout_s = settings.telegram_request_timeout_seconds
+        self._tf_flood_cap_s = settings.flood_wait_max_seconds
+        self._tf_rng = rng or random.Random()
+        self._tf_retrier = Retrier(
+            RetryPolicy.from_settings(settings), clock=self._tf_clock, on_retry=on_retry
+        )
+        self.flood_sleeps: list[float] = []  # seconds slept on FloodWaits, for tests and stats
+        self._tf_flood_until: dict[int, float] = {}  # CONSTRUCTOR_ID → end of its FloodWait
+
+    async def __call__(
+        self, request: Any, ordered: bool = False, flood_sleep_threshold: int | None = None
+    ) -> Any:
+        request_class = classify(request)
+        try:
+            return await self._tf_retrier.call(
+                lambda: self._send_once(request, request_class, ordered),
+                retry_on=TRANSIENT_ERRORS,
+                target=request_class,
+            )
+        except TelegramError:
+            raise
+        except (errors.RPCError, *TRANSIENT_ERRORS) as exc:
+            raise translate(exc, request_class) from exc
+
+    async def _send_once(self, request: Any, request_class: RequestClass, ordered: bool) -> Any:
+        """One attempt, FloodWaits under the cap slept out in place (the request is re-sent)."""
+        gate = self._tf_gate
+        floods = 0
+        while True:
+            await self._honour_known_flood(request, request_class)
+            await gate.acquire(request_class)
+            try:
+                result = await asyncio.wait_for(
+                    self._call(_RelaySender(self._sender), request, ordered=ordered),
+                    self._tf_timeout_s,
+                )
+            except _FLOOD as exc:
+                seconds = float(exc.seconds or 1)
+                await gate.report(request_class, "flood", flood_wait_s=seconds)
+                floods += 1
+                until = self._tf_clock.monotonic() + seconds
+                for r in _unwrapped(request):
+                    self._tf_flood_until[r.CONSTRUCTOR_ID] = until
+                if seconds > self._tf_flood_cap_s or floods > MAX_FLOOD_RETRIES:
+                    raise RateLimited(
+                        f"{_rpc_name(exc)} on {request_class}",
+                        retry_after=seconds,
+                        request_class=request_class,
+                    ) from exc
+                await self._flood_sleep(seconds, request_class)
+                continue
+            except TRANSIENT_ERRORS:
+                await gate.report(request_class, "transient")
+                raise
+            except (errors.AuthKeyError, errors.UnauthorizedError):
+                await gate.report(request_class, "fatal")
+                raise
+            except errors.RPCError:
+                # Telegram answered (private chat, unknown name): says nothing about rate or health.
+                await gate.report(request_class, "ok")
+                raise
+            await gate.report(request_class, "ok")
+            return result
+
+    async def _honour_known_flood(self, request: Any, request_class: RequestClass) -> None:
+        """Respect a FloodWait already received for this method before sending it again.
+
+        Telethon keeps its own record (``_flood_waited_requests``) in wall-clock time and would
+        refuse locally; ours is on the injected clock, so a FakeClock moves it too. Telethon's
+        is dropped so that only ours decides.
+        """
+        requests = _unwrapped(request)
+        for r in requests:
+            self._flood_waited_requests.pop(r.CONSTRUCTOR_ID, None)
+        until = max(self._tf_flood_until.get(r.CONSTRUCTOR_ID, 0.0) for r in requests)
+        remaining = until - self._tf_clock.monotonic()
+        if remaining <= 0:
+            return
+        if remaining > self._tf_flood_cap_s:
+            raise RateLimited(
+                f"still in a flood wait on {request_class}",
+                retry_after=math.ceil(remaining),
+                request_class=request_class,
+            )
+        await self._flood_sleep(remaining, request_class)
+
+    async def _flood_sleep(self, seconds: float, request_class: RequestClass) -> None:
+        delay = seconds + self._tf_rng.uniform(*FLOOD_JITTER_S)
+        logger.info("flood wait {:.0f}s on {}; sleeping {:.1f}s", seconds, request_class, delay)
+        self.flood_sleeps.append(delay)
+        await self._tf_clock.sleep(delay)
+
+
+def _unwrapped(request: Any) -> list[Any]:
+    return list(request) if utils.is_list_like(request) else [request]
+
+
+# --- the session ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedChat:
+    """A chat this session can read: what the command named plus Telegram's identity for it."""
+
+    chat: ChatId
+    peer_id: int  # marked id: -100… for channels/supergroups, -… for basic groups
+    title: str
+    username: str | None
+    input_peer: Any = field(repr=False, compare=False)  # opaque; only this module reads it
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedMessage:
+    id: int
+    date: datetime
+    data: dict[str, Any]
+
+
+def _credentials(settings: WorkerSettings) -> tuple[int, str]:
+    api_hash = settings.telegram_api_hash.get_secret_value() if settings.telegram_api_hash else ""
+    if not settings.telegram_api_id or not api_hash:
+        raise ConfigError(
+            "TELEGRAM_API_ID and TELEGRAM_API_HASH are required with TELEGRAM_BACKEND=telethon "
+            "(create them at https://my.telegram.org), or set TELEGRAM_BACKEND=sim"
+        )
+    return settings.telegram_api_id, api_hash
+
+
+def session_path(settings: WorkerSettings, session_name: str) -> Path:
+    """``SESSIONS_DIR/<name>.session``; creates ``SESSIONS_DIR`` with mode 0700."""
+    directory = settings.sessions_dir
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    return directory / f"{session_name}.session"
+
+
+def _protect(path: Path) -> None:
+    for candidate in (path, path.with_name(path.name + "-journal")):
+        if candidate.exists():
+            os.chmod(candidate, 0o600)
+
+
+class TelegramSession:
+    """One Telegram account's connection: resolve chats, page through their history."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        session_name: str,
+        *,
+        gate: RequestGate | None = None,
+        clock: Clock | None = None,
+        on_retry: OnRetry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session_name = session_name
+        self.gate: RequestGate = gate or NullGate()
+        self.clock: Clock = clock or SystemClock()
+        self.on_retry = on_retry
+        self._client: GatedClient | None = None
+        self._resolved: dict[str | int, ResolvedChat] = {}
+        self._path: Path | None = None
+
+    @property
+    def client(self) -> GatedClient:
+        """The connected client (tests and the simulator's benchmarks read its counters)."""
+        if self._client is None:
+            raise TransientError("the Telegram session is not connected")
+        return self._client
+
+    def _make_client(self) -> GatedClient:
+        if self.settings.telegram_backend == "sim":
+            from worker.sim.client import SimTelegramClient
+
+            return SimTelegramClient(
+                self.settings,
+                self.session_name,
+                gate=self.gate,
+                clock=self.clock,
+                on_retry=self.on_retry,
+            )
+        api_id, api_hash = _credentials(self.settings)
+        path = session_path(self.settings, self.session_name)
+        if not path.exists():
+            raise SessionRevoked(
+                f"session {self.session_name!r} is not logged in (no {path}); run "
+                f"`python -m worker login --session {self.session_name}`"
+            )
+        self._path = path
+        client = GatedClient(
+            SQLiteSession(str(path)),
+            api_id,
+            api_hash,
+            settings=self.settings,
+            gate=self.gate,
+            clock=self.clock,
+            on_retry=self.on_retry,
+        )
+        _protect(path)
+        return client
+
+    async def connect(self) -> None:
+        """Connect and check the session is logged in (``SessionRevoked`` if not)."""
+        if self._client is not None and self._client.is_connected():
+            return
+        client = self._make_client()
+        try:
+            await client.connect()
+            authorized = await client.is_user_authorized()
+        except TelegramError:
+            await _quiet_disconnect(client)
+            raise
+        except (errors.RPCError, OSError) as exc:
+            await _quiet_disconnect(client)
+            raise translate(exc) from exc
+        if not authorized:
+            await _quiet_disconnect(client)
+            raise SessionRevoked(
+                f"session {self.session_name!r} is not authorized; run "
+                f"`python -m worker login --session {self.session_name}`"
+            )
+        self._client = client
+        if self._path is not None:
+            _protect(self._path)
+        logger.info(
+            "telegram session {} connected ({})", self.session_name, self.settings.telegram_backend
+        )
+
+    async def close(self) -> None:
+        """Disconnect; safe to call twice or without ``connect``."""
+        client, self._client = self._client, None
+        if client is not None:
+            await _quiet_disconnect(client)
+            if self._path is not None:
+                _protect(self._path)
+
+    async def __aenter__(self) -> TelegramSession:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- resolving --------------------------------------------------------------------------
+
+    async def resolve(self, chat: ChatId) -> ResolvedChat:
+        """Find the chat; cached per session (Telegram limits resolving far more than reading)."""
+        key: str | int = chat.lookup.lower() if isinstance(chat.lookup, str) else chat.lookup
+        cached = self._resolved.get(key)
+        if cached is not None:
+            return cached
+        client = self.client
+        try:
+            if isinstance(chat.lookup, str):
+                resolved = await self._resolve_username(client, chat)
+            else:
+                resolved = await self._resolve_id(client, chat)
+        except TelegramError:
+            raise
+        except (errors.RPCError, OSError, ValueError, TypeError) as exc:
+            raise translate(exc, "resolve") from exc
+        self._resolved[key] = resolved
+        return resolved
+
+    async def _resolve_username(self, client: GatedClient, chat: ChatId) -> ResolvedChat:
+        username = str(chat.lookup)
+        try:  # the session's own entity cache (persisted by SQLiteSession): no request
+            peer = client.session.get_input_entity(username)
+        except (ValueError, TypeError):
+            peer = None
+        if isinstance(peer, types.InputPeerChannel | types.InputPeerChat):
+            return ResolvedChat(chat, utils.get_peer_id(peer), chat.display, username, peer)
+        try:
+            result = await client(functions.contacts.ResolveUsernameRequest(username=username))
+        except PermanentError as exc:
+            raise PermanentError(f"{chat.display}: {exc}") from exc
+        entity = _entity_for(result.peer, result.chats, result.users)
+        return self._from_entity(chat, entity)
+
+    async def _resolve_id(self, client: GatedClient, chat: ChatId) -> ResolvedChat:
+        number = int(chat.lookup)
+        bare, peer_type = utils.resolve_id(number)
+        if number > 0:  # a bare positive id: only channels/supergroups are read by id
+            peer_type = types.PeerChannel
+        peer = peer_type(bare)
+        try:
+            cached = client.session.get_input_entity(peer)
+        except (ValueError, TypeError):
+            cached = None
+        if isinstance(cached, types.InputPeerChannel | types.InputPeerChat):
+            return ResolvedChat(chat, utils.get_peer_id(cached), chat.display, None, cached)
+        if peer_type is not types.PeerChannel:
+            raise PermanentError(
+                f"{chat.display}: basic group or user ids are not supported unless the session "
+                "already knows them; use the chat's @username or its -100… supergroup id"
+            )
+        try:
+            result = await client(
+                functions.channels.GetChannelsRequest(id=[types.InputChannel(bare, 0)])
+            )
+        except PermanentError as exc:
+            raise PermanentError(
+                f"{chat.display}: unknown to this account ({exc}); use the @username once so "
+                "the session learns the chat, or check the id"
+            ) from exc
+        if not result.chats:
+            raise PermanentError(f"{chat.display}: no such chat")
+        return self._from_entity(chat, result.chats[0])
+
+    @staticmethod
+    def _from_entity(chat: ChatId, entity: Any) -> ResolvedChat:
+        if isinstance(entity, types.ChannelForbidden | types.ChatForbidden):
+            raise PermanentError(f"{chat.display}: this account is banned from the chat")
+        if isinstance(entity, types.User):
+            raise PermanentError(f"{chat.display} is a user, not a group or channel")
+        if not isinstance(entity, types.Channel | types.Chat):
+            raise PermanentError(f"{chat.display}: unsupported chat type {type(entity).__name__}")
+        return ResolvedChat(
+            chat=chat,
+            peer_id=utils.get_peer_id(entity),
+            title=entity.title,
+            username=getattr(entity, "username", None),
+            input_peer=utils.get_input_peer(entity),
+        )
+
+    # --- history ----------------------------------------------------------------------------
+
+    async def iter_history(
+        self, chat: ResolvedChat, start: datetime, end: datetime, after_id: int = 0
+    ) -> AsyncIterator[list[FetchedMessage]]:
+        """Messages with ``start <= date < end`` and ``id > after_id``, oldest first, in pages
+        of at most 100 (a page is the unit to checkpoint after)."""
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError("start and end must be timezone-aware")
+        client = self.client
+        kwargs: dict[str, Any] = {"reverse": True, "wait_time": 0, "limit": None}
+        if after_id > 0:
+            kwargs["min_id"] = after_id
+        else:
+            kwargs["offset_date"] = start
+        display = chat.chat.display
+        page: list[FetchedMessage] = []
+        messages = client.iter_messages(chat.input_peer, **kwargs)
+        try:
+            async for msg in messages:
+                if isinstance(msg, types.MessageEmpty):
+                    continue
+                date = msg.date
+                if date >= end:
+                    break
+                # Telegram pads a short first page with older messages (add_offset is clamped).
+                if date < start or msg.id <= after_id:
+                    continue
+                page.append(FetchedMessage(msg.id, date, message_to_dict(msg, display)))
+                if len(page) >= PAGE_SIZE:
+                    yield page
+                    page = []
+        except TelegramError:
+            raise
+        except (errors.RPCError, OSError, ValueError) as exc:
+            raise translate(exc, "history") from exc
+        if page:
+            yield page
+
+
+def _entity_for(peer: Any, chats: list[Any], users: list[Any]) -> Any:
+    wanted = utils.get_peer_id(peer)
+    for entity in (*chats, *users):
+        if utils.get_peer_id(entity) == wanted:
+            return entity
+    raise PermanentError("Telegram resolved the name to nothing usable")
+
+
+async def _quiet_disconnect(client: Any) -> None:
+    try:
+        await client.disconnect()
+    except Exception as exc:  # closing must never mask the error that made us close
+        logger.debug("telegram disconnect failed: {}", type(exc).__name__)
+
+
+# --- login (python -m worker login --session NAME) --------------------------------------------
+
+
+async def login(
+    settings: WorkerSettings,
+    session_name: str,
+    *,
+    ask: Callable[[str], str],
+    ask_secret: Callable[[str], str],
+) -> str:
+    """Log a session in interactively; returns the account's display name.
+
+    ``ask`` prompts for plain values (the phone, unless ``TELEGRAM_PHONE`` is set),
+    ``ask_secret`` for the login code and the 2FA password; none of them is logged or echoed.
+    """
+    if settings.telegram_backend == "sim":
+        return f"Sim {session_name}"
+    api_id, api_hash = _credentials(settings)
+    path = session_path(settings, session_name)
+    client = TelegramClient(
+        SQLiteSession(str(path)),
+        api_id,
+        api_hash,
+        flood_sleep_threshold=0,
+        receive_updates=False,
+    )
+    _protect(path)
+    try:
+        await client.connect()
+        if not await client.is_user_authorized():
+            await _sign_in(client, settings, ask=ask, ask_secret=ask_secret)
+        me = await client.get_me()
+    except TelegramError:
+        raise
+    except (errors.PhoneCodeInvalidError, errors.PhoneCodeExpiredError) as exc:
+        raise PermanentError("the login code was wrong or expired; run login again") from exc
+    except errors.PasswordHashInvalidError as exc:
+        raise PermanentError("the 2FA password was wrong; run login again") from exc
+    except errors.PhoneNumberInvalidError as exc:
+        raise ConfigError("TELEGRAM_PHONE: not a valid phone number") from exc
+    except (errors.RPCError, OSError) as exc:
+        raise translate(exc) from exc
+    finally:
+        await _quiet_disconnect(client)
+        _protect(path)
+    if me is None:
+        raise SessionRevoked("login did not complete")
+    name = " ".join(p for p in (me.first_name, me.last_name) if p) or "(no name)"
+    return f"{name} (@{me.username})" if me.username else name
+
+
+async def _sign_in(
+    client: TelegramClient,
+    settings: WorkerSettings,
+    *,
+    ask: Callable[[str], str],
+    ask_secret: Callable[[str], str],
+) -> None:
+    phone = (
+        settings.telegram_phone.get_secret_value()
+        if settings.telegram_phone is not None
+        else ask("Phone number (international format, e.g. +441234567890): ").strip()
+    )
+    sent = await client.send_code_request(phone)
+    for attempt in range(3):
+        code = ask_secret("Login code (sent by Telegram): ").strip()
+        try:
+            await client.sign_in(phone=phone, code=code, phone_code_hash=sent.phone_code_hash)
+            return
+        except errors.SessionPasswordNeededError:
+            await client.sign_in(password=ask_secret("Two-step verification password: "))
+            return
+        except errors.PhoneCodeInvalidError:
+            if attempt == 2:
+                raise
