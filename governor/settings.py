@@ -71,6 +71,33 @@ class FleetSettings(BaseSettings):
     # --- rate limiting (issue 4) --------------------------------------------------------------
     rate_limit_strategy: Literal["adaptive", "fixed", "off"] = "adaptive"
     flood_wait_max_seconds: float = Field(60.0, ge=0)
+    # Per account (Telegram's limits are per account): history ~30 per 30 s, so 0.9/s + 3
+    # admits at most 30 in any 30 s; resolving usernames is far stricter.
+    rate_history_per_second: float = Field(0.9, gt=0)
+    rate_history_burst: int = Field(3, ge=1)
+    rate_resolve_per_second: float = Field(0.33, gt=0)
+    rate_resolve_burst: int = Field(1, ge=1)
+    rate_other_per_second: float = Field(1.0, gt=0)
+    rate_other_burst: int = Field(2, ge=1)
+    # Fleet-wide buckets (all sessions together); the governor adapts these at runtime.
+    fleet_rate_history_per_second: float = Field(10.0, gt=0)
+    fleet_rate_history_burst: int = Field(5, ge=1)
+    fleet_rate_resolve_per_second: float = Field(1.0, gt=0)
+    fleet_rate_resolve_burst: int = Field(2, ge=1)
+    fleet_rate_other_per_second: float = Field(5.0, gt=0)
+    fleet_rate_other_burst: int = Field(5, ge=1)
+    fleet_rate_min_per_second: float = Field(0.05, gt=0)
+    fleet_rate_max_per_second: float = Field(100.0, gt=0)
+    flood_wait_jitter_seconds: float = Field(0.5, ge=0)
+    flood_events_max: int = Field(10_000, ge=10)
+    governor_tick_seconds: float = Field(1.0, gt=0)
+    aimd_decrease_factor: float = Field(0.7, gt=0, lt=1)
+    aimd_increase_fraction: float = Field(0.05, ge=0)
+    aimd_quiet_seconds: float = Field(10.0, ge=0)
+    aimd_cut_cooldown_seconds: float = Field(2.0, ge=0)
+    circuit_breaker_probe_lease_seconds: float = Field(45.0, gt=0)
+    redis_gate_timeout_seconds: float = Field(1.0, gt=0)
+    redis_fallback_retry_seconds: float = Field(0.5, gt=0)
 
     shutdown_grace_seconds: float = Field(25.0, gt=0)
     schema_version: str = "1.0.0"
@@ -89,6 +116,8 @@ class FleetSettings(BaseSettings):
     def _backoff_order(self) -> FleetSettings:
         if self.backoff_max_seconds < self.backoff_base_seconds:
             raise ValueError("BACKOFF_MAX_SECONDS must be >= BACKOFF_BASE_SECONDS")
+        if self.fleet_rate_max_per_second < self.fleet_rate_min_per_second:
+            raise ValueError("FLEET_RATE_MAX_PER_SECOND must be >= FLEET_RATE_MIN_PER_SECOND")
         return self
 
     @property

@@ -1,0 +1,266 @@
+"""The fleet gate: the :class:`~governor.gate.RequestGate` a worker's Telegram boundary uses.
+
+``acquire`` is one call of the shared bucket script and at most one sleep on the injected
+clock; it raises :class:`~worker.errors.BreakerOpen` while the fleet's breaker is open and
+:class:`~worker.errors.RateLimited` when the wait would exceed ``FLOOD_WAIT_MAX_SECONDS`` (the
+caller puts the command back instead of sleeping). ``report`` records FloodWaits in the bucket
+and transient failures in the breaker; plain successes cost no Redis call unless the request
+was the breaker's half-open probe.
+
+Redis unavailable: the gate fails *closed*. It paces requests with an in-process GCRA at the
+per-account default rate of each class with no burst (never an unlimited burst, never
+"fail open" like Stripe's or Envoy's limiters: Telegram's quota is hidden and per account), and
+tries Redis again every ``REDIS_FALLBACK_RETRY_SECONDS``, so shared control resumes well
+within 2 s of Redis returning. FloodWaits seen meanwhile are honoured locally and replayed into
+Redis on recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.exceptions
+from loguru import logger
+from redis.asyncio import Redis
+
+from governor.breaker import BreakerStatus, CircuitBreaker
+from governor.bucket import AcquireResult, RateDefaults, TokenBucket
+from governor.gate import Outcome, RequestClass
+from governor.keys import Keys, check_session
+from governor.scripts import scripts_for
+from governor.settings import FleetSettings
+from worker.clock import Clock
+from worker.errors import BreakerOpen, RateLimited
+
+# What "Redis is unavailable" looks like: refused/dropped connections, Redis still loading its
+# AOF after a restart (BusyLoadingError is a ConnectionError), and our own deadline.
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    TimeoutError,
+    OSError,
+)
+
+# The probe token of the request the current task is making (set by acquire, read by report).
+_probe: ContextVar[tuple[int, str] | None] = ContextVar("governor_probe", default=None)
+
+Mode = Literal["shared", "local"]
+
+
+@dataclass
+class _PendingFlood:
+    request_class: RequestClass
+    until: float  # clock.monotonic()
+
+
+class _LocalLimiter:
+    """Reserve-style GCRA in process memory with burst 1: the fail-closed fallback."""
+
+    def __init__(self, per_second: dict[str, float]) -> None:
+        self.interval = {c: 1.0 / r for c, r in per_second.items()}
+        self.tat: dict[str, float] = {}
+        self.paused_until: dict[str, float] = {}
+
+    def start(self, now: float) -> None:
+        """Entering fallback: the shared bucket may just have admitted one, so wait a slot."""
+        self.tat = {c: now + t for c, t in self.interval.items()}
+
+    def wait(self, request_class: str, now: float) -> float:
+        tat = max(self.tat.get(request_class, now), now)
+        return max(tat, self.paused_until.get(request_class, 0.0)) - now
+
+    def book(self, request_class: str, now: float, wait: float) -> None:
+        self.tat[request_class] = now + wait + self.interval[request_class]
+
+
+class FleetGate:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        session: str,
+        settings: FleetSettings,
+        clock: Clock,
+        *,
+        worker_id: str = "",
+        rng: random.Random | None = None,
+    ) -> None:
+        self.session = check_session(session)
+        self.settings = settings
+        self.clock = clock
+        self.worker_id = worker_id or session
+        self.rng = rng or random.Random()
+        scripts = scripts_for(redis)
+        self.bucket = TokenBucket(
+            redis, keys, settings, scripts=scripts, worker_id=self.worker_id, rng=self.rng
+        )
+        self.breaker = CircuitBreaker(redis, keys, settings, scripts=scripts)
+        defaults = RateDefaults.from_settings(settings)
+        self._local = _LocalLimiter({c: r.per_second for c, r in defaults.session.items()})
+        self._mode: Mode = "shared"
+        self._retry_redis_at = 0.0
+        self._pending: list[_PendingFlood] = []
+        self._log = logger.bind(worker_id=self.worker_id, session=session)
+
+    @property
+    def mode(self) -> Mode:
+        """``shared`` (Redis bucket and breaker) or ``local`` (Redis unavailable: fallback)."""
+        return self._mode
+
+    # --- RequestGate ---------------------------------------------------------------------
+    async def acquire(self, request_class: RequestClass) -> None:
+        self._take_probe()
+        if self._mode == "local" and self.clock.monotonic() < self._retry_redis_at:
+            await self._acquire_local(request_class)
+            return
+        token = f"{self.worker_id}:{uuid.uuid4().hex}"
+        while True:
+            try:
+                async with asyncio.timeout(self.settings.redis_gate_timeout_seconds):
+                    if self._pending:
+                        await self._replay_floods()
+                    result = await self.bucket.acquire(
+                        self.session, request_class, probe_token=token
+                    )
+            except REDIS_DOWN as exc:
+                self._enter_local(exc)
+                await self._acquire_local(request_class)
+                return
+            self._resume_shared()
+            if result.admitted or result.reason != "paused" or not self._may_wait(result.wait_s):
+                break
+            # A FloodWait pause is not booked (see bucket.lua): sleep it out, then ask again.
+            await self.clock.sleep(result.wait_s)
+        self._admit(request_class, result, token)
+        if result.wait_s > 0:
+            await self.clock.sleep(result.wait_s)
+
+    def _take_probe(self) -> str:
+        """The probe token this task holds through this gate ('' if none), and forget it."""
+        held = _probe.get()
+        if held is None or held[0] != id(self):
+            return ""
+        _probe.set(None)
+        return held[1]
+
+    def _may_wait(self, seconds: float) -> bool:
+        return seconds <= self.settings.flood_wait_max_seconds
+
+    async def report(
+        self, request_class: RequestClass, outcome: Outcome, *, flood_wait_s: float = 0.0
+    ) -> None:
+        token = self._take_probe()
+        if self._mode == "local" and self.clock.monotonic() < self._retry_redis_at:
+            # Redis is down: honour a FloodWait locally and replay it later; the breaker
+            # cannot be shared meanwhile, so transient failures go unrecorded.
+            if outcome == "flood":
+                until = self._pause_locally(request_class, flood_wait_s)
+                self._pending.append(_PendingFlood(request_class, until))
+            return
+        try:
+            async with asyncio.timeout(self.settings.redis_gate_timeout_seconds):
+                if outcome == "flood":
+                    await self._flood(request_class, flood_wait_s)
+                if outcome == "transient":
+                    self._log_transition(await self.breaker.record_failure(token))
+                elif token:
+                    # The probe got an answer from Telegram (even a flood or a fatal error
+                    # says the service is up): close the breaker.
+                    self._log_transition(await self.breaker.record_success(token))
+        except REDIS_DOWN as exc:
+            self._enter_local(exc)
+
+    # --- shared path ---------------------------------------------------------------------
+    def _admit(self, request_class: RequestClass, result: AcquireResult, token: str) -> None:
+        if result.transition:
+            self._log.warning("circuit breaker half-open: this worker sends the probe")
+        if not result.admitted:
+            if result.reason == "breaker":
+                raise BreakerOpen(
+                    f"circuit breaker open; retry in {result.wait_s:.1f} s", result.wait_s
+                )
+            raise RateLimited(
+                f"{request_class} requests of session {self.session} must wait "
+                f"{result.wait_s:.1f} s ({result.reason}), more than FLOOD_WAIT_MAX_SECONDS",
+                result.wait_s,
+                request_class,
+            )
+        if result.reason == "probe":
+            _probe.set((id(self), token))
+
+    def _pause_locally(self, request_class: RequestClass, seconds: float) -> float:
+        until = self.clock.monotonic() + seconds
+        self._local.paused_until[request_class] = max(
+            self._local.paused_until.get(request_class, 0.0), until
+        )
+        return until
+
+    async def _flood(self, request_class: RequestClass, seconds: float) -> None:
+        # Honour the pause locally first, so a fallback that starts now still respects it.
+        until = self._pause_locally(request_class, seconds)
+        try:
+            await self.bucket.record_flood(self.session, request_class, seconds)
+        except REDIS_DOWN:
+            self._pending.append(_PendingFlood(request_class, until))
+            raise
+        self._log.warning(
+            "FloodWait {seconds:g} s on {request_class}: session paused",
+            seconds=seconds,
+            request_class=request_class,
+        )
+
+    async def _replay_floods(self) -> None:
+        now = self.clock.monotonic()
+        while self._pending:
+            pending = self._pending[0]
+            if pending.until > now:
+                await self.bucket.record_flood(
+                    self.session, pending.request_class, pending.until - now
+                )
+            self._pending.pop(0)
+
+    def _log_transition(self, status: BreakerStatus) -> None:
+        if status.transition is not None:
+            self._log.warning(
+                "circuit breaker {transition} (state {state})",
+                transition=status.transition.value,
+                state=status.state.value,
+            )
+
+    # --- fallback ------------------------------------------------------------------------
+    def _enter_local(self, exc: BaseException) -> None:
+        now = self.clock.monotonic()
+        self._retry_redis_at = now + self.settings.redis_fallback_retry_seconds
+        if self._mode == "shared":
+            self._mode = "local"
+            self._local.start(now)
+            self._log.error(
+                "Redis unavailable ({error}); pacing requests locally at the per-account "
+                "default rates until it returns",
+                error=type(exc).__name__,
+            )
+
+    def _resume_shared(self) -> None:
+        if self._mode == "local":
+            self._mode = "shared"
+            self._log.warning("Redis is back; shared rate control resumed")
+
+    async def _acquire_local(self, request_class: RequestClass) -> None:
+        now = self.clock.monotonic()
+        wait = self._local.wait(request_class, now)
+        if not self._may_wait(wait):
+            raise RateLimited(
+                f"{request_class} requests of session {self.session} are paused for "
+                f"{wait:.1f} s, more than FLOOD_WAIT_MAX_SECONDS",
+                math.ceil(wait),
+                request_class,
+            )
+        self._local.book(request_class, now, wait)
+        if wait > 0:
+            await self.clock.sleep(wait)

@@ -1,0 +1,207 @@
+"""The whole Redis key schema of the fleet, in one place.
+
+Every key but the two names fixed by the contract starts with ``<prefix>{tgf}:``. The common
+hash tag ``{tgf}`` puts them all in one Redis Cluster slot, so a Lua script may touch any of
+them; ``REDIS_KEY_PREFIX`` (default empty) lets two fleets share one Redis. ``tg_commands`` and
+``tg_events`` (CONTRACT §2) take the prefix but no hash tag, so with the default prefix they are
+exactly those names. ``<cls>`` is a request class (``history`` | ``resolve`` | ``other``),
+``<session>`` a session name (``[A-Za-z0-9_.-]{1,64}``), times are Redis ``TIME`` in µs.
+
+Rate governor (issue 4)
+=======================
+========================================== ======= =================== ==========================
+key                                        type    TTL                 written by / read by
+========================================== ======= =================== ==========================
+``bucket:fleet:<cls>``                     string  until TAT + 1 s     bucket.lua / bucket.lua
+``bucket:session:<session>:<cls>``         string  until TAT + 1 s     bucket.lua / bucket.lua
+``rates``                                  hash    none                governor / bucket.lua
+``rates:configured``                       hash    none                governor / status
+``pause:<session>:<cls>``                  string  the pause           flood.lua / bucket.lua
+``floods``                                 stream  capped (MAXLEN ~)   flood.lua / governor
+``counters``                               hash    none                bucket.lua, flood.lua /
+                                                                       governor (each tick)
+``breaker``                                hash    none                breaker.lua, bucket.lua
+``breaker:probe``                          string  the probe lease     bucket.lua / breaker.lua
+========================================== ======= =================== ==========================
+
+- ``bucket:*`` hold ``"<TAT> <interval>"``: the GCRA *theoretical arrival time* (integer µs)
+  of one bucket and the emission interval (µs) it was computed with, so a rate change rescales
+  the backlog. A missing key is a full bucket, so the TTL only reclaims memory.
+- ``rates`` (current rates, what bucket.lua reads) has fields ``fleet:<cls>:rate``,
+  ``fleet:<cls>:burst``, ``session:<cls>:rate``, ``session:<cls>:burst`` and per-session
+  overrides ``session:<session>:<cls>:rate|burst``. A missing field means "the worker's
+  configured default", so a fleet without a governor runs at its settings.
+  ``rates:configured`` has the same fields with the configured (starting) values, for status.
+- ``pause:<session>:<cls>`` holds the µs until which that session must not send that class
+  (a FloodWait of N s: N + jitter); its PX TTL ends with the pause.
+- ``floods`` has one entry per FloodWait: ``session``, ``class``, ``seconds``, ``worker``.
+- ``counters`` (monotonic; the governor diffs them each tick) has fields
+  ``<cls>:admits``, ``<cls>:waits`` (admits that had to wait), ``<cls>:fleet_waits`` (the
+  fleet bucket was what they waited for: saturation), ``<cls>:wait_us``, ``<cls>:refused``,
+  ``<cls>:floods``, ``session:<session>:<cls>:admits``, ``session:<session>:<cls>:floods``,
+  ``rate_limit_hits``.
+- ``breaker`` fields: ``state`` (``closed`` | ``open`` | ``half_open``), ``until_us`` (end of
+  the open period), ``failures`` (comma-separated µs of the last transient failures, at most
+  ``CIRCUIT_BREAKER_FAILURE_THRESHOLD``), ``changed_us``, ``opened`` (count).
+- ``breaker:probe`` holds the token of the one request allowed through half-open.
+
+Reserved for the queue, worker and governor daemons (names fixed here, used by later work)
+=========================================================================================
+========================================== ======= =================== ==========================
+``tg_commands`` (prefix, no hash tag)      list    none                producers / workers
+``tg_events`` (prefix, no hash tag)        PubSub  —                   workers / subscribers
+``processing:<worker_id>``                 list    none (recovered)    worker / governor
+``worker:<worker_id>``                     string  heartbeat lease     worker / governor
+``workers``                                hash    none                worker / governor, status
+``session-lease:<session>``                string  lease               worker / worker
+``completed``                              zset    trimmed by age      worker / worker
+``dead``                                   list    capped              worker / operators
+``events``                                 stream  capped (MAXLEN ~)   worker / late subscribers
+``governor:leader``                        string  leader lease        governor / governor
+``deliveries``                             hash    none (HDEL on end)  recover.lua / recover.lua
+``retries``                                hash    none (HDEL on end)  worker / worker
+``delayed``                                zset    none (drained)      worker / recovery
+``sessions-bad``                           hash    none                worker / worker, status
+========================================== ======= =================== ==========================
+"""
+
+from __future__ import annotations
+
+import re
+
+from governor.gate import REQUEST_CLASSES
+
+HASH_TAG = "{tgf}"
+COMMANDS_QUEUE = "tg_commands"
+EVENTS_CHANNEL = "tg_events"
+
+_SESSION = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PREFIX = re.compile(r"[^{}\s]*")
+
+
+def check_session(name: str) -> str:
+    """A session name that is safe inside a key and a hash field, or ``ValueError``."""
+    if not _SESSION.fullmatch(name):
+        raise ValueError(f"session names are 1-64 characters of [A-Za-z0-9_.-], got {name!r}")
+    return name
+
+
+def check_class(request_class: str) -> str:
+    if request_class not in REQUEST_CLASSES:
+        raise ValueError(f"unknown request class {request_class!r}; known: {REQUEST_CLASSES}")
+    return request_class
+
+
+class Keys:
+    """Every key name of one fleet, built from ``REDIS_KEY_PREFIX``."""
+
+    def __init__(self, prefix: str = "") -> None:
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError("REDIS_KEY_PREFIX must not contain braces or spaces")
+        self.prefix = prefix
+        self.base = f"{prefix}{HASH_TAG}:"
+
+    def _k(self, *parts: str) -> str:
+        return self.base + ":".join(parts)
+
+    # --- contract names (no hash tag) ------------------------------------------------------
+    @property
+    def commands(self) -> str:
+        return self.prefix + COMMANDS_QUEUE
+
+    @property
+    def events_channel(self) -> str:
+        return self.prefix + EVENTS_CHANNEL
+
+    # --- rate governor -----------------------------------------------------------------------
+    def fleet_bucket(self, request_class: str) -> str:
+        return self._k("bucket", "fleet", check_class(request_class))
+
+    def session_bucket(self, session: str, request_class: str) -> str:
+        return self._k("bucket", "session", check_session(session), check_class(request_class))
+
+    @property
+    def bucket_pattern(self) -> str:
+        """``SCAN MATCH`` pattern of every bucket key (status only)."""
+        return self._k("bucket", "*")
+
+    @property
+    def rates(self) -> str:
+        return self._k("rates")
+
+    @property
+    def rates_configured(self) -> str:
+        return self._k("rates", "configured")
+
+    def pause(self, session: str, request_class: str) -> str:
+        return self._k("pause", check_session(session), check_class(request_class))
+
+    @property
+    def pause_pattern(self) -> str:
+        return self._k("pause", "*")
+
+    @property
+    def floods(self) -> str:
+        return self._k("floods")
+
+    @property
+    def counters(self) -> str:
+        return self._k("counters")
+
+    @property
+    def breaker(self) -> str:
+        return self._k("breaker")
+
+    @property
+    def breaker_probe(self) -> str:
+        return self._k("breaker", "probe")
+
+    # --- reserved for the queue, worker and governor daemons ---------------------------------
+    def processing(self, worker_id: str) -> str:
+        return self._k("processing", worker_id)
+
+    def worker_lease(self, worker_id: str) -> str:
+        return self._k("worker", worker_id)
+
+    @property
+    def workers(self) -> str:
+        return self._k("workers")
+
+    def session_lease(self, session: str) -> str:
+        return self._k("session-lease", check_session(session))
+
+    @property
+    def completed(self) -> str:
+        return self._k("completed")
+
+    @property
+    def dead_letters(self) -> str:
+        return self._k("dead")
+
+    @property
+    def events_stream(self) -> str:
+        return self._k("events")
+
+    @property
+    def governor_leader(self) -> str:
+        return self._k("governor", "leader")
+
+    @property
+    def deliveries(self) -> str:
+        """Hash ``command_id`` → times recovered from a dead worker (``worker/lua/recover.lua``)."""
+        return self._k("deliveries")
+
+    @property
+    def retries(self) -> str:
+        """Hash ``command_id`` → retryable failures so far (the command's retry budget)."""
+        return self._k("retries")
+
+    @property
+    def delayed(self) -> str:
+        """Zset of raw commands waiting for a retry, scored by due time (Redis ``TIME``, ms)."""
+        return self._k("delayed")
+
+    @property
+    def sessions_bad(self) -> str:
+        """Hash session name → JSON ``{reason, ts, worker_id, file_mtime}`` (revoked sessions)."""
+        return self._k("sessions-bad")

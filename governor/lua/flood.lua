@@ -1,0 +1,39 @@
+-- flood.lua: pause one session for one request class, and record a FloodWait (issue 4).
+--
+-- The pause is set from Redis TIME, and an existing longer pause is kept (two FloodWaits in
+-- flight must not shorten each other). With ARGV[5] = '1' the event is also appended to the
+-- capped flood stream and counted for the governor. Key schema: governor/keys.py.
+--
+-- KEYS[1] pause:<session>:<cls>   string  paused until, µs (PX TTL = the pause)
+-- KEYS[2] floods                  stream  session, class, seconds, worker
+-- KEYS[3] counters                hash    <cls>:floods, session:<s>:<cls>:floods, rate_limit_hits
+--
+-- ARGV[1] session  ARGV[2] class  ARGV[3] pause ms (<= 0 lifts the pause)
+-- ARGV[4] seconds Telegram asked for (N)  ARGV[5] record '1'|'0'  ARGV[6] stream max length
+-- ARGV[7] worker id
+--
+-- Returns the pause in force afterwards, µs from now (0: none).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pause_ms = tonumber(ARGV[3])
+
+if ARGV[5] == '1' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
+    'session', ARGV[1], 'class', ARGV[2], 'seconds', ARGV[4], 'worker', ARGV[7])
+  redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':floods', 1)
+  redis.call('HINCRBY', KEYS[3], 'session:' .. ARGV[1] .. ':' .. ARGV[2] .. ':floods', 1)
+  redis.call('HINCRBY', KEYS[3], 'rate_limit_hits', 1)
+end
+
+if pause_ms <= 0 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+local current = tonumber(redis.call('GET', KEYS[1])) or 0
+local wanted = now + pause_ms * 1000
+if wanted > current then
+  redis.call('SET', KEYS[1], string.format('%d', wanted), 'PX', pause_ms)
+  return pause_ms * 1000
+end
+return current - now

@@ -1,0 +1,231 @@
+"""The AIMD policy: bounded, cuts on floods to 0.7x the measured rate, raises only when
+saturated and quiet."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from governor.policy import AimdParams, TickInputs, decide, next_rate, params_for
+
+P = AimdParams(min_rate=0.5, max_rate=50.0, increase_step=1.0, quiet_period_s=10, cut_cooldown_s=2)
+
+rates = st.floats(min_value=0.0, max_value=1e4, allow_nan=False)
+any_rate = st.floats(allow_nan=True, allow_infinity=True)
+seconds = st.none() | st.floats(min_value=0.0, max_value=1e5, allow_nan=False)
+
+
+@st.composite
+def params(draw: st.DrawFn) -> AimdParams:
+    low = draw(st.floats(min_value=1e-3, max_value=100))
+    high = draw(st.floats(min_value=low, max_value=1e4))
+    return AimdParams(
+        min_rate=low,
+        max_rate=high,
+        decrease_factor=draw(st.floats(min_value=0.05, max_value=0.95)),
+        increase_step=draw(st.floats(min_value=0, max_value=100)),
+        quiet_period_s=draw(st.floats(min_value=0, max_value=600)),
+        cut_cooldown_s=draw(st.floats(min_value=0, max_value=60)),
+    )
+
+
+@st.composite
+def inputs(draw: st.DrawFn, *, in_bounds_of: AimdParams | None = None) -> TickInputs:
+    if in_bounds_of is None:
+        current = draw(any_rate)
+    else:
+        current = draw(st.floats(min_value=in_bounds_of.min_rate, max_value=in_bounds_of.max_rate))
+    return TickInputs(
+        current_rate=current,
+        measured_rate=draw(any_rate),
+        saturated=draw(st.booleans()),
+        floods=draw(st.integers(min_value=0, max_value=50)),
+        seconds_since_flood=draw(seconds),
+        seconds_since_cut=draw(seconds),
+    )
+
+
+# --- properties ------------------------------------------------------------------------------
+
+
+@given(params(), st.data())
+def test_rate_always_stays_within_bounds(p: AimdParams, data: st.DataObject) -> None:
+    rate = next_rate(data.draw(inputs()), p)
+    assert p.min_rate <= rate <= p.max_rate
+    assert math.isfinite(rate)
+
+
+@given(params(), st.data())
+def test_rate_never_increases_in_a_tick_with_a_flood(p: AimdParams, data: st.DataObject) -> None:
+    i = data.draw(inputs(in_bounds_of=p).filter(lambda i: i.floods > 0))
+    assert next_rate(i, p) <= i.current_rate
+
+
+@given(params(), st.data())
+def test_rate_never_increases_when_callers_did_not_wait(p: AimdParams, data: st.DataObject) -> None:
+    i = data.draw(inputs(in_bounds_of=p).filter(lambda i: not i.saturated))
+    assert next_rate(i, p) <= i.current_rate
+
+
+@given(params(), st.data())
+def test_rate_never_increases_within_the_quiet_period(p: AimdParams, data: st.DataObject) -> None:
+    i = data.draw(inputs(in_bounds_of=p))
+    if i.seconds_since_flood is not None and i.seconds_since_flood < p.quiet_period_s:
+        assert next_rate(i, p) <= i.current_rate
+
+
+@given(params(), st.data())
+def test_increase_is_additive_and_at_most_one_step(p: AimdParams, data: st.DataObject) -> None:
+    i = data.draw(inputs(in_bounds_of=p))
+    assert next_rate(i, p) - i.current_rate <= p.increase_step + 1e-9 * p.max_rate
+
+
+@given(params(), st.data())
+def test_a_cut_goes_to_the_factor_times_the_measured_rate(
+    p: AimdParams, data: st.DataObject
+) -> None:
+    i = data.draw(inputs(in_bounds_of=p).filter(lambda i: i.floods > 0))
+    d = decide(i, p)
+    if d.action == "cut":
+        measured = i.measured_rate if math.isfinite(i.measured_rate) else 0.0
+        basis = min(i.current_rate, measured) if measured > 0 else i.current_rate
+        assert d.rate == pytest.approx(max(p.min_rate, basis * p.decrease_factor))
+    else:
+        assert d.action == "hold" and d.rate == i.current_rate
+        assert i.seconds_since_cut is not None and i.seconds_since_cut < p.cut_cooldown_s
+
+
+@given(params(), st.data())
+def test_the_decision_depends_only_on_its_inputs(p: AimdParams, data: st.DataObject) -> None:
+    i = data.draw(inputs())
+    assert decide(i, p) == decide(i, p)
+
+
+# --- behaviours ------------------------------------------------------------------------------
+
+
+def test_flood_cuts_to_seventy_percent_of_the_measured_rate_not_the_configured_one() -> None:
+    i = TickInputs(current_rate=40, measured_rate=10, saturated=False, floods=1)
+    assert next_rate(i, P) == pytest.approx(7.0)
+
+
+def test_many_floods_in_one_tick_make_one_cut() -> None:
+    one = TickInputs(current_rate=40, measured_rate=20, saturated=True, floods=1)
+    many = TickInputs(current_rate=40, measured_rate=20, saturated=True, floods=30)
+    assert next_rate(one, P) == next_rate(many, P) == pytest.approx(14.0)
+
+
+def test_flood_echoes_within_the_cooldown_do_not_cut_again() -> None:
+    i = TickInputs(current_rate=14, measured_rate=20, saturated=True, floods=3, seconds_since_cut=1)
+    assert decide(i, P).action == "hold"
+    later = TickInputs(
+        current_rate=14, measured_rate=14, saturated=True, floods=1, seconds_since_cut=2.5
+    )
+    assert decide(later, P).rate == pytest.approx(9.8)
+
+
+def test_flood_with_nothing_measured_cuts_the_current_rate() -> None:
+    i = TickInputs(current_rate=10, measured_rate=0, saturated=False, floods=1)
+    assert next_rate(i, P) == pytest.approx(7.0)
+
+
+def test_measured_above_current_cuts_from_current() -> None:
+    i = TickInputs(current_rate=10, measured_rate=13, saturated=True, floods=1)
+    assert next_rate(i, P) == pytest.approx(7.0)
+
+
+def test_cut_never_goes_below_min_rate() -> None:
+    i = TickInputs(current_rate=0.6, measured_rate=0.1, saturated=True, floods=5)
+    assert next_rate(i, P) == P.min_rate
+
+
+def test_saturated_and_quiet_raises_by_one_step() -> None:
+    i = TickInputs(current_rate=10, measured_rate=10, saturated=True, floods=0)
+    d = decide(i, P)
+    assert (d.action, d.rate) == ("raise", 11.0)
+    i = TickInputs(10, 10, saturated=True, floods=0, seconds_since_flood=10.0)
+    assert next_rate(i, P) == 11.0
+
+
+def test_saturated_but_recently_flooded_holds() -> None:
+    i = TickInputs(
+        current_rate=10, measured_rate=10, saturated=True, floods=0, seconds_since_flood=9
+    )
+    assert decide(i, P).action == "hold"
+
+
+def test_idle_bucket_is_not_raised() -> None:
+    i = TickInputs(current_rate=10, measured_rate=2, saturated=False, floods=0)
+    assert decide(i, P).rate == 10
+
+
+def test_raise_stops_at_max_rate() -> None:
+    i = TickInputs(current_rate=49.5, measured_rate=49.5, saturated=True, floods=0)
+    assert next_rate(i, P) == 50.0
+    d = decide(TickInputs(50, 50, saturated=True, floods=0), P)
+    assert (d.action, d.rate) == ("hold", 50.0)
+
+
+def test_out_of_bounds_current_rate_is_clamped() -> None:
+    assert next_rate(TickInputs(1000, 0, saturated=False, floods=0), P) == 50.0
+    assert next_rate(TickInputs(0, 0, saturated=False, floods=0), P) == 0.5
+    assert next_rate(TickInputs(math.nan, math.nan, saturated=True, floods=1), P) == 0.5
+
+
+def test_repeated_floods_settle_at_min_and_repeated_saturation_reaches_max() -> None:
+    rate = 40.0
+    for _ in range(30):
+        rate = next_rate(TickInputs(rate, rate, saturated=True, floods=1), P)
+    assert rate == P.min_rate
+    for _ in range(100):
+        rate = next_rate(TickInputs(rate, rate, saturated=True, floods=0), P)
+    assert rate == P.max_rate
+
+
+def test_a_hidden_limit_drop_settles_in_two_cuts() -> None:
+    """Rate 20/s, hidden limit drops to 12/s: 0.7x measured twice is below it."""
+    rate, cuts, since_cut = 20.0, 0, None
+    for _ in range(10):
+        flooded = rate > 12
+        d = decide(
+            TickInputs(
+                rate,
+                rate,
+                saturated=True,
+                floods=int(flooded),
+                seconds_since_flood=0,
+                seconds_since_cut=since_cut,
+            ),
+            P,
+        )
+        cuts += d.action == "cut"
+        since_cut = 0.0 if d.action == "cut" else (since_cut or 0) + 1.0
+        rate = d.rate
+    assert rate <= 12 and cuts <= 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"min_rate": 0, "max_rate": 1},
+        {"min_rate": 2, "max_rate": 1},
+        {"min_rate": 1, "max_rate": math.inf},
+        {"min_rate": 1, "max_rate": 2, "decrease_factor": 1.0},
+        {"min_rate": 1, "max_rate": 2, "increase_step": -1},
+        {"min_rate": 1, "max_rate": 2, "quiet_period_s": -1},
+    ],
+)
+def test_invalid_parameters_are_rejected(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        AimdParams(**kwargs)
+
+
+def test_params_for_scales_the_step_with_the_configured_rate() -> None:
+    history = params_for(10.0, min_rate=0.05, max_rate=100, increase_fraction=0.05)
+    resolve = params_for(0.33, min_rate=0.05, max_rate=100, increase_fraction=0.05)
+    assert history.increase_step == pytest.approx(0.5)
+    assert resolve.increase_step == pytest.approx(0.0165)
+    assert params_for(0.01, min_rate=0.05, max_rate=100).min_rate == 0.01
