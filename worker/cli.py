@@ -118,7 +118,7 @@ async def _fetch_once(settings: WorkerSettings, args: argparse.Namespace) -> int
     import json
 
     from worker.fetch import Fetcher, FetchOutcome
-    from worker.storage import DayStore
+    from worker.storage import store_from_settings
     from worker.telegram import TelegramSession
 
     now = datetime.now(UTC)
@@ -149,11 +149,7 @@ async def _fetch_once(settings: WorkerSettings, args: argparse.Namespace) -> int
         except CommandRejected as exc:
             print(f"invalid request: {exc}", file=sys.stderr)
             return Exit.USAGE
-        store = DayStore(
-            settings.data_dir,
-            schema_version=settings.schema_version,
-            timezone=settings.day_timezone,
-        )
+        store = store_from_settings(settings)
         fetcher = Fetcher(telegram, store, tz=settings.tz, concurrency=settings.fetch_concurrency)
         bar = _ProgressPrinter(cmd)
         outcome: FetchOutcome = await fetcher.run(cmd, on_progress=bar.update)

@@ -35,6 +35,8 @@ class WorkerSettings(FleetSettings):
 
     # --- storage ------------------------------------------------------------------------------
     data_dir: Path = Path("data")
+    storage_lock_timeout_seconds: float = Field(30.0, gt=0)
+    progress_checkpoint_seconds: float = Field(5.0, ge=0)
 
     # --- commands -----------------------------------------------------------------------------
     max_range_days: int = Field(366, ge=1)

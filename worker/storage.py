@@ -38,13 +38,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import date, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from worker.clock import Clock, SystemClock, utc_iso
 from worker.errors import StorageError
 from worker.progress import ProgressStore, acquire_fd_lock, fsync_dir
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 CHAT_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Every message line we write starts with its id, so ids are read without parsing the line.
@@ -659,3 +662,15 @@ class DayWriter:
                 self.tmp_path.unlink()
             raise
         return size
+
+
+def store_from_settings(settings: WorkerSettings, clock: Clock | None = None) -> DayStore:
+    """The data root as the settings describe it (the one way programs build a DayStore)."""
+    return DayStore(
+        settings.data_dir,
+        schema_version=settings.schema_version,
+        timezone=settings.day_timezone,
+        clock=clock,
+        lock_timeout_s=settings.storage_lock_timeout_seconds,
+        checkpoint_interval_s=settings.progress_checkpoint_seconds,
+    )
