@@ -58,10 +58,12 @@ Reserved for the queue, worker and governor daemons (names fixed here, used by l
 ``dead``                                   list    capped              worker / operators
 ``events``                                 stream  capped (MAXLEN ~)   worker / late subscribers
 ``governor:leader``                        string  leader lease        governor / governor
+``schedule:<chat>:<date>``                 string  3 days              scheduler.py (SET NX)
 ``deliveries``                             hash    none (HDEL on end)  recover.lua / recover.lua
 ``retries``                                hash    none (HDEL on end)  worker / worker
 ``delayed``                                zset    none (drained)      worker / recovery
 ``sessions-bad``                           hash    none                worker / worker, status
+``running``                                hash    none (HDEL on end)  worker / worker
 ========================================== ======= =================== ==========================
 """
 
@@ -186,6 +188,11 @@ class Keys:
     def governor_leader(self) -> str:
         return self._k("governor", "leader")
 
+    def schedule_marker(self, chat_day: str) -> str:
+        """String ``schedule:<chat key>:<YYYY-MM-DD>``: that day's command for that chat was
+        pushed (``governor/lua/schedule.lua``, ``SET NX`` with a TTL)."""
+        return self._k("schedule", chat_day)
+
     @property
     def deliveries(self) -> str:
         """Hash ``command_id`` → times recovered from a dead worker (``worker/lua/recover.lua``)."""
@@ -200,6 +207,11 @@ class Keys:
     def delayed(self) -> str:
         """Zset of raw commands waiting for a retry, scored by due time (Redis ``TIME``, ms)."""
         return self._k("delayed")
+
+    @property
+    def running(self) -> str:
+        """Hash ``command_id`` → worker executing it (a duplicate waits while that one lives)."""
+        return self._k("running")
 
     @property
     def sessions_bad(self) -> str:

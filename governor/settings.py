@@ -184,3 +184,51 @@ def load_settings(cls: type[S], **overrides: object) -> S:
 
 def _looks_secret(key: str) -> bool:
     return any(word in key for word in ("HASH", "PASSWORD", "PHONE", "URL", "TOKEN"))
+
+
+class GovernorSettings(FleetSettings):
+    """What ``python -m governor`` reads on top of the fleet's keys (documented in .env.example).
+
+    ``COMMAND_MAX_DELIVERIES``, ``DEAD_LETTERS_MAX``, ``WORKER_LEASE_SECONDS`` and
+    ``EVENTS_STREAM_MAXLEN`` are the worker's keys of the same name: the governor runs the same
+    recovery routine (and publishes its poison-command events) and must apply the same limits.
+    """
+
+    governor_id: str | None = None  # default: <host>-<pid>
+    governor_lease_seconds: float = Field(5.0, gt=0)
+    governor_pushgateway_reap_seconds: float = Field(60.0, gt=0)
+    schedule_chats: str = ""
+    schedule_daily_at: str = "01:00"
+    command_max_deliveries: int = Field(3, ge=1)
+    dead_letters_max: int = Field(10_000, ge=1)
+    worker_lease_seconds: float = Field(10.0, gt=0)
+    events_stream_maxlen: int = Field(10_000, ge=1)
+
+    @field_validator("schedule_daily_at")
+    @classmethod
+    def _hh_mm(cls, value: str) -> str:
+        from governor.scheduler import parse_daily_at
+
+        parse_daily_at(value)
+        return value.strip()
+
+    @field_validator("schedule_chats")
+    @classmethod
+    def _chats(cls, value: str) -> str:
+        from governor.scheduler import parse_chats
+
+        return ",".join(parse_chats(value))
+
+    @model_validator(mode="after")
+    def _lease_outlives_tick(self) -> GovernorSettings:
+        if self.governor_lease_seconds < 2 * self.governor_tick_seconds:
+            raise ValueError("GOVERNOR_LEASE_SECONDS must be at least 2 × GOVERNOR_TICK_SECONDS")
+        return self
+
+    def resolved_governor_id(self) -> str:
+        if self.governor_id:
+            return self.governor_id
+        import os
+        import socket
+
+        return f"{socket.gethostname().split('.')[0] or 'governor'}-{os.getpid()}"

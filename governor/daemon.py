@@ -1,0 +1,584 @@
+"""``python -m governor run``: the fleet's one leading governor.
+
+Lifecycle::
+
+    connect Redis ──► hold the leader lease? ──no──► stand by (retry every lease/3)
+                          │ yes
+                          ▼
+        every GOVERNOR_TICK_SECONDS, and at once when a FloodWait is recorded:
+          renew the lease (compare-and-extend) ──► rates: read counters, policy.decide per
+          class and per flooded session, set_rate, log each change once ──► recover the
+          commands of dead workers (worker.queue.recover), forget their Pushgateway groups
+          ──► push the scheduled incremental fetches that are due
+    SIGTERM/SIGINT ──► finish the tick ──► release the lease (a standby takes over at once)
+        ──► close Redis ──► exit 0, within SHUTDOWN_GRACE_SECONDS
+
+Only one governor leads: ``governor:leader`` holds the leader's token with a PX TTL of
+``GOVERNOR_LEASE_SECONDS``; ``lua/leader.lua`` takes it with NX and extends it only if the
+token is still ours, so a governor that stalled past its TTL steps down instead of fighting
+the new leader. Rates live in Redis, so workers keep the last rates while no governor runs.
+
+Why the leader also wakes on floods: the cut is what protects the rest of the fleet, and the
+workers' requests already in flight at the old rate keep flooding until it lands; waiting for
+the next tick would cost up to a whole tick of them. ``XREAD BLOCK`` on the flood stream (a
+read, never a destructive pop) bounds every wait, so the stop Event is checked at least once
+per tick.
+
+Exit codes: 0 stopped by a signal; 69 Redis unreachable for longer than
+``REDIS_MAX_OUTAGE_SECONDS``; 78 configuration error (from :mod:`governor.cli`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.exceptions
+from loguru import logger
+from redis.asyncio import Redis
+
+from governor.bucket import ClassRate, Counters, RateDefaults, TokenBucket
+from governor.gate import REQUEST_CLASSES
+from governor.keys import Keys
+from governor.policy import AimdParams, Decision, TickInputs, decide, params_for
+from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
+from governor.scripts import lua_source, text
+from governor.settings import GovernorSettings
+
+EXIT_OK = 0
+EXIT_REDIS_UNAVAILABLE = 69
+
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+
+#: Rates are measured over at least this long (ANCHORS: "0.7× the rate measured over 1–2 s").
+MEASURE_WINDOW_S = 1.0
+#: A session bucket admitting at least this share of its rate counts as saturated (there is no
+#: per-session wait counter; a session that uses its whole rate is what "saturated" means).
+SESSION_SATURATION = 0.9
+#: The fleet bucket counts as saturated when callers waited for it *and* it admitted at least
+#: this share of its rate (a few waits at a burst edge do not make a busy bucket).
+FLEET_SATURATION = 0.8
+
+
+# --- the leader lease -------------------------------------------------------------------------
+
+
+class LeaderLease:
+    """``governor:leader``: take (NX), extend if ours (compare-and-extend), release if ours."""
+
+    def __init__(self, redis: Redis, keys: Keys, owner: str, ttl_s: float) -> None:
+        self.redis = redis
+        self.key = keys.governor_leader
+        self.token = f"{owner}:{uuid.uuid4().hex[:8]}"
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self._script = redis.register_script(lua_source("leader"))
+
+    async def hold(self) -> bool:
+        """True if we lead after this call (taken now or extended)."""
+        return int(await self._script(keys=[self.key], args=["hold", self.token, self.ttl_ms])) > 0
+
+    async def release(self) -> bool:
+        return int(await self._script(keys=[self.key], args=["release", self.token, 0])) > 0
+
+    async def holder(self) -> str | None:
+        raw = await self.redis.get(self.key)
+        return text(raw) if raw is not None else None
+
+
+# --- the rate controller ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RateChange:
+    scope: str  # fleet | session:<name>
+    request_class: str
+    old: float
+    new: float
+    decision: Decision
+
+    def line(self) -> str:
+        return (
+            f"rate {self.scope}:{self.request_class} {self.old:.4g} -> {self.new:.4g}/s "
+            f"({self.decision.action}: {self.decision.why})"
+        )
+
+
+@dataclass
+class _Memory:
+    """What the controller remembers of one bucket between ticks (Redis time, seconds)."""
+
+    last_flood_s: float | None = None
+    last_cut_s: float | None = None
+
+
+@dataclass
+class RateController:
+    """Reads the bucket's counters each tick and sets new rates with :func:`policy.decide`.
+
+    Fleet buckets (one per request class) are always governed. A session's own bucket gets a
+    per-session override (``set_rate(scope="session:<name>")``) once it has flooded, since the
+    hidden limits are per account; from then on it is cut and raised like the fleet's.
+    """
+
+    bucket: TokenBucket
+    settings: GovernorSettings
+    _samples: deque[Counters] = field(default_factory=lambda: deque(maxlen=64))
+    _memory: dict[tuple[str, str], _Memory] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.defaults = RateDefaults.from_settings(s)
+        self._params: dict[tuple[str, str], AimdParams] = {}
+        for scope, table in (("fleet", self.defaults.fleet), ("session", self.defaults.session)):
+            for c, rate in table.items():
+                self._params[(scope, c)] = params_for(
+                    rate.per_second,
+                    min_rate=s.fleet_rate_min_per_second,
+                    max_rate=s.fleet_rate_max_per_second,
+                    decrease_factor=s.aimd_decrease_factor,
+                    increase_fraction=s.aimd_increase_fraction,
+                    quiet_period_s=s.aimd_quiet_seconds,
+                    cut_cooldown_s=s.aimd_cut_cooldown_seconds,
+                )
+
+    def reset(self) -> None:
+        """Forget the baseline (a new term as leader starts from a fresh reading)."""
+        self._samples.clear()
+        self._memory.clear()
+
+    async def tick(self) -> list[RateChange]:
+        now = await self.bucket.counters()
+        raw_rates = {
+            text(k): text(v)
+            for k, v in (await self.bucket.redis.hgetall(self.bucket.keys.rates)).items()
+        }
+        prev = self._samples[-1] if self._samples else None
+        self._samples.append(now)
+        while len(self._samples) > 2 and self._samples[1].at_s <= now.at_s - 2 * MEASURE_WINDOW_S:
+            self._samples.popleft()
+        if prev is None or now.at_s <= prev.at_s:
+            return []
+        base = self._measure_base(now)
+        changes: list[RateChange] = []
+        for fc in REQUEST_CLASSES:
+            c: str = fc
+            current = _rate(raw_rates, f"fleet:{c}:rate", self.defaults.fleet[c])
+            measured = _per_s(now, base, f"{c}:admits")
+            floods = now.get(f"{c}:floods") - prev.get(f"{c}:floods")
+            admitted = now.get(f"{c}:admits") - prev.get(f"{c}:admits")
+            waited = now.get(f"{c}:fleet_waits") - prev.get(f"{c}:fleet_waits")
+            recent = admitted / (now.at_s - prev.at_s)
+            saturated = waited > 0 and recent >= FLEET_SATURATION * current
+            change = await self._decide("fleet", c, now.at_s, current, measured, saturated, floods)
+            if change is not None:
+                changes.append(change)
+        fleet_now = {ch.request_class: ch.new for ch in changes}
+        pairs = _flooded_or_overridden(now, prev, raw_rates)
+        for session, sc in pairs:
+            c = sc
+            fleet_rate = fleet_now.get(c) or _rate(
+                raw_rates, f"fleet:{c}:rate", self.defaults.fleet[c]
+            )
+            active = max(1, _active_sessions(now, base, c))
+            shared = _rate(raw_rates, f"session:{c}:rate", self.defaults.session[c])
+            current = _rate(raw_rates, f"session:{session}:{c}:rate", shared)
+            measured = _per_s(now, base, f"session:{session}:{c}:admits")
+            floods = now.get(f"session:{session}:{c}:floods") - prev.get(
+                f"session:{session}:{c}:floods"
+            )
+            recent = _per_s(now, prev, f"session:{session}:{c}:admits")
+            saturated = recent >= SESSION_SATURATION * current
+            change = await self._decide(
+                f"session:{session}",
+                c,
+                now.at_s,
+                current,
+                measured,
+                saturated,
+                floods,
+                floor=min(current, fleet_rate / active),
+            )
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    def _measure_base(self, now: Counters) -> Counters:
+        """The newest sample at least MEASURE_WINDOW_S old (else the oldest)."""
+        base = self._samples[0]
+        for sample in self._samples:
+            if sample.at_s <= now.at_s - MEASURE_WINDOW_S:
+                base = sample
+        return base
+
+    async def _decide(
+        self,
+        scope: str,
+        c: str,
+        now_s: float,
+        current: float,
+        measured: float,
+        saturated: bool,
+        floods: int,
+        *,
+        floor: float = 0.0,
+    ) -> RateChange | None:
+        """One bucket's decision, applied. A session's cut stops at ``floor``, its fair share
+        of the fleet rate: the fleet cut already slows it that far, and a session measured while
+        paused by its own FloodWait would otherwise be cut to almost nothing."""
+        memory = self._memory.setdefault((scope, c), _Memory())
+        if floods > 0:
+            since = None if memory.last_cut_s is None else now_s - memory.last_cut_s
+            inputs = TickInputs(current, measured, saturated, floods, None, since)
+        else:
+            inputs = TickInputs(
+                current,
+                measured,
+                saturated,
+                0,
+                None if memory.last_flood_s is None else now_s - memory.last_flood_s,
+                None if memory.last_cut_s is None else now_s - memory.last_cut_s,
+            )
+        params = self._params[("fleet" if scope == "fleet" else "session", c)]
+        decision = decide(inputs, params)
+        if decision.action == "cut" and decision.rate < floor:
+            decision = Decision(floor, "cut", f"{decision.why}; fair share of the fleet rate")
+        if floods > 0:
+            memory.last_flood_s = now_s
+        if math.isclose(decision.rate, current, rel_tol=1e-9, abs_tol=1e-9):
+            return None
+        if decision.action == "cut":
+            memory.last_cut_s = now_s
+        await self.bucket.set_rate(c, decision.rate, scope=scope)  # type: ignore[arg-type]
+        return RateChange(scope, c, current, decision.rate, decision)
+
+
+def _rate(raw: dict[str, str], name: str, default: ClassRate | float) -> float:
+    value = raw.get(name)
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return default.per_second if isinstance(default, ClassRate) else default
+
+
+def _per_s(now: Counters, base: Counters, name: str) -> float:
+    dt = now.at_s - base.at_s
+    return max(0, now.get(name) - base.get(name)) / dt if dt > 0 else 0.0
+
+
+def _active_sessions(now: Counters, base: Counters, c: str) -> int:
+    """Sessions that were admitted requests of class ``c`` since ``base``."""
+    suffix = f":{c}:admits"
+    return sum(
+        1
+        for name, value in now.values.items()
+        if name.startswith("session:") and name.endswith(suffix) and value > base.get(name)
+    )
+
+
+def _flooded_or_overridden(
+    now: Counters, prev: Counters, raw_rates: dict[str, str]
+) -> list[tuple[str, str]]:
+    """(session, class) pairs that flooded since ``prev`` or already have an override."""
+    found: set[tuple[str, str]] = set()
+    for name, value in now.values.items():
+        if name.startswith("session:") and name.endswith(":floods"):
+            _, session, c, _ = name.split(":")
+            if value > prev.get(name):
+                found.add((session, c))
+    for name in raw_rates:
+        parts = name.split(":")
+        if len(parts) == 4 and parts[0] == "session" and parts[3] == "rate":
+            found.add((parts[1], parts[2]))
+    return sorted(p for p in found if p[1] in REQUEST_CLASSES)
+
+
+# --- the daemon -------------------------------------------------------------------------------
+
+
+class Governor:
+    """The governor process's lifecycle. :meth:`run` returns the exit code."""
+
+    def __init__(self, settings: GovernorSettings, *, install_signals: bool = True) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.redis_key_prefix)
+        self.governor_id = settings.resolved_governor_id()
+        self.install_signals = install_signals
+        self.stop = asyncio.Event()
+        self.exit_code = EXIT_OK
+        self.leading = False
+        self.redis: Redis | None = None
+        self.metrics: Any = None
+        self._exporters: Any = None
+        self._first_signal_at: float | None = None
+        self._down_since: float | None = None
+        self._back_at = -math.inf  # when Redis came back after an outage (monotonic)
+        self._flood_id = "0-0"
+        self._last_reap = -math.inf
+        self._log = logger.bind(governor_id=self.governor_id)
+
+    # --- entry point --------------------------------------------------------------------
+    async def run(self) -> int:
+        s = self.settings
+        if self.install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        self._start_metrics()
+        tick = s.governor_tick_seconds
+        self.redis = Redis.from_url(
+            s.redis_dsn(),
+            socket_timeout=tick + 5.0,
+            socket_connect_timeout=min(5.0, s.governor_lease_seconds),
+            health_check_interval=30,
+        )
+        bucket = TokenBucket(self.redis, self.keys, s, worker_id=self.governor_id)
+        lease = LeaderLease(self.redis, self.keys, self.governor_id, s.governor_lease_seconds)
+        controller = RateController(bucket, s)
+        schedule = Schedule(
+            parse_chats(s.schedule_chats), parse_daily_at(s.schedule_daily_at), s.tz
+        )
+        scheduler = Scheduler(self.redis, self.keys, schedule) if schedule.enabled else None
+        self._log.info(
+            "governor {} starting: redis {}, tick {:g}s, lease {:g}s, schedule {}",
+            self.governor_id,
+            s.redis_display(),
+            tick,
+            s.governor_lease_seconds,
+            f"{','.join(schedule.chats)} at {s.schedule_daily_at} {s.day_timezone}"
+            if schedule.enabled
+            else "off",
+        )
+        try:
+            while not self.stop.is_set():
+                try:
+                    await self._step(lease, bucket, controller, scheduler)
+                    self._redis_up()
+                except REDIS_DOWN as exc:
+                    if self._redis_down(exc):
+                        break
+                    await self._sleep(min(tick, s.governor_lease_seconds / 3))
+        finally:
+            await self._shutdown(lease)
+        return self.exit_code
+
+    async def _step(
+        self,
+        lease: LeaderLease,
+        bucket: TokenBucket,
+        controller: RateController,
+        scheduler: Scheduler | None,
+    ) -> None:
+        s = self.settings
+        poll = min(s.governor_tick_seconds, s.governor_lease_seconds / 3)
+        holds = await lease.hold()
+        if holds and not self.leading:
+            self.leading = True
+            controller.reset()
+            await bucket.publish_configured()
+            newest = await bucket.redis.xrevrange(self.keys.floods, count=1)
+            self._flood_id = text(newest[0][0]) if newest else "0-0"
+            self._log.warning("governor {} leads now", self.governor_id)
+            self._set_gauge("governor_leader", 1)
+        elif not holds and self.leading:
+            self.leading = False
+            controller.reset()
+            self._log.warning("governor {} lost the leader lease; standing by", self.governor_id)
+            self._set_gauge("governor_leader", 0)
+        if not self.leading:
+            await self._sleep(poll)
+            return
+        tick_started = time.monotonic()
+        for change in await controller.tick():
+            log = self._log.warning if change.decision.action == "cut" else self._log.info
+            log(change.line())
+            if change.scope == "fleet" and self.metrics is not None:
+                self.metrics.bucket_rate_per_second.labels(request_class=change.request_class).set(
+                    change.new
+                )
+        await self._recover()
+        if scheduler is not None:
+            for cmd in await scheduler.run_once(datetime.now(UTC)):
+                self._log.info("scheduled fetch of {} pushed ({})", cmd["chat"], cmd["command_id"])
+        remaining = poll - (time.monotonic() - tick_started)
+        if remaining > 0 and not self.stop.is_set():
+            await self._wait_floods(bucket.redis, remaining)
+
+    async def _wait_floods(self, client: Redis, seconds: float) -> None:
+        """Block until the next tick is due or a FloodWait is recorded (then tick at once)."""
+        reply: Any = await client.xread(
+            {self.keys.floods: self._flood_id}, block=max(1, int(seconds * 1000)), count=100
+        )
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                self._flood_id = text(entry_id)
+                if self.metrics is not None:
+                    f = {text(k): text(v) for k, v in fields.items()}
+                    with contextlib.suppress(ValueError):
+                        self.metrics.count_flood_wait(
+                            f.get("session", ""), f.get("class", "other"), float(f["seconds"])
+                        )
+
+    # --- dead workers -------------------------------------------------------------------
+    async def _recover(self) -> None:
+        """Requeue the commands of dead workers; forget their Pushgateway groups."""
+        from worker.events import EventPublisher, poison_event
+        from worker.queue import recover
+
+        client = self.redis
+        assert client is not None
+        s = self.settings
+        if time.monotonic() - self._back_at < s.worker_lease_seconds:
+            # Every worker lease may have expired during the outage: give the live workers one
+            # lease period to heart-beat again before treating them as dead.
+            return
+        registered = sorted(text(w) for w in await client.hkeys(self.keys.workers))
+        dead: list[str] = []
+        if registered:
+            async with client.pipeline(transaction=False) as pipe:
+                for wid in registered:
+                    pipe.exists(self.keys.worker_lease(wid))
+                alive = await pipe.execute()
+            dead = [w for w, a in zip(registered, alive, strict=True) if not a]
+            self._set_gauge("live_workers", len(registered) - len(dead))
+        report = await recover(
+            client,
+            self.keys,
+            max_deliveries=s.command_max_deliveries,
+            dead_letters_max=s.dead_letters_max,
+        )
+        for wid in dead:
+            self._log.warning(
+                "worker {} is dead (heartbeat expired); {} commands requeued",
+                wid,
+                report.recovered.get(wid, 0),
+            )
+        for wid, count in report.recovered.items():
+            if wid not in dead:
+                self._log.warning("recovered {} commands of dead worker {}", count, wid)
+        if self.metrics is not None and report.total:
+            self.metrics.commands_recovered_total.inc(report.total)
+        if report.dead_lettered:
+            publisher = EventPublisher(client, self.keys, stream_maxlen=s.events_stream_maxlen)
+            for letter in report.dead_lettered:
+                self._log.error("dead-lettered {}: {}", letter.command_id, letter.reason)
+                await publisher.publish(poison_event(letter, self.governor_id))
+        if s.pushgateway_url:
+            await self._forget_groups(dead, registered)
+
+    async def _forget_groups(self, dead: list[str], registered: list[str]) -> None:
+        try:
+            from governor.metrics import WORKER_JOB
+            from governor.push import delete_group, reap_dead_groups
+        except ImportError:  # pragma: no cover
+            return
+        s = self.settings
+        for wid in dead:
+            if await asyncio.to_thread(delete_group, s, WORKER_JOB, wid, timeout=2.0):
+                self._count("pushgateway_groups_deleted_total")
+        # Workers another process recovered first never show up as dead here: sweep now and
+        # then for groups of workers that are not live.
+        now = time.monotonic()
+        if now - self._last_reap >= s.governor_pushgateway_reap_seconds:
+            self._last_reap = now
+            live = [w for w in registered if w not in dead]
+            deleted = await asyncio.to_thread(
+                reap_dead_groups,
+                s,
+                job=WORKER_JOB,
+                live_instances=live,
+                min_age_s=2 * s.push_interval_seconds,
+            )
+            for _ in deleted:
+                self._count("pushgateway_groups_deleted_total")
+
+    # --- signals, outages, shutdown -----------------------------------------------------
+    def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
+        if self._first_signal_at is None:
+            self._first_signal_at = now
+            self._log.info("{} received: stopping", sig.name)
+        self.stop.set()
+
+    def _redis_down(self, exc: BaseException) -> bool:
+        """Log once; True when the outage outlasted REDIS_MAX_OUTAGE_SECONDS (exit 69)."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self._log.error("Redis unavailable ({}); retrying", type(exc).__name__)
+        if self.leading:
+            # Our lease may expire meanwhile; a new term starts from a fresh reading.
+            self.leading = False
+            self._set_gauge("governor_leader", 0)
+        if now - self._down_since > self.settings.redis_max_outage_seconds:
+            self._log.error(
+                "Redis unreachable for {:.0f}s; exiting", self.settings.redis_max_outage_seconds
+            )
+            self.exit_code = EXIT_REDIS_UNAVAILABLE
+            return True
+        return False
+
+    def _redis_up(self) -> None:
+        if self._down_since is not None:
+            self._down_since = None
+            self._back_at = time.monotonic()
+            self._log.warning("Redis is back")
+
+    async def _shutdown(self, lease: LeaderLease) -> None:
+        grace = self.settings.shutdown_grace_seconds
+        if self.redis is not None:
+            if self.leading:
+                with contextlib.suppress(*REDIS_DOWN, OSError):
+                    async with asyncio.timeout(min(2.0, grace / 4)):
+                        await lease.release()
+                self.leading = False
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+        if self._exporters is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._exporters.stop, min(5.0, grace / 4))
+        self._log.info("governor {} stopped", self.governor_id)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), max(0.0, seconds))
+
+    # --- metrics (optional: governor.metrics) -------------------------------------------
+    def _start_metrics(self) -> None:
+        try:
+            from governor.metrics import GOVERNOR_JOB, GovernorMetrics, start_exporters
+        except ImportError:  # pragma: no cover
+            return
+        s = self.settings
+        self.metrics = GovernorMetrics(session_label_max=s.metrics_session_label_max)
+        if s.effective_metrics_mode == "off":
+            return
+        self._exporters = start_exporters(
+            s, self.metrics.registry, job=GOVERNOR_JOB, instance=self.governor_id
+        )
+
+    def _set_gauge(self, name: str, value: float) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, name).set(value)
+
+    def _count(self, name: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, name).inc()
+
+
+def run(settings: GovernorSettings) -> int:
+    return asyncio.run(Governor(settings).run())

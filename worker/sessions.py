@@ -1,0 +1,226 @@
+"""Session leases: one worker process per Telegram session, one session per worker process.
+
+A Telethon session file used by two processes at once breaks (``database is locked``,
+``AUTH_KEY_DUPLICATED``), so a worker holds its session through a Redis lease
+``session-lease:<name>`` (random token, PX TTL ``SESSION_LEASE_SECONDS``, refreshed by the
+worker's heartbeat, deleted on exit). Which sessions a worker may take:
+
+- ``TELEGRAM_SESSION`` if set (the worker is pinned to it and waits while another holds it);
+- otherwise every ``*.session`` file in ``SESSIONS_DIR``, first free one wins, so
+  ``docker compose up --scale worker=3`` over one shared ``sessions/`` volume gives three
+  workers on three sessions and a fourth replica waits (and logs why) instead of sharing;
+- with ``TELEGRAM_BACKEND=sim`` the names in ``SIM_SESSIONS`` (virtual: no file), else the
+  session files, else the single virtual session ``sim``.
+
+A session Telegram revoked is recorded in the hash ``sessions-bad`` (reason, time, worker,
+file mtime) and skipped by every worker until its file is replaced (a new ``login`` gives it a
+newer mtime, which clears the mark) or an operator clears it (``python -m worker status
+--clear-bad NAME``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from loguru import logger
+from redis.asyncio import Redis
+
+from governor.keys import Keys, check_session
+from worker.clock import utc_iso
+from worker.errors import SessionRevoked
+from worker.queue import RedisLink, scripts_for
+from worker.settings import WorkerSettings
+
+
+@dataclass(frozen=True)
+class BadMark:
+    reason: str
+    ts: str
+    worker_id: str | None
+    file_mtime: float | None
+
+    @classmethod
+    def parse(cls, raw: Any) -> BadMark:
+        try:
+            data = json.loads(raw)
+        except (ValueError, TypeError):
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        mtime = data.get("file_mtime")
+        return cls(
+            reason=str(data.get("reason", "?")),
+            ts=str(data.get("ts", "?")),
+            worker_id=data.get("worker_id") if isinstance(data.get("worker_id"), str) else None,
+            file_mtime=float(mtime) if isinstance(mtime, int | float) else None,
+        )
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class SessionLeases:
+    """Claims, refreshes and releases this worker's session lease."""
+
+    def __init__(
+        self,
+        client: Redis,
+        keys: Keys,
+        settings: WorkerSettings,
+        *,
+        link: RedisLink | None = None,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.link = link
+        # The part after '|' tells `status` who holds a session.
+        self.token = f"{uuid.uuid4().hex}|{socket.gethostname()}:{os.getpid()}"
+        self.ttl_ms = int(settings.session_lease_seconds * 1000)
+        self.name: str | None = None
+        self.scripts = scripts_for(client)
+        self._last_reason = ""
+
+    # --- which sessions ----------------------------------------------------------------------
+    def candidates(self) -> list[str]:
+        s = self.settings
+        if s.telegram_session:
+            return [s.telegram_session]
+        if s.telegram_backend == "sim" and s.sim_sessions.strip():
+            return [check_session(n.strip()) for n in s.sim_sessions.split(",") if n.strip()]
+        files = sorted(p.stem for p in s.sessions_dir.glob("*.session") if p.is_file())
+        names = []
+        for name in files:
+            try:
+                names.append(check_session(name))
+            except ValueError:
+                logger.warning("ignoring session file with an unusable name: {}.session", name)
+        if not names and s.telegram_backend == "sim":
+            return ["sim"]
+        return names
+
+    def _file_mtime(self, name: str) -> float | None:
+        path = self.settings.sessions_dir / f"{name}.session"
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return None
+
+    async def bad_sessions(self) -> dict[str, BadMark]:
+        """Sessions marked bad whose mark still stands (the file was not renewed since)."""
+        marks = await self._call(lambda: self.client.hgetall(self.keys.sessions_bad))
+        out: dict[str, BadMark] = {}
+        for raw_name, raw_mark in marks.items():
+            name, mark = _text(raw_name), BadMark.parse(raw_mark)
+            mtime = self._file_mtime(name)
+            if mtime is not None and mark.file_mtime is not None and mtime > mark.file_mtime:
+                logger.info("session {} was renewed since it was marked bad; clearing", name)
+                await self._call(lambda n=name: self.client.hdel(self.keys.sessions_bad, n))
+                continue
+            out[name] = mark
+        return out
+
+    # --- lease ------------------------------------------------------------------------------
+    async def claim(self, stop: asyncio.Event) -> str | None:
+        """Hold a free session and return its name; wait politely (logging why, once per
+        change) while none is free; ``None`` if ``stop`` is set first. ``SessionRevoked`` if
+        the pinned ``TELEGRAM_SESSION`` is marked bad."""
+        while not stop.is_set():
+            names = self.candidates()
+            bad = await self.bad_sessions()
+            pinned = self.settings.telegram_session
+            if pinned and pinned in bad:
+                mark = bad[pinned]
+                raise SessionRevoked(
+                    f"session {pinned!r} is marked bad since {mark.ts}: {mark.reason}; log in "
+                    f"again (`python -m worker login --session {pinned}`)"
+                )
+            held_by_others = []
+            for name in names:
+                if name in bad:
+                    continue
+                got = await self._call(
+                    lambda n=name: self.scripts.lease(
+                        keys=[self.keys.session_lease(n)], args=[self.token, self.ttl_ms]
+                    )
+                )
+                if int(got) in (1, 2):
+                    self.name = name
+                    logger.info("holding telegram session {}", name)
+                    self._last_reason = ""
+                    return name
+                held_by_others.append(name)
+            self._explain(names, bad, held_by_others)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.session_wait_seconds)
+        return None
+
+    def _explain(self, names: list[str], bad: dict[str, BadMark], held: list[str]) -> None:
+        if not names:
+            reason = (
+                f"no session in {self.settings.sessions_dir} (create one with "
+                "`python -m worker login --session NAME`)"
+            )
+        else:
+            parts = []
+            if held:
+                parts.append(f"{len(held)} in use by other workers ({', '.join(held)})")
+            marked = [n for n in names if n in bad]
+            if marked:
+                parts.append(
+                    f"{len(marked)} marked bad ("
+                    + ", ".join(f"{n}: {bad[n].reason}" for n in marked)
+                    + ")"
+                )
+            reason = f"no free telegram session among {len(names)}: " + "; ".join(parts)
+        if reason != self._last_reason:
+            self._last_reason = reason
+            logger.warning(
+                "{}; waiting (checking every {:g}s)", reason, self.settings.session_wait_seconds
+            )
+
+    async def refresh(self) -> bool:
+        """Extend the lease; ``False`` if another process holds the session now (ours expired
+        during an outage and was claimed): the caller must stop using it."""
+        if self.name is None:
+            return True
+        got = int(
+            await self.scripts.lease(
+                keys=[self.keys.session_lease(self.name)], args=[self.token, self.ttl_ms]
+            )
+        )
+        if got == 2:
+            logger.warning("session lease {} had expired; re-claimed it", self.name)
+        return got in (1, 2)
+
+    async def release(self) -> None:
+        if self.name is not None:
+            await self.scripts.unlease(keys=[self.keys.session_lease(self.name)], args=[self.token])
+            logger.info("released telegram session {}", self.name)
+
+    async def mark_bad(self, reason: str, worker_id: str | None) -> None:
+        """Record that Telegram revoked the held session; every worker skips it from now."""
+        if self.name is None:
+            return
+        mark = {
+            "reason": reason[:500],
+            "ts": utc_iso(datetime.now(UTC)),
+            "worker_id": worker_id,
+            "file_mtime": self._file_mtime(self.name),
+        }
+        await self.client.hset(self.keys.sessions_bad, self.name, json.dumps(mark))
+        logger.error("session {} marked bad: {}", self.name, reason)
+
+    async def _call(self, op: Any) -> Any:
+        if self.link is None:
+            return await op()
+        return await self.link.call(op, "session lease")
