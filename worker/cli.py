@@ -271,30 +271,11 @@ def _cmd_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(settings: WorkerSettings, args: argparse.Namespace) -> int:
-    """Fetch two simulated chats for the last three days and show what was written."""
+    """A local fleet (Redis, a governor, three workers) against the simulator."""
+    from worker.demo import run_demo
+
     data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
-    demo_settings = settings.model_copy(
-        update={"telegram_backend": "sim", "data_dir": data_dir, "telegram_session": "demo"}
-    )
-    print(f"demo: fetching from the built-in Telegram simulator into {data_dir}/", flush=True)
-    worst = Exit.OK
-    for chat in ("@ru_python", "@demo_news"):
-        ns = argparse.Namespace(
-            chat=chat,
-            date=None,
-            days=3,
-            yesterday=False,
-            from_=None,
-            full=False,
-            to=None,
-            strategy=None,
-            limit=None,
-            force=False,
-            session="demo",
-        )
-        code = asyncio.run(_fetch_once(demo_settings, ns))
-        worst = max(worst, Exit(code))
-    return worst
+    return run_demo(settings, data_dir)
 
 
 def _setup_console_logging(settings: WorkerSettings) -> None:

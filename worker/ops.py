@@ -209,7 +209,7 @@ def _show(fields: Any, command_id: str | None, as_json: bool, until_terminal: bo
     event = parse_event(raw) if raw is not None else None
     if event is None or (command_id and event.get("command_id") != command_id):
         return None
-    print(_format(event, as_json), flush=True)
+    print(format_event(event, as_json), flush=True)
     if until_terminal and event.get("event") in TERMINAL:
         if event.get("event") == "completed":
             return EXIT_OK
@@ -218,7 +218,7 @@ def _show(fields: Any, command_id: str | None, as_json: bool, until_terminal: bo
     return None
 
 
-def _format(event: dict[str, Any], as_json: bool) -> str:
+def format_event(event: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
     kind = str(event.get("event"))

@@ -1,0 +1,37 @@
+"""The README's first command runs a whole local fleet and reports success."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_demo_fleet_completes_every_command_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TELEGRAM_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "!!" not in proc.stdout
+    assert "exit codes 0, 0, 0, 0" in proc.stdout
+    files = sorted((tmp_path / "data").rglob("discussions_*.json"))
+    assert len(files) == 11
+    for path in files:
+        doc = json.loads(path.read_text())
+        assert doc["message_count"] == len(doc["messages"])
+    assert not (tmp_path / "data" / "etc").exists()
