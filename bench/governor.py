@@ -96,7 +96,7 @@ def _gate_settings() -> dict[str, Any]:
         "rate_history_per_second": INITIAL_SESSION_RATE,
         "rate_history_burst": 2,
         "fleet_rate_history_per_second": INITIAL_FLEET_RATE,
-        "fleet_rate_history_burst": 3,
+        "fleet_rate_history_burst": 2,
     }
 
 

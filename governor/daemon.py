@@ -122,6 +122,8 @@ class _Memory:
 
     last_flood_s: float | None = None
     last_cut_s: float | None = None
+    ceiling: float | None = None  # the rate measured when the last cut was made
+    streak: int = 0  # cuts in a row, each within a quiet period of the one before
 
 
 @dataclass
@@ -152,6 +154,8 @@ class RateController:
                     increase_fraction=s.aimd_increase_fraction,
                     quiet_period_s=s.aimd_quiet_seconds,
                     cut_cooldown_s=s.aimd_cut_cooldown_seconds,
+                    recovery_margin=s.aimd_recovery_margin,
+                    recovery_speed=s.aimd_recovery_speed,
                 )
 
     def reset(self) -> None:
@@ -223,6 +227,14 @@ class RateController:
                 base = sample
         return base
 
+    def _ceiling(self, memory: _Memory) -> float | None:
+        """The ceiling the policy recovers toward. Cuts in a row mean the limit fell and the
+        rate measured at each flood still overshoots it: each cut of a streak takes one more
+        recovery margin off, so the cascade after a drop ends sooner."""
+        if memory.ceiling is None:
+            return None
+        return memory.ceiling * self.settings.aimd_recovery_margin ** max(0, memory.streak - 1)
+
     async def _decide(
         self,
         scope: str,
@@ -239,17 +251,13 @@ class RateController:
         of the fleet rate: the fleet cut already slows it that far, and a session measured while
         paused by its own FloodWait would otherwise be cut to almost nothing."""
         memory = self._memory.setdefault((scope, c), _Memory())
+        since_cut = None if memory.last_cut_s is None else now_s - memory.last_cut_s
         if floods > 0:
-            since = None if memory.last_cut_s is None else now_s - memory.last_cut_s
-            inputs = TickInputs(current, measured, saturated, floods, None, since)
+            inputs = TickInputs(current, measured, saturated, floods, None, since_cut)
         else:
+            since_flood = None if memory.last_flood_s is None else now_s - memory.last_flood_s
             inputs = TickInputs(
-                current,
-                measured,
-                saturated,
-                0,
-                None if memory.last_flood_s is None else now_s - memory.last_flood_s,
-                None if memory.last_cut_s is None else now_s - memory.last_cut_s,
+                current, measured, saturated, 0, since_flood, since_cut, self._ceiling(memory)
             )
         params = self._params[("fleet" if scope == "fleet" else "session", c)]
         decision = decide(inputs, params)
@@ -260,7 +268,12 @@ class RateController:
         if math.isclose(decision.rate, current, rel_tol=1e-9, abs_tol=1e-9):
             return None
         if decision.action == "cut":
+            in_streak = since_cut is not None and since_cut < self.settings.aimd_quiet_seconds
+            memory.streak = memory.streak + 1 if in_streak else 1
             memory.last_cut_s = now_s
+            # What the fleet really sent when Telegram said "too much": the next climb stops
+            # a margin below it.
+            memory.ceiling = min(current, measured) if measured > 0 else current
         await self.bucket.set_rate(c, decision.rate, scope=scope)  # type: ignore[arg-type]
         return RateChange(scope, c, current, decision.rate, decision)
 
@@ -329,6 +342,7 @@ class Governor:
         self._back_at = -math.inf  # when Redis came back after an outage (monotonic)
         self._flood_id = "0-0"
         self._last_reap = -math.inf
+        self._registered_before: list[str] = []
         self._log = logger.bind(governor_id=self.governor_id)
 
     # --- entry point --------------------------------------------------------------------
@@ -461,6 +475,7 @@ class Governor:
             max_deliveries=s.command_max_deliveries,
             dead_letters_max=s.dead_letters_max,
         )
+        self._set_gauge("dead_letters", await client.llen(self.keys.dead_letters))
         for wid in dead:
             self._log.warning(
                 "worker {} is dead (heartbeat expired); {} commands requeued",
@@ -477,8 +492,12 @@ class Governor:
             for letter in report.dead_lettered:
                 self._log.error("dead-lettered {}: {}", letter.command_id, letter.reason)
                 await publisher.publish(poison_event(letter, self.governor_id))
+        # Workers that left the registry since the last tick without being seen dead here (a
+        # worker's own recovery got them first): their groups go now too, not at the next sweep.
+        gone = [w for w in self._registered_before if w not in registered]
+        self._registered_before = registered
         if s.pushgateway_url:
-            await self._forget_groups(dead, registered)
+            await self._forget_groups(dead + gone, registered)
 
     async def _forget_groups(self, dead: list[str], registered: list[str]) -> None:
         try:

@@ -9,6 +9,12 @@ Lessons this encodes (docs: ANCHORS.md, "Adapting to FloodWait"):
   ``cut_cooldown_s`` of the last cut (those floods answer requests sent at the old rate).
 - Raise only while the bucket is saturated (callers waited for it) and no flood was seen for
   ``quiet_period_s``: raising an idle bucket's rate only stores up a burst for later.
+- Remember the ceiling: the rate measured when the last flood came. After a cut the rate climbs
+  back quickly (``recovery_speed`` of the way per tick, no quiet period) to ``recovery_margin``
+  × that ceiling, which is below the rate that flooded, and cruises there: closing in on the
+  ceiling floods again once the bucket's burst comes on top. It probes higher (additively) only
+  after ``PROBE_QUIET_FACTOR`` quiet periods, so a limit that really rose is still found.
+  Without this memory each cut costs a long slow climb at 70–85% of the limit.
 - Always within ``[min_rate, max_rate]``.
 """
 
@@ -20,6 +26,10 @@ from typing import Literal
 
 Action = Literal["cut", "raise", "hold"]
 
+#: Above the rate of the last flood, probe only after this many quiet periods without a flood:
+#: a limit that really rose is still found, without a flood every cycle.
+PROBE_QUIET_FACTOR = 3.0
+
 
 @dataclass(frozen=True, slots=True)
 class AimdParams:
@@ -29,6 +39,8 @@ class AimdParams:
     increase_step: float = 0.5
     quiet_period_s: float = 10.0
     cut_cooldown_s: float = 2.0
+    recovery_margin: float = 0.95
+    recovery_speed: float = 0.5
 
     def __post_init__(self) -> None:
         if not (0 < self.min_rate <= self.max_rate < math.inf):
@@ -39,6 +51,8 @@ class AimdParams:
             raise ValueError("AIMD increase_step must be >= 0")
         if not (self.quiet_period_s >= 0 and self.cut_cooldown_s >= 0):
             raise ValueError("AIMD periods must be >= 0")
+        if not (0 < self.recovery_margin <= 1 and 0 < self.recovery_speed <= 1):
+            raise ValueError("AIMD recovery margin and speed must be in (0, 1]")
 
     def clamp(self, rate: float) -> float:
         if math.isnan(rate):
@@ -52,6 +66,7 @@ class TickInputs:
 
     ``measured_rate``: requests/s admitted over the last 1–2 s. ``saturated``: callers waited
     for this bucket. ``seconds_since_flood`` / ``seconds_since_cut``: ``None`` if never.
+    ``ceiling``: the rate measured when the last flood came (``None`` if never).
     """
 
     current_rate: float
@@ -60,6 +75,7 @@ class TickInputs:
     floods: int
     seconds_since_flood: float | None = None
     seconds_since_cut: float | None = None
+    ceiling: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +98,25 @@ def decide(inputs: TickInputs, params: AimdParams) -> Decision:
         return Decision(new, "cut", f"{inputs.floods} flood(s); measured {measured:.3g}/s")
     if not inputs.saturated:
         return Decision(current, "hold", "bucket not saturated")
+    since_cut = inputs.seconds_since_cut
+    cooled = since_cut is None or since_cut >= params.cut_cooldown_s
+    if inputs.ceiling is not None and cooled:
+        target = params.clamp(inputs.ceiling * params.recovery_margin)
+        if current < target:
+            step = max(params.increase_step, (target - current) * params.recovery_speed)
+            new = min(target, current + step)
+            return Decision(
+                new, "raise", f"recovering toward {target:.3g}/s (below the last flood)"
+            )
     since_flood = inputs.seconds_since_flood
     if since_flood is not None and since_flood < params.quiet_period_s:
         return Decision(current, "hold", "saturated, but within the quiet period after a flood")
+    if inputs.ceiling is not None and (
+        since_flood is not None and since_flood < PROBE_QUIET_FACTOR * params.quiet_period_s
+    ):
+        # Cruise just below the rate that flooded (with the bucket's burst on top, closing in
+        # on it floods again); probe above it only now and then.
+        return Decision(current, "hold", "cruising below the last flood; probing later")
     new = params.clamp(current + params.increase_step)
     if new <= current:
         return Decision(current, "hold", "saturated at max_rate")
@@ -105,6 +137,8 @@ def params_for(
     increase_fraction: float = 0.05,
     quiet_period_s: float = 10.0,
     cut_cooldown_s: float = 2.0,
+    recovery_margin: float = 0.95,
+    recovery_speed: float = 0.5,
 ) -> AimdParams:
     """Parameters for one bucket: the additive step is a fraction of its configured rate, so
     a 0.33/s resolve bucket and a 10/s history bucket recover in the same number of ticks."""
@@ -116,4 +150,6 @@ def params_for(
         increase_step=configured_rate * increase_fraction,
         quiet_period_s=quiet_period_s,
         cut_cooldown_s=cut_cooldown_s,
+        recovery_margin=recovery_margin,
+        recovery_speed=recovery_speed,
     )

@@ -81,7 +81,7 @@ class FleetSettings(BaseSettings):
     rate_other_burst: int = Field(2, ge=1)
     # Fleet-wide buckets (all sessions together); the governor adapts these at runtime.
     fleet_rate_history_per_second: float = Field(10.0, gt=0)
-    fleet_rate_history_burst: int = Field(5, ge=1)
+    fleet_rate_history_burst: int = Field(2, ge=1)
     fleet_rate_resolve_per_second: float = Field(1.0, gt=0)
     fleet_rate_resolve_burst: int = Field(2, ge=1)
     fleet_rate_other_per_second: float = Field(5.0, gt=0)
@@ -95,6 +95,8 @@ class FleetSettings(BaseSettings):
     aimd_increase_fraction: float = Field(0.05, ge=0)
     aimd_quiet_seconds: float = Field(10.0, ge=0)
     aimd_cut_cooldown_seconds: float = Field(2.0, ge=0)
+    aimd_recovery_margin: float = Field(0.95, gt=0, le=1)
+    aimd_recovery_speed: float = Field(0.5, gt=0, le=1)
     circuit_breaker_probe_lease_seconds: float = Field(45.0, gt=0)
     redis_gate_timeout_seconds: float = Field(1.0, gt=0)
     redis_fallback_retry_seconds: float = Field(0.5, gt=0)

@@ -45,6 +45,7 @@ def inputs(draw: st.DrawFn, *, in_bounds_of: AimdParams | None = None) -> TickIn
         floods=draw(st.integers(min_value=0, max_value=50)),
         seconds_since_flood=draw(seconds),
         seconds_since_cut=draw(seconds),
+        ceiling=draw(st.none() | st.floats(min_value=1e-3, max_value=1e4)),
     )
 
 
@@ -70,17 +71,41 @@ def test_rate_never_increases_when_callers_did_not_wait(p: AimdParams, data: st.
     assert next_rate(i, p) <= i.current_rate
 
 
+def _recovery_target(i: TickInputs, p: AimdParams) -> float:
+    return -math.inf if i.ceiling is None else p.clamp(i.ceiling * p.recovery_margin)
+
+
 @given(params(), st.data())
-def test_rate_never_increases_within_the_quiet_period(p: AimdParams, data: st.DataObject) -> None:
+def test_within_the_quiet_period_the_rate_rises_only_up_to_below_the_last_flood(
+    p: AimdParams, data: st.DataObject
+) -> None:
     i = data.draw(inputs(in_bounds_of=p))
     if i.seconds_since_flood is not None and i.seconds_since_flood < p.quiet_period_s:
-        assert next_rate(i, p) <= i.current_rate
+        rate = next_rate(i, p)
+        assert rate <= max(i.current_rate, _recovery_target(i, p)) + 1e-9 * p.max_rate
 
 
 @given(params(), st.data())
-def test_increase_is_additive_and_at_most_one_step(p: AimdParams, data: st.DataObject) -> None:
+def test_increase_is_one_step_or_a_share_of_the_way_back_below_the_last_flood(
+    p: AimdParams, data: st.DataObject
+) -> None:
     i = data.draw(inputs(in_bounds_of=p))
-    assert next_rate(i, p) - i.current_rate <= p.increase_step + 1e-9 * p.max_rate
+    rate = next_rate(i, p)
+    target = _recovery_target(i, p)
+    allowed = p.increase_step
+    if rate <= target:
+        allowed = max(p.increase_step, (target - i.current_rate) * p.recovery_speed)
+    assert rate - i.current_rate <= allowed + 1e-9 * p.max_rate
+
+
+@given(params(), st.data())
+def test_above_the_recovery_target_no_raise_before_three_quiet_periods(
+    p: AimdParams, data: st.DataObject
+) -> None:
+    i = data.draw(inputs(in_bounds_of=p).filter(lambda i: i.ceiling is not None))
+    quiet = i.seconds_since_flood is None or i.seconds_since_flood >= 3 * p.quiet_period_s
+    if not quiet and i.current_rate >= _recovery_target(i, p):
+        assert next_rate(i, p) <= i.current_rate
 
 
 @given(params(), st.data())
@@ -229,3 +254,31 @@ def test_params_for_scales_the_step_with_the_configured_rate() -> None:
     assert history.increase_step == pytest.approx(0.5)
     assert resolve.increase_step == pytest.approx(0.0165)
     assert params_for(0.01, min_rate=0.05, max_rate=100).min_rate == 0.01
+
+
+def test_after_a_cut_the_rate_climbs_back_fast_to_just_below_the_flood_and_cruises() -> None:
+    p = AimdParams(
+        min_rate=0.5, max_rate=100, increase_step=0.5, quiet_period_s=10, cut_cooldown_s=2
+    )
+    rate = decide(TickInputs(24.0, 24.0, True, floods=2), p).rate
+    assert rate == pytest.approx(16.8)  # 0.7 x the measured 24/s
+    steps = []
+    for t in range(3, 9):  # saturated ticks, one per second, no new flood
+        rate = decide(TickInputs(rate, rate, True, 0, float(t), float(t), ceiling=24.0), p).rate
+        steps.append(round(rate, 2))
+    target = 0.95 * 24
+    assert steps[0] == pytest.approx(16.8 + (target - 16.8) / 2, abs=0.01)  # half way back
+    assert target - 0.1 < steps[-1] <= target + 0.01  # recovered within a few seconds (rounded)
+    cruise = decide(TickInputs(target, target, True, 0, 20.0, 20.0, ceiling=24.0), p)
+    assert cruise.action == "hold"  # below the last flood, not closing in on it
+
+
+def test_above_the_cruise_the_rate_probes_only_after_three_quiet_periods() -> None:
+    p = AimdParams(
+        min_rate=0.5, max_rate=100, increase_step=0.5, quiet_period_s=10, cut_cooldown_s=2
+    )
+    cruise = 0.95 * 24
+    held = decide(TickInputs(cruise, cruise, True, 0, 29.0, 29.0, ceiling=24.0), p)
+    assert held.action == "hold"
+    later = decide(TickInputs(cruise, cruise, True, 0, 31.0, 31.0, ceiling=24.0), p)
+    assert later.action == "raise" and later.rate == pytest.approx(cruise + 0.5)  # limit may rise
