@@ -164,6 +164,8 @@ class RateController:
         self._memory.clear()
 
     async def tick(self) -> list[RateChange]:
+        if self.settings.rate_limit_strategy != "adaptive":
+            return []  # RATE_LIMIT_STRATEGY=fixed: the configured rates stay as they are
         now = await self.bucket.counters()
         raw_rates = {
             text(k): text(v)

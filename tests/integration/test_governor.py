@@ -66,6 +66,21 @@ async def test_a_tick_after_floods_cuts_the_fleet_rate_to_a_share_of_the_measure
     assert [c for c in await controller.tick() if c.scope == "fleet"] == []
 
 
+async def test_with_the_fixed_strategy_floods_change_no_rate(
+    redis_client: aioredis.Redis,
+) -> None:
+    s = settings(rate_limit_strategy="fixed", fleet_rate_history_per_second=200.0)
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+    for _ in range(20):
+        assert (await bucket.acquire("alice", "history")).admitted
+    await bucket.record_flood("alice", "history", 3)
+    await asyncio.sleep(0.3)
+    assert await controller.tick() == []
+    assert await fleet_rate(redis_client) is None  # still the configured rate
+
+
 async def test_a_tick_raises_the_rate_only_while_saturated_and_quiet(
     redis_client: aioredis.Redis,
 ) -> None:
