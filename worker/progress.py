@@ -194,7 +194,7 @@ class ProgressStore:
         message_count: int | None,
     ) -> DayProgress:
         """Set the entry for (chat, day) under the lock; other entries are kept as they are."""
-        from worker.storage import validate_chat_key  # storage imports this module
+        from worker.dayfile import validate_chat_key
 
         validate_chat_key(chat_key)
         entry = DayProgress(

@@ -21,7 +21,7 @@ away). The journal is the only place fetched-but-unfinished messages live, so it
 
 Day files are written one message per line inside the ``messages`` array, with ``id`` first and
 compact separators, so the same messages always give the same bytes and the file can be read
-back as a stream (:func:`iter_day_messages`).
+back as a stream (:func:`worker.dayfile.iter_day_messages`).
 
 Everything here blocks on file I/O; async callers use ``asyncio.to_thread``. A ``DayWriter`` is
 used by one thread at a time.
@@ -32,9 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import date, datetime
 from pathlib import Path
 from types import TracebackType
@@ -43,165 +42,24 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from worker.clock import Clock, SystemClock, utc_iso
+from worker.dayfile import (
+    FINAL_END,
+    ID_PREFIX,
+    JOURNAL_KIND,
+    NotStreamable,
+    check_message,
+    encode_message,
+    load_foreign,
+    merge,
+    read_final_header,
+    stream_final,
+    validate_chat_key,
+)
 from worker.errors import StorageError
 from worker.progress import ProgressStore, acquire_fd_lock, fsync_dir
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
-
-CHAT_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# Every message line we write starts with its id, so ids are read without parsing the line.
-_ID_PREFIX = re.compile(rb'\{"id":(\d+)[,}]')
-_FINAL_HEAD_END = b'"messages":[\n'
-_FINAL_END = b"]}\n"
-_JOURNAL_KIND = "discussions-journal"
-
-
-def validate_chat_key(chat_key: str) -> str:
-    """``chat_key`` if it is a safe directory name, else :class:`StorageError`."""
-    if (
-        not isinstance(chat_key, str)
-        or chat_key in {".", ".."}
-        or not CHAT_KEY_PATTERN.fullmatch(chat_key)
-    ):
-        raise StorageError(f"invalid chat key {chat_key!r}: expected 1-64 of [A-Za-z0-9_-]")
-    return chat_key
-
-
-def encode_message(message: Mapping[str, Any]) -> bytes:
-    """One message as one line of compact JSON (no newline), ``id`` first, deterministic."""
-    ordered = {"id": message["id"], **{k: v for k, v in message.items() if k != "id"}}
-    text = json.dumps(
-        ordered, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_default
-    )
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: keep the file valid UTF-8 by escaping
-        return json.dumps(
-            ordered,
-            ensure_ascii=True,
-            separators=(",", ":"),
-            allow_nan=False,
-            default=_json_default,
-        ).encode("ascii")
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, datetime):
-        return utc_iso(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _check_message(message: object) -> int:
-    if not isinstance(message, Mapping):
-        raise ValueError(f"a message must be a mapping, got {type(message).__name__}")
-    msg_id = message.get("id")
-    if not isinstance(msg_id, int) or isinstance(msg_id, bool) or msg_id < 1:
-        raise ValueError(f"a message needs a positive integer id, got {msg_id!r}")
-    if "date" not in message:
-        raise ValueError(f"message {msg_id} has no date")
-    return msg_id
-
-
-class _NotStreamable(Exception):
-    """The existing day file is not in our one-message-per-line layout."""
-
-
-def iter_day_messages(path: Path) -> Iterator[dict[str, Any]]:
-    """The messages of a day file, streamed (loaded whole only if it is not in our layout)."""
-    with open(path, "rb") as fh:
-        streamable = fh.readline().endswith(_FINAL_HEAD_END)
-    if not streamable:
-        with open(path, "rb") as fh:
-            yield from json.load(fh)["messages"]
-        return
-    try:
-        for _, line in _stream_final(path):
-            yield json.loads(line)
-    except _NotStreamable:
-        raise StorageError(f"{path} is damaged (not a complete day file)") from None
-
-
-def _stream_final(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(id, line) of every message of a day file in our layout; ``_NotStreamable`` otherwise."""
-    with open(path, "rb") as fh:
-        if not fh.readline().endswith(_FINAL_HEAD_END):
-            raise _NotStreamable
-        prev = 0
-        for line in fh:
-            if line == _FINAL_END:
-                return
-            if line.endswith(b",\n"):
-                body = line[:-2]
-            elif line.endswith(b"\n"):
-                body = line[:-1]
-            else:
-                raise _NotStreamable
-            match = _ID_PREFIX.match(body)
-            if not match or int(match.group(1)) <= prev:
-                raise _NotStreamable
-            prev = int(match.group(1))
-            yield prev, body
-    raise _NotStreamable
-
-
-def _read_final_header(path: Path) -> dict[str, Any] | None:
-    """The header fields of a day file (everything but ``messages``), ``None`` if unreadable."""
-    with open(path, "rb") as fh:
-        first = fh.readline()
-    if first.endswith(_FINAL_HEAD_END):
-        with contextlib.suppress(ValueError):
-            head = json.loads(first[:-1] + b"]}")
-            if isinstance(head, dict):
-                return head
-    try:
-        with open(path, "rb") as fh:
-            doc = json.load(fh)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    doc.pop("messages", None)
-    return doc
-
-
-def _load_foreign(path: Path) -> list[tuple[int, bytes]]:
-    """A day file not in our layout, loaded whole, sorted and deduplicated (last one wins)."""
-    with open(path, "rb") as fh:
-        doc = json.load(fh)
-    by_id: dict[int, bytes] = {}
-    for message in doc.get("messages", []) if isinstance(doc, dict) else []:
-        with contextlib.suppress(ValueError):
-            by_id[_check_message(message)] = encode_message(message)
-    return sorted(by_id.items())
-
-
-def _merge(
-    old: Iterable[tuple[int, bytes]], new: Iterable[tuple[int, bytes]]
-) -> Iterator[tuple[int, bytes]]:
-    """Merge two id-sorted streams of unique ids; on equal ids the ``new`` line wins."""
-    old_it, new_it = iter(old), iter(new)
-    a = next(old_it, None)
-    b = next(new_it, None)
-    while a is not None and b is not None:
-        if a[0] < b[0]:
-            yield a
-            a = next(old_it, None)
-        elif a[0] > b[0]:
-            yield b
-            b = next(new_it, None)
-        else:
-            yield b
-            a = next(old_it, None)
-            b = next(new_it, None)
-    if a is not None:
-        yield a
-        yield from old_it
-    if b is not None:
-        yield b
-        yield from new_it
 
 
 def _os_error(action: str, path: Path, exc: OSError) -> StorageError:
@@ -400,7 +258,7 @@ class DayWriter:
             raise StorageError(f"{self.journal_path} is in an unknown state after a write error")
         fresh: dict[int, Mapping[str, Any]] = {}
         for message in messages:
-            msg_id = _check_message(message)
+            msg_id = check_message(message)
             if msg_id > self._last_id:
                 fresh[msg_id] = message
         if not fresh:
@@ -443,14 +301,14 @@ class DayWriter:
         try:
             try:
                 count, max_id = self._count(old)
-            except _NotStreamable:
+            except NotStreamable:
                 self._log.warning("{} is not in the streaming layout; merging in memory", self.path)
-                loaded = _load_foreign(self.path)
+                loaded = load_foreign(self.path)
                 old = lambda: iter(loaded)  # noqa: E731
                 count, max_id = self._count(old)
         except OSError as exc:
             raise _os_error("read", self.path, exc) from exc
-        size = self._write_final(count, _merge(old(), self._journal_lines()))
+        size = self._write_final(count, merge(old(), self._journal_lines()))
         if not complete and self._fd is not None:
             try:
                 os.fsync(self._fd)  # the journal outlives this run: make it as durable as the file
@@ -485,7 +343,7 @@ class DayWriter:
     def _count(self, old: Callable[[], Iterator[tuple[int, bytes]]]) -> tuple[int, int]:
         """First pass of the merge: how many messages, and the highest id."""
         count, max_id = 0, 0
-        for msg_id, _ in _merge(old(), self._journal_lines()):
+        for msg_id, _ in merge(old(), self._journal_lines()):
             count += 1
             max_id = msg_id
         return count, max_id
@@ -494,7 +352,7 @@ class DayWriter:
 
     def _journal_header(self) -> bytes:
         header = {
-            "journal": _JOURNAL_KIND,
+            "journal": JOURNAL_KIND,
             "schema_version": self.store.schema_version,
             "timezone": self.store.timezone,
             "chat_key": self.chat_key,
@@ -521,7 +379,7 @@ class DayWriter:
             good_end = fh.tell()
             last_id, count = 0, 0
             for line in fh:
-                match = _ID_PREFIX.match(line)
+                match = ID_PREFIX.match(line)
                 if not line.endswith(b"\n") or not match or int(match.group(1)) <= last_id:
                     break
                 try:
@@ -580,7 +438,7 @@ class DayWriter:
         with fh:
             fh.readline()
             for line in fh:
-                match = _ID_PREFIX.match(line)
+                match = ID_PREFIX.match(line)
                 if match is None:  # cannot happen: every line was written or checked by us
                     raise StorageError(f"{self.journal_path} has an unexpected line")
                 yield int(match.group(1)), line[:-1]
@@ -606,7 +464,7 @@ class DayWriter:
     def _old_messages(self) -> Callable[[], Iterator[tuple[int, bytes]]]:
         """A factory of the existing file's (id, line) stream, empty if it must not be merged."""
         try:
-            header = _read_final_header(self.path)
+            header = read_final_header(self.path)
         except FileNotFoundError:
             return lambda: iter(())
         except OSError as exc:
@@ -623,7 +481,7 @@ class DayWriter:
                 self.store.timezone,
             )
             return lambda: iter(())
-        return lambda: _stream_final(self.path)
+        return lambda: stream_final(self.path)
 
     def _write_final(self, count: int, lines: Iterator[tuple[int, bytes]]) -> int:
         header = {
@@ -645,7 +503,7 @@ class DayWriter:
                     fh.write(line)
                     sep = b",\n"
                     written += 1
-                fh.write(b"\n" + _FINAL_END)
+                fh.write(b"\n" + FINAL_END)
                 fh.flush()
                 os.fsync(fh.fileno())
                 size = fh.tell()

@@ -18,9 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.clock import FakeClock
+from worker.dayfile import iter_day_messages, validate_chat_key
 from worker.errors import StorageError
 from worker.progress import DayProgress
-from worker.storage import DayStore, DayWriter, iter_day_messages, validate_chat_key
+from worker.storage import DayStore, DayWriter
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "worker" / "schemas"
 DAY = date(2025, 11, 7)
