@@ -65,6 +65,7 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
 
 #: Rates are measured over at least this long (ANCHORS: "0.7× the rate measured over 1–2 s").
 MEASURE_WINDOW_S = 1.0
+GAUGE_SAMPLE_S = 5.0  # how often the leader samples bucket tokens and pauses for its gauges
 #: A session bucket admitting at least this share of its rate counts as saturated (there is no
 #: per-session wait counter; a session that uses its whole rate is what "saturated" means).
 SESSION_SATURATION = 0.9
@@ -342,6 +343,8 @@ class Governor:
         self._first_signal_at: float | None = None
         self._down_since: float | None = None
         self._back_at = -math.inf  # when Redis came back after an outage (monotonic)
+        self._last_sample = -math.inf
+        self._last_tick_at: str | None = None
         self._flood_id = "0-0"
         self._last_reap = -math.inf
         self._registered_before: list[str] = []
@@ -427,6 +430,8 @@ class Governor:
                     change.new
                 )
         await self._recover()
+        await self._sample_bucket(bucket)
+        self._last_tick_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if scheduler is not None:
             for cmd in await scheduler.run_once(datetime.now(UTC)):
                 self._log.info("scheduled fetch of {} pushed ({})", cmd["chat"], cmd["command_id"])
@@ -589,8 +594,43 @@ class Governor:
         if s.effective_metrics_mode == "off":
             return
         self._exporters = start_exporters(
-            s, self.metrics.registry, job=GOVERNOR_JOB, instance=self.governor_id
+            s,
+            self.metrics.registry,
+            job=GOVERNOR_JOB,
+            instance=self.governor_id,
+            health=self._healthy,
+            details=self._details,
         )
+
+    def _healthy(self) -> bool:
+        """``/health``: 200 while running with Redis reachable (leading or standing by)."""
+        return self.redis is not None and self._down_since is None and not self.stop.is_set()
+
+    def _details(self) -> dict[str, object]:
+        from governor.metrics import health_details, package_version
+
+        return health_details(
+            version=package_version(),
+            redis_ok=self.redis is not None and self._down_since is None,
+            governor_id=self.governor_id,
+            leading=self.leading,
+            last_tick=self._last_tick_at,
+        )
+
+    async def _sample_bucket(self, bucket: TokenBucket) -> None:
+        """``bucket_tokens`` and ``pauses_in_force`` from a bucket snapshot, at most every
+        ``GAUGE_SAMPLE_S`` (the snapshot scans the bucket and pause keys)."""
+        if self.metrics is None or time.monotonic() - self._last_sample < GAUGE_SAMPLE_S:
+            return
+        self._last_sample = time.monotonic()
+        snap = await bucket.snapshot()
+        for c in REQUEST_CLASSES:
+            fleet = snap["rates"]["fleet"][c]
+            tokens = snap["tokens"].get(f"fleet:{c}", float(fleet["burst"]))  # idle: full
+            self.metrics.bucket_tokens.labels(request_class=c).set(tokens)
+            self.metrics.bucket_rate_per_second.labels(request_class=c).set(fleet["per_second"])
+            paused = sum(1 for name in snap["pauses_s"] if name.endswith(f":{c}"))
+            self.metrics.pauses_in_force.labels(request_class=c).set(paused)
 
     def _set_gauge(self, name: str, value: float) -> None:
         if self.metrics is not None:

@@ -23,7 +23,7 @@ import random
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import redis.exceptions
 from loguru import logger
@@ -37,6 +37,18 @@ from governor.scripts import scripts_for
 from governor.settings import FleetSettings
 from worker.clock import Clock
 from worker.errors import BreakerOpen, RateLimited
+
+if TYPE_CHECKING:
+    from governor.metrics import WorkerMetrics
+
+#: The ``component`` label of the shared breaker in ``breaker_state`` / ``breaker_open_total``.
+BREAKER_COMPONENT = "telegram"
+_TRANSITION_STATE = {
+    "opened": "open",
+    "reopened": "open",
+    "half_open": "half_open",
+    "closed": "closed",
+}
 
 # What "Redis is unavailable" looks like: refused/dropped connections, Redis still loading its
 # AOF after a restart (BusyLoadingError is a ConnectionError), and our own deadline.
@@ -90,8 +102,10 @@ class FleetGate:
         *,
         worker_id: str = "",
         rng: random.Random | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.session = check_session(session)
+        self.metrics = metrics
         self.settings = settings
         self.clock = clock
         self.worker_id = worker_id or session
@@ -115,6 +129,14 @@ class FleetGate:
 
     # --- RequestGate ---------------------------------------------------------------------
     async def acquire(self, request_class: RequestClass) -> None:
+        started = self.clock.monotonic()
+        await self._acquire(request_class)
+        if self.metrics is not None:
+            self.metrics.token_wait_seconds.labels(request_class=request_class).observe(
+                max(0.0, self.clock.monotonic() - started)
+            )
+
+    async def _acquire(self, request_class: RequestClass) -> None:
         self._take_probe()
         if self._mode == "local" and self.clock.monotonic() < self._retry_redis_at:
             await self._acquire_local(request_class)
@@ -179,12 +201,20 @@ class FleetGate:
     # --- shared path ---------------------------------------------------------------------
     def _admit(self, request_class: RequestClass, result: AcquireResult, token: str) -> None:
         if result.transition:
-            self._log.warning("circuit breaker half-open: this worker sends the probe")
+            self._log.warning(
+                "circuit breaker half-open: this worker sends the probe",
+                event="breaker_transition",
+                transition="half_open",
+            )
+            self._breaker_metric("half_open")
         if not result.admitted:
             if result.reason == "breaker":
+                # Opened by whichever process saw the failures: observed here, not counted.
+                self._breaker_metric("open", count_open=False)
                 raise BreakerOpen(
                     f"circuit breaker open; retry in {result.wait_s:.1f} s", result.wait_s
                 )
+            self._rate_limit_hit(result.reason)
             raise RateLimited(
                 f"{request_class} requests of session {self.session} must wait "
                 f"{result.wait_s:.1f} s ({result.reason}), more than FLOOD_WAIT_MAX_SECONDS",
@@ -193,6 +223,15 @@ class FleetGate:
             )
         if result.reason == "probe":
             _probe.set((id(self), token))
+
+    def _breaker_metric(self, state: str, *, count_open: bool = True) -> None:
+        if self.metrics is not None:
+            self.metrics.set_breaker_state(BREAKER_COMPONENT, state, count_open=count_open)
+
+    def _rate_limit_hit(self, reason: str) -> None:
+        """A request refused by the shared bucket (``rate_limit_hits_total{source="bucket"}``)."""
+        if self.metrics is not None:
+            self.metrics.rate_limit_hits_total.labels(source="bucket", reason=reason).inc()
 
     def _pause_locally(self, request_class: RequestClass, seconds: float) -> float:
         until = self.clock.monotonic() + seconds
@@ -210,9 +249,10 @@ class FleetGate:
             self._pending.append(_PendingFlood(request_class, until))
             raise
         self._log.warning(
-            "FloodWait {seconds:g} s on {request_class}: session paused",
-            seconds=seconds,
+            "FloodWait {wait_seconds:g} s on {request_class}: session paused",
+            wait_seconds=seconds,
             request_class=request_class,
+            event="flood_wait_recorded",
         )
 
     async def _replay_floods(self) -> None:
@@ -231,7 +271,9 @@ class FleetGate:
                 "circuit breaker {transition} (state {state})",
                 transition=status.transition.value,
                 state=status.state.value,
+                event="breaker_transition",
             )
+            self._breaker_metric(_TRANSITION_STATE.get(status.transition.value, status.state.value))
 
     # --- fallback ------------------------------------------------------------------------
     def _enter_local(self, exc: BaseException) -> None:
@@ -255,6 +297,7 @@ class FleetGate:
         now = self.clock.monotonic()
         wait = self._local.wait(request_class, now)
         if not self._may_wait(wait):
+            self._rate_limit_hit("local_pause")
             raise RateLimited(
                 f"{request_class} requests of session {self.session} are paused for "
                 f"{wait:.1f} s, more than FLOOD_WAIT_MAX_SECONDS",

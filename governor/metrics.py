@@ -48,6 +48,7 @@ __all__ = [
     "BREAKER_HALF_OPEN",
     "BREAKER_OPEN",
     "FETCH_DURATION_BUCKETS",
+    "FETCH_JOB",
     "GOVERNOR_JOB",
     "OVERFLOW_LABEL",
     "TOKEN_WAIT_BUCKETS",
@@ -60,16 +61,24 @@ __all__ = [
     "exported_names",
     "health_details",
     "list_groups",
+    "package_version",
     "reap_dead_groups",
     "stale_groups",
     "start_exporters",
+    "start_push_only",
 ]
 
 #: Pushgateway ``job`` (and Prometheus scrape job names in ``deploy/prometheus``).
 WORKER_JOB = "telegram-fetcher-worker"
 GOVERNOR_JOB = "telegram-fetcher-governor"
+#: One-shot ``python -m worker fetch`` runs (cron): their group is kept after exit, so the last
+#: run's values stay visible, and the governor's reaping (``WORKER_JOB`` only) leaves it alone.
+FETCH_JOB = "telegram-fetcher-fetch"
 
 OVERFLOW_LABEL = "other"
+#: ``commands_total{status}`` and ``deduplicated_messages_total{source}`` values.
+COMMAND_STATUSES = ("ok", "partial", "retrying", "failed", "rejected", "error")
+DEDUP_SOURCES = ("storage", "resume_overlap")
 BREAKER_CLOSED, BREAKER_OPEN, BREAKER_HALF_OPEN = 0, 1, 2
 _BREAKER_VALUES = {"closed": BREAKER_CLOSED, "open": BREAKER_OPEN, "half_open": BREAKER_HALF_OPEN}
 
@@ -94,6 +103,16 @@ TOKEN_WAIT_BUCKETS = (
     60.0,
     300.0,
 )
+
+
+def package_version() -> str:
+    """The installed ``telegram-fetcher`` version (``0`` when running from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("telegram-fetcher")
+    except PackageNotFoundError:
+        return "0"
 
 
 class LabelCap:
@@ -184,15 +203,25 @@ class _CommonMetrics:
         self.retries_total.labels(target=target, reason=reason).inc()
         self.last_retry_delay_seconds.labels(target=target).set(delay_s)
 
-    def set_breaker_state(self, component: str, state: str | int) -> None:
-        """``state``: ``closed|open|half_open`` or 0/1/2. Counts a transition into open."""
+    def set_breaker_state(
+        self, component: str, state: str | int, *, count_open: bool = True
+    ) -> None:
+        """``state``: ``closed|open|half_open`` or 0/1/2. Counts a transition into open, unless
+        ``count_open=False``: a shared breaker opened by another process is only *observed*
+        here, and counting it in every worker would multiply the fleet's total."""
         value = _BREAKER_VALUES[state] if isinstance(state, str) else int(state)
         with self._breaker_lock:
             previous = self._breaker_states.get(component)
             self._breaker_states[component] = value
-        if value == BREAKER_OPEN and previous != BREAKER_OPEN:
+        if count_open and value == BREAKER_OPEN and previous != BREAKER_OPEN:
             self.breaker_open_total.labels(component=component).inc()
         self.breaker_state.labels(component=component).set(value)
+
+    def breaker_state_of(self, component: str) -> str | None:
+        """The last state set for ``component`` (``closed|open|half_open``), if any."""
+        value = self._breaker_states.get(component)
+        names = {v: k for k, v in _BREAKER_VALUES.items()}
+        return names.get(value) if value is not None else None
 
     def watch_log_shipper(self, shipper: LogShipper | None) -> None:
         """Count the shipper's drops in ``log_records_dropped_total{sink}``."""
@@ -256,7 +285,8 @@ class WorkerMetrics(_CommonMetrics):
         )
         self.commands_total = Counter(
             "commands_total",
-            "Commands finished, by status (ok, failed, rejected).",
+            "Command executions finished, by status: ok, partial, retrying (failed, retry "
+            "scheduled), failed, rejected (invalid), error (internal error).",
             ["status"],
             registry=r,
         )
@@ -269,6 +299,11 @@ class WorkerMetrics(_CommonMetrics):
         )
         for request_class in REQUEST_CLASSES:
             self.token_wait_seconds.labels(request_class=request_class)
+        # Known label values start at 0, so rate() and increase() see the first event.
+        for status in COMMAND_STATUSES:
+            self.commands_total.labels(status=status)
+        for source in DEDUP_SOURCES:
+            self.deduplicated_messages_total.labels(source=source)
 
     def observe_fetch(self, chat: str, seconds: float) -> None:
         self.fetch_duration_seconds.labels(chat=self.chat_label(chat)).observe(seconds)
@@ -487,6 +522,27 @@ def start_exporters(
             password=password.get_secret_value() if password is not None else None,
         ).start()
     return exporters
+
+
+def start_push_only(
+    settings: FleetSettings, registry: CollectorRegistry, *, job: str, instance: str
+) -> Exporters | None:
+    """For one-shot runs (``python -m worker fetch``): push only, and only when it is configured
+    (``PUSHGATEWAY_URL`` set and ``METRICS_MODE`` push/both); never a server, never an error.
+    Stop it with ``exporters.stop(delete_group=False)`` so the run's last values stay."""
+    if settings.effective_metrics_mode not in ("push", "both") or not settings.pushgateway_url:
+        return None
+    password = settings.pushgateway_password
+    pusher = Pusher(
+        url=settings.pushgateway_url,
+        job=job,
+        instance=instance,
+        registry=registry,
+        interval_s=settings.push_interval_seconds,
+        username=settings.pushgateway_username,
+        password=password.get_secret_value() if password is not None else None,
+    ).start()
+    return Exporters(mode="push", pusher=pusher)
 
 
 def health_details(

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from tests.pushgateway import Pushgateway
+from tests.pushgateway import available as pushgateway_available
 from tests.redis_server import RedisServer
 
 
@@ -77,3 +79,22 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
             monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushgateway]:
+    """One real Pushgateway for the whole run (skips the test when it is not installed)."""
+    if not pushgateway_available():
+        pytest.skip("prometheus-pushgateway is not installed")
+    gateway = Pushgateway(tmp_path_factory.mktemp("pushgateway"))
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway(pushgateway: Pushgateway) -> Pushgateway:
+    """The shared Pushgateway, emptied before each test."""
+    pushgateway.wipe()
+    return pushgateway

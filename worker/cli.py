@@ -14,6 +14,7 @@ import time
 from datetime import UTC, date, datetime, timedelta
 from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -21,6 +22,9 @@ from governor.settings import ConfigError, load_settings
 from worker.commands import CommandLimits, FetchCommand, parse_command, today_in
 from worker.errors import CommandRejected, FetchError, PermanentError, SessionRevoked
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from governor.metrics import WorkerMetrics
 
 
 class Exit(IntEnum):
@@ -90,7 +94,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_fetch(settings: WorkerSettings, args: argparse.Namespace) -> int:
-    return asyncio.run(_fetch_once(settings, args))
+    from governor.metrics import FETCH_JOB, WorkerMetrics, package_version, start_push_only
+
+    # Metrics of a one-shot run: pushed only when a Pushgateway is configured, and its group is
+    # kept at exit (delete_group=False) so the last run's values and push time stay visible.
+    metrics = WorkerMetrics(
+        version=package_version(), chat_label_max=settings.metrics_chat_label_max
+    )
+    instance = settings.resolved_worker_id(args.session or settings.telegram_session)
+    exporters = start_push_only(settings, metrics.registry, job=FETCH_JOB, instance=instance)
+    try:
+        return asyncio.run(_fetch_once(settings, args, metrics))
+    finally:
+        if exporters is not None:
+            exporters.stop(delete_group=False)
 
 
 def build_fetch_payload(args: argparse.Namespace, today: date) -> dict[str, object]:
@@ -114,7 +131,9 @@ def build_fetch_payload(args: argparse.Namespace, today: date) -> dict[str, obje
     return payload
 
 
-async def _fetch_once(settings: WorkerSettings, args: argparse.Namespace) -> int:
+async def _fetch_once(
+    settings: WorkerSettings, args: argparse.Namespace, metrics: WorkerMetrics | None = None
+) -> int:
     import json
 
     from worker.fetch import Fetcher, FetchOutcome
@@ -124,7 +143,7 @@ async def _fetch_once(settings: WorkerSettings, args: argparse.Namespace) -> int
     now = datetime.now(UTC)
     today = today_in(settings.tz, now)
     session_name = args.session or settings.telegram_session or _default_session(settings)
-    telegram = TelegramSession(settings, session_name)
+    telegram = TelegramSession(settings, session_name, metrics=metrics)
     started = time.monotonic()
     try:
         await telegram.connect()
@@ -150,23 +169,47 @@ async def _fetch_once(settings: WorkerSettings, args: argparse.Namespace) -> int
             print(f"invalid request: {exc}", file=sys.stderr)
             return Exit.USAGE
         store = store_from_settings(settings)
-        fetcher = Fetcher(telegram, store, tz=settings.tz, concurrency=settings.fetch_concurrency)
+        fetcher = Fetcher(
+            telegram,
+            store,
+            tz=settings.tz,
+            concurrency=settings.fetch_concurrency,
+            metrics=metrics,
+        )
         bar = _ProgressPrinter(cmd)
         outcome: FetchOutcome = await fetcher.run(cmd, on_progress=bar.update)
         bar.done()
     except SessionRevoked as exc:
+        _count_failure(metrics, exc.type_name)
         print(f"session {session_name!r} cannot be used: {exc}", file=sys.stderr)
         return Exit.SESSION_REVOKED
     except PermanentError as exc:
+        _count_failure(metrics, exc.type_name)
         print(f"{args.chat}: {exc}", file=sys.stderr)
         return Exit.PERMANENT
     except FetchError as exc:
+        _count_failure(metrics, exc.type_name)
         print(f"{args.chat}: {exc.type_name}: {exc}", file=sys.stderr)
         return Exit.FAILED
     finally:
         await telegram.close()
-    _print_summary(cmd, outcome, time.monotonic() - started)
-    return Exit.OK if not outcome.days_failed and not outcome.days_partial else Exit.FAILED
+    seconds = time.monotonic() - started
+    _print_summary(cmd, outcome, seconds)
+    ok = not outcome.days_failed and not outcome.days_partial
+    if metrics is not None:
+        metrics.observe_fetch(cmd.chat.display, seconds)
+        status = "ok" if ok else ("failed" if outcome.days_failed else "partial")
+        metrics.commands_total.labels(status=status).inc()
+        if outcome.fresh_until is not None:
+            lag = datetime.now(UTC).timestamp() - outcome.fresh_until.timestamp()
+            metrics.set_fetch_lag(cmd.chat.display, max(0.0, lag))
+    return Exit.OK if ok else Exit.FAILED
+
+
+def _count_failure(metrics: WorkerMetrics | None, error_type: str) -> None:
+    if metrics is not None:
+        metrics.fetch_errors_total.labels(type=error_type).inc()
+        metrics.commands_total.labels(status="failed").inc()
 
 
 async def _first_message_day(

@@ -47,6 +47,15 @@ from loguru import logger
 from redis.asyncio import Redis
 
 from governor.keys import Keys
+from governor.metrics import (
+    WORKER_JOB,
+    Exporters,
+    WorkerMetrics,
+    health_details,
+    package_version,
+    start_exporters,
+)
+from governor.settings import ConfigError
 from worker.commands import CommandLimits, FetchCommand, parse_command, salvage_identity, today_in
 from worker.errors import (
     BreakerOpen,
@@ -78,6 +87,9 @@ EXIT_LEASE_LOST = 1
 EXIT_REDIS_UNAVAILABLE = 69
 EXIT_SESSION_REVOKED = 77
 
+VERSION = package_version()
+BREAKER = "telegram"  # the breaker_state{component} of the shared Telegram breaker
+
 
 @dataclass
 class _Running:
@@ -87,6 +99,10 @@ class _Running:
     cmd: FetchCommand
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     taken_over: bool = False  # the lease expired and another worker may run it
+    started: float = field(default_factory=time.monotonic)
+    started_at: str = field(
+        default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
 
 
 class Daemon:
@@ -121,6 +137,17 @@ class Daemon:
         self.health = HealthFile(settings.health_file)
         self.telegram: Any = None
         self.store: Any = None
+        # Observability: one registry per process, passed down to the gate, the Telegram
+        # boundary, the fetcher and the event publisher; served/pushed by self.exporters.
+        self.metrics = WorkerMetrics(
+            version=VERSION, chat_label_max=settings.metrics_chat_label_max
+        )
+        self.metrics.set_breaker_state(BREAKER, "closed")
+        self.exporters: Exporters | None = None
+        self._shipper: Any = None
+        self._fresh_until: dict[str, float] = {}  # chat label -> unix time its data is current to
+        self._last_success: str | None = None
+        self._last_command: dict[str, Any] | None = None
 
     # --- entry point --------------------------------------------------------------------------
     async def run(self) -> int:
@@ -130,6 +157,9 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         self._setup_logging()
+        if s.metrics_mode in ("push", "both") and not s.pushgateway_url:
+            # Before anything else: a configuration error must not wait for a session first.
+            raise ConfigError(f"PUSHGATEWAY_URL: required when METRICS_MODE={s.metrics_mode}")
         self.client = connect(s.redis_dsn(), pop_timeout_s=s.command_pop_timeout_seconds)
         self._write_health("starting")
         logger.info(
@@ -148,6 +178,7 @@ class Daemon:
                 return self.exit_code
             self.worker_id = s.resolved_worker_id(self.session_name)
             self._setup_logging()  # again: now with the worker id
+            self._start_exporters()  # the Pushgateway group is named after the worker id
             queue = WorkQueue(
                 self.client,
                 self.keys,
@@ -162,6 +193,7 @@ class Daemon:
                 self.keys,
                 stream_maxlen=s.events_stream_maxlen,
                 max_elapsed_s=s.event_publish_max_seconds,
+                on_retry=self._record_retry,
             )
             if not await self._claim_worker_lease(queue, publisher):
                 return self.exit_code
@@ -219,7 +251,65 @@ class Daemon:
     def _setup_logging(self) -> None:
         from governor.logs import setup_logging
 
-        setup_logging(self.settings, worker_id=self.worker_id, component="worker")
+        self._shipper = setup_logging(self.settings, worker_id=self.worker_id, component="worker")
+        self.metrics.watch_log_shipper(self._shipper)
+
+    def _start_exporters(self) -> None:
+        """``/metrics``, ``/health``, ``/health/details`` on ``METRICS_PORT`` and/or the pusher
+        (``METRICS_MODE``), under the grouping key ``{job, instance=<worker_id>}``."""
+        if self.settings.effective_metrics_mode == "off" or self.exporters is not None:
+            return
+        self.exporters = start_exporters(
+            self.settings,
+            self.metrics.registry,
+            job=WORKER_JOB,
+            instance=self.worker_id,
+            health=self._healthy,
+            details=self._details,
+        )
+
+    def _healthy(self) -> bool:
+        """``/health``: 200 while taking commands with Redis reachable, else 503. Runs in the
+        HTTP server's thread: reads plain attributes only."""
+        return self._status in ("idle", "busy") and self.link.up and not self.stop.is_set()
+
+    def _details(self) -> dict[str, object]:
+        running = [
+            {
+                "command_id": r.cmd.command_id,
+                "chat": r.cmd.chat.display,
+                "mode": r.cmd.mode,
+                "started": r.started_at,
+            }
+            for r in list(self._running.values())
+        ]
+        telegram = self.telegram
+        return health_details(
+            version=VERSION,
+            telegram_connected=bool(telegram is not None and telegram.connected),
+            session=self.session_name,
+            redis_ok=self.link.up,
+            breaker=self.metrics.breaker_state_of(BREAKER),
+            current_command=running[0] if running else None,
+            last_success=self._last_success,
+            worker_id=self.worker_id,
+            status=self._status,
+            running=running,
+            commands_served=self._served,
+            last_command=self._last_command,
+        )
+
+    def _record_retry(self, target: str, reason: str, delay_s: float) -> None:
+        self.metrics.record_retry(target, reason, delay_s)
+        logger.debug(
+            "{} failed ({}); retry in {:.2f}s",
+            target,
+            reason,
+            delay_s,
+            event="retry",
+            error_type=reason,
+            wait_seconds=round(delay_s, 3),
+        )
 
     async def _claim_worker_lease(self, queue: WorkQueue, publisher: EventPublisher) -> bool:
         """Recover dead workers (our own previous run included, once its lease expired), then
@@ -280,8 +370,11 @@ class Daemon:
                 s,
                 SystemClock(),
                 worker_id=self.worker_id,
+                metrics=self.metrics,
             )
-        self.telegram = TelegramSession(s, self.session_name or "sim", gate=gate)
+        self.telegram = TelegramSession(
+            s, self.session_name or "sim", gate=gate, metrics=self.metrics
+        )
         self.store = DayStore(s.data_dir, schema_version=s.schema_version, timezone=s.day_timezone)
         attempt = 0
         while not self.stop.is_set():
@@ -294,11 +387,15 @@ class Daemon:
             except FetchError as exc:
                 attempt += 1
                 delay = min(s.backoff_max_seconds, s.backoff_base_seconds * 2**attempt)
+                self.metrics.fetch_errors_total.labels(type=exc.type_name).inc()
                 logger.warning(
                     "telegram connect failed ({}: {}); retrying in {:.1f}s",
                     exc.type_name,
                     exc,
                     delay,
+                    event="telegram_connect_failed",
+                    error_type=exc.type_name,
+                    wait_seconds=round(delay, 3),
                 )
                 await self._sleep(delay)
         return False
@@ -364,7 +461,7 @@ class Daemon:
     # --- one command ----------------------------------------------------------------------------
     async def _execute(self, queue: WorkQueue, publisher: EventPublisher, raw: bytes) -> None:
         s = self.settings
-        log = logger.bind(worker_id=self.worker_id)
+        logger.debug("command received ({} bytes)", len(raw), event="command_received")
         if len(raw) > s.max_command_bytes:
             await self._reject(
                 queue,
@@ -387,6 +484,25 @@ class Daemon:
             cid, chat = salvage_identity(raw)
             await self._reject(queue, publisher, raw, str(exc), cid, chat)
             return
+        # Everything the command does from here on, in this task and in the tasks and threads
+        # it starts (per-day fetches, storage, progress events), logs these three fields.
+        with logger.contextualize(command_id=cmd.command_id, chat=cmd.chat.display, mode=cmd.mode):
+            logger.debug(
+                "command parsed: {} {}, strategy {}, {} days, limit {}",
+                cmd.mode,
+                cmd.params,
+                cmd.strategy,
+                len(cmd.days),
+                cmd.limit,
+                event="command_parsed",
+            )
+            await self._execute_parsed(queue, publisher, raw, cmd)
+
+    async def _execute_parsed(
+        self, queue: WorkQueue, publisher: EventPublisher, raw: bytes, cmd: FetchCommand
+    ) -> None:
+        s = self.settings
+        log = logger.bind(worker_id=self.worker_id)
         entry = raw
         if salvage_identity(raw)[0] != cmd.command_id:
             new = cmd.to_json().encode("utf-8")
@@ -460,8 +576,14 @@ class Daemon:
             worker_id=self.worker_id,
             source="validation",
         )
+        self.metrics.commands_total.labels(status="rejected").inc()
         logger.bind(worker_id=self.worker_id, command_id=command_id, chat=chat).warning(
-            "rejected command ({} bytes): {}; dead letter {}", len(raw), reason, letter.id
+            "rejected command ({} bytes): {}; dead letter {}",
+            len(raw),
+            reason,
+            letter.id,
+            event="command_rejected",
+            error_type="CommandRejected",
         )
         event = make_event(
             "failed",
@@ -484,7 +606,7 @@ class Daemon:
 
         s = self.settings
         cmd = running.cmd
-        started = time.monotonic()
+        running.started = started = time.monotonic()
         self._status = "busy"
 
         def event(kind: Any, outcome: FetchOutcome | None = None, **extra: Any) -> dict[str, Any]:
@@ -506,7 +628,14 @@ class Daemon:
         async def on_progress(outcome: FetchOutcome) -> None:
             throttle.offer(event("progress", outcome))
 
-        log.info("command started: {} {} ({} days)", cmd.mode, cmd.params, len(cmd.days))
+        log.info(
+            "command started: {} {} ({} days)",
+            cmd.mode,
+            cmd.params,
+            len(cmd.days),
+            event="command_started",
+            total=len(cmd.days),
+        )
         await publisher.publish(event("started"))
         fetcher = Fetcher(
             self.telegram,
@@ -514,6 +643,7 @@ class Daemon:
             tz=s.tz,
             concurrency=s.fetch_concurrency,
             stop=running.stop,
+            metrics=self.metrics,
         )
         outcome: FetchOutcome | None = None
         failure: FetchError | None = None
@@ -528,11 +658,18 @@ class Daemon:
                     "command interrupted by shutdown after {:.1f}s; progress saved, it goes "
                     "back to the queue (no terminal event: it is not over)",
                     time.monotonic() - started,
+                    event="command_interrupted",
+                    duration_ms=int((time.monotonic() - started) * 1000),
                 )
             return
         except SessionRevoked as exc:
             await throttle.drain()
-            log.error("session revoked during the command; it goes back to the queue")
+            self.metrics.fetch_errors_total.labels(type=exc.type_name).inc()
+            log.error(
+                "session revoked during the command; it goes back to the queue",
+                event="session_revoked",
+                error_type=exc.type_name,
+            )
             self._begin_stop(EXIT_SESSION_REVOKED, f"session revoked: {exc}")
             return
         except PermanentError as exc:
@@ -546,7 +683,13 @@ class Daemon:
             raise
         except Exception as exc:
             await throttle.drain()
-            log.opt(exception=exc).error("internal error in command; dead-lettered")
+            self._finished(running, "error", type(exc).__name__, None)
+            log.opt(exception=exc).error(
+                "internal error in command; dead-lettered",
+                event="command_failed",
+                error_type=type(exc).__name__,
+                duration_ms=int((time.monotonic() - started) * 1000),
+            )
             await self._internal_error(queue, publisher, running, event, exc)
             return
         await throttle.drain()
@@ -562,14 +705,59 @@ class Daemon:
         await publisher.publish(event("completed", outcome, status=status, files=outcome.files))
         await self.link.call(lambda: queue.ack(running.entry, cmd.command_id, completed=True))
         self._served += 1
-        log.bind(duration_ms=int((time.monotonic() - started) * 1000)).info(
+        self._finished(running, status, None, outcome)
+        self._last_success = self._last_command["finished"] if self._last_command else None
+        log.bind(**self._summary(running, outcome)).info(
             "command completed: {} messages, {} files, days complete {}, skipped {}, partial {}",
             outcome.processed,
             len(outcome.files),
             len(outcome.days_completed),
             len(outcome.days_skipped),
             len(outcome.days_partial),
+            event="command_completed",
         )
+
+    def _summary(self, running: _Running, outcome: Any) -> dict[str, Any]:
+        """The counts every command's last log line carries."""
+        cmd = running.cmd
+        done = (
+            len(outcome.days_completed) + len(outcome.days_skipped) + len(outcome.days_partial)
+            if outcome is not None
+            else 0
+        )
+        return {
+            "duration_ms": int((time.monotonic() - running.started) * 1000),
+            "message_count": outcome.fetched if outcome is not None else 0,
+            "processed": outcome.processed if outcome is not None else 0,
+            "days_done": done,
+            "total": len(cmd.days),
+        }
+
+    def _finished(
+        self, running: _Running, status: str, error_type: str | None, outcome: Any
+    ) -> None:
+        """Metrics of one finished execution, and what ``/health/details`` shows of it."""
+        m = self.metrics
+        cmd = running.cmd
+        m.commands_total.labels(status=status).inc()
+        m.observe_fetch(cmd.chat.display, time.monotonic() - running.started)
+        if error_type is not None:
+            m.fetch_errors_total.labels(type=error_type).inc()
+        if outcome is not None and outcome.fresh_until is not None:
+            label = m.chat_label(cmd.chat.display)
+            fresh = outcome.fresh_until.timestamp()
+            # Per chat the freshest data counts (a backfill of old days does not make the chat
+            # look stale); in the shared "other" bucket the last write wins.
+            if label != "other":
+                fresh = max(fresh, self._fresh_until.get(label, fresh))
+            self._fresh_until[label] = fresh
+            m.fetch_lag_seconds.labels(chat=label).set(max(0.0, time.time() - fresh))
+        self._last_command = {
+            "command_id": cmd.command_id,
+            "chat": cmd.chat.display,
+            "status": status,
+            "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
 
     async def _still_ours(self, queue: WorkQueue, running: _Running, log: Any) -> bool:
         """Is the command still in our processing list? (Not if our lease expired during an
@@ -623,7 +811,14 @@ class Daemon:
         await self.link.call(
             lambda: queue.retry_later(running.entry, cmd.command_id, delay), "retry later"
         )
-        log.bind(error_type=exc.type_name).warning("command failed, will retry: {}", message)
+        self._finished(running, "retrying", exc.type_name, outcome)
+        log.bind(error_type=exc.type_name, **self._summary(running, outcome)).warning(
+            "command failed, will retry: {}",
+            message,
+            event="command_failed",
+            retryable=True,
+            wait_seconds=round(delay, 3),
+        )
 
     async def _finish_failed(
         self,
@@ -653,7 +848,10 @@ class Daemon:
             )
         )
         await self.link.call(lambda: queue.ack(running.entry, cmd.command_id, completed=False))
-        log.bind(error_type=exc.type_name).error("command failed: {}{}", exc, suffix)
+        self._finished(running, "failed", exc.type_name, outcome)
+        log.bind(error_type=exc.type_name, **self._summary(running, outcome)).error(
+            "command failed: {}{}", exc, suffix, event="command_failed", retryable=False
+        )
 
     async def _internal_error(
         self,
@@ -706,6 +904,7 @@ class Daemon:
                 if not await sessions.refresh():
                     logger.error("session {} is now held by another process", self.session_name)
                     self._begin_stop(EXIT_LEASE_LOST, "session lease taken over")
+                self.metrics.command_queue_length.set(await self._redis.llen(self.keys.commands))
                 self.link.mark_up()
             except REDIS_DOWN as exc:
                 self.link.mark_down(exc)
@@ -715,7 +914,14 @@ class Daemon:
                         f"redis unreachable for {self.link.outage_seconds():.0f}s",
                     )
             self._write_health()
+            self._refresh_lag()
             await self._sleep(interval, until=self.force)
+
+    def _refresh_lag(self) -> None:
+        """``fetch_lag_seconds`` grows while nothing is fetched: recompute it every heartbeat."""
+        now = time.time()
+        for label, fresh in list(self._fresh_until.items()):
+            self.metrics.fetch_lag_seconds.labels(chat=label).set(max(0.0, now - fresh))
 
     async def _recovery(self, publisher: EventPublisher) -> None:
         s = self.settings
@@ -781,6 +987,15 @@ class Daemon:
         s = self.settings
         self._begin_stop(self.exit_code, self.exit_reason)
         began = time.monotonic()
+        logger.info(
+            "shutdown started ({}): {} commands running, grace {:.0f}s",
+            self.exit_reason,
+            len(self._tasks),
+            s.shutdown_grace_seconds,
+            event="shutdown_started",
+            reason=self.exit_reason,
+            running=len(self._tasks),
+        )
         # Leave time after the fetches for handing commands back and closing, inside the grace.
         margin = min(5.0, s.shutdown_grace_seconds * 0.3)
         deadline = began + max(0.5, s.shutdown_grace_seconds - margin)
@@ -833,14 +1048,39 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await self.client.aclose()
             self.health.remove()
+            waited = time.monotonic() - began
+            last = self._last_command or {}
             logger.info(
-                "worker {} stopped ({}), exit {}, {} commands served, {:.1f}s to stop",
+                "worker {} stopped ({}), exit {}, {} commands served, {:.1f}s to stop, "
+                "last command {}",
                 self.worker_id,
                 self.exit_reason,
                 self.exit_code,
                 self._served,
-                time.monotonic() - began,
+                waited,
+                last.get("command_id", "none"),
+                event="shutdown_completed",
+                reason=self.exit_reason,
+                exit_code=self.exit_code,
+                waited_seconds=round(waited, 3),
+                duration_ms=int(waited * 1000),
+                commands_served=self._served,
+                last_command_id=last.get("command_id"),
+                last_command_chat=last.get("chat"),
+                last_command_status=last.get("status"),
             )
+            await self._stop_exporters(began)
+
+    async def _stop_exporters(self, began: float) -> None:
+        """The last stage: final push and delete of our Pushgateway group, stop serving, then
+        flush the log shipper (so what the exporters said on the way out is shipped too)."""
+        left = self.settings.shutdown_grace_seconds - (time.monotonic() - began)
+        if self.exporters is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.exporters.stop, max(1.0, min(5.0, left - 0.5)))
+        if self._shipper is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._shipper.close, max(0.5, min(5.0, left - 1.0)))
 
     # --- helpers --------------------------------------------------------------------------------
     @property

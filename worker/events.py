@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from loguru import logger
 from redis.asyncio import Redis
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_delay,
     wait_exponential,
@@ -138,7 +139,9 @@ class EventPublisher:
         max_elapsed_s: float = 30.0,
         initial_wait_s: float = 0.1,
         max_wait_s: float = 5.0,
+        on_retry: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        self.on_retry = on_retry  # on_retry("redis_publish", reason, delay_s): metrics hook
         self.client = client
         self.keys = keys
         self.stream_maxlen = stream_maxlen
@@ -160,6 +163,7 @@ class EventPublisher:
                 wait=wait_exponential(multiplier=self.initial_wait_s, max=self.max_wait_s)
                 + wait_random(0, self.initial_wait_s),
                 stop=stop_after_delay(budget),
+                before_sleep=self._before_sleep,
                 reraise=True,
             ):
                 with attempt:
@@ -176,6 +180,13 @@ class EventPublisher:
             return False
         self.published += 1
         return True
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        if self.on_retry is None:
+            return
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        self.on_retry("redis_publish", type(exc).__name__ if exc else "unknown", delay)
 
     async def _send(self, data: str) -> None:
         async with self.client.pipeline(transaction=False) as pipe:

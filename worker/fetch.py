@@ -11,10 +11,11 @@ fsync, the final merge), so they run in a thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
 from loguru import logger
@@ -30,6 +31,9 @@ from worker.errors import (
 )
 from worker.storage import DayStore, DayWriter
 from worker.telegram import FetchedMessage, ResolvedChat
+
+if TYPE_CHECKING:
+    from governor.metrics import WorkerMetrics
 
 ProgressCallback = Callable[["FetchOutcome"], Awaitable[None]]
 
@@ -49,12 +53,20 @@ class FetchOutcome:
     """What a command did; the basis of its events."""
 
     processed: int = 0  # messages fetched and written (new or changed)
+    fetched: int = 0  # messages received from Telegram for the interval (duplicates included)
     errors: int = 0
     files: list[str] = field(default_factory=list)  # relative to the data root
     days_completed: list[date] = field(default_factory=list)
     days_skipped: list[date] = field(default_factory=list)
     days_partial: list[date] = field(default_factory=list)  # written but not over/limited
     days_failed: dict[date, FetchError] = field(default_factory=dict)
+    #: The chat's stored data is current up to here: the newest message written, or the end of
+    #: the last complete day (``fetch_lag_seconds`` is now minus this).
+    fresh_until: datetime | None = None
+
+    def fresh_to(self, moment: datetime) -> None:
+        if self.fresh_until is None or moment > self.fresh_until:
+            self.fresh_until = moment
 
     @property
     def first_error(self) -> FetchError | None:
@@ -77,7 +89,9 @@ class Fetcher:
         clock: Clock | None = None,
         concurrency: int = 1,
         stop: asyncio.Event | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.telegram = telegram
         self.store = store
         self.tz = tz
@@ -98,6 +112,7 @@ class Fetcher:
             if not cmd.force and await asyncio.to_thread(self.store.is_complete, cmd.chat.key, day):
                 outcome.days_skipped.append(day)
                 outcome.files.append(self._relative(cmd.chat.key, day))
+                outcome.fresh_to(day_bounds(day, self.tz)[1])
             else:
                 todo.append(day)
         log.debug("days to fetch: {} (skipped {} complete)", len(todo), len(outcome.days_skipped))
@@ -176,12 +191,18 @@ class Fetcher:
                         await self._finish(cmd, writer, pending.pop(0), outcome, now)
                         writer = await self._open(cmd, pending[0])
                     if day < pending[0]:
-                        continue  # before the interval (resume overlap); already written
+                        # before the interval (resume overlap); already written
+                        self._deduplicated("resume_overlap", len(part))
+                        continue
                     part = budget.take(part)
                     if part:
-                        outcome.processed += await asyncio.to_thread(
-                            writer.append_page, [m.data for m in part]
-                        )
+                        new = await asyncio.to_thread(writer.append_page, [m.data for m in part])
+                        outcome.processed += new
+                        outcome.fetched += len(part)
+                        outcome.fresh_to(max(m.date for m in part))
+                        if self.metrics is not None:
+                            self.metrics.messages_fetched_total.inc(new)
+                        self._deduplicated("storage", len(part) - new)
                     if budget.exhausted:
                         await self._finish(cmd, writer, pending[0], outcome, now, limited=True)
                         writer = None  # type: ignore[assignment]
@@ -201,10 +222,25 @@ class Fetcher:
 
     # --- helpers --------------------------------------------------------------------------
 
+    def _deduplicated(self, source: str, count: int) -> None:
+        """Messages dropped as already written (``deduplicated_messages_total{source}``)."""
+        if count > 0 and self.metrics is not None:
+            self.metrics.deduplicated_messages_total.labels(source=source).inc(count)
+
     async def _open(self, cmd: FetchCommand, day: date) -> DayWriter:
-        return await asyncio.to_thread(
+        started = time.perf_counter()
+        writer = await asyncio.to_thread(
             self.store.open_day, cmd.chat.key, cmd.chat.display, day, force=cmd.force
         )
+        logger.debug(
+            "day {} opened (journal read, resume after id {}) in {:.2f} ms",
+            day,
+            writer.resume_after_id,
+            (time.perf_counter() - started) * 1000,
+            event="day_opened",
+            day=day.isoformat(),
+        )
+        return writer
 
     async def _finish(
         self,
@@ -225,9 +261,20 @@ class Fetcher:
             finally:
                 writer.close()
 
+        started = time.perf_counter()
         await asyncio.to_thread(finish_and_close)
+        logger.debug(
+            "day {} written ({}) in {:.2f} ms",
+            day,
+            "complete" if complete else "partial",
+            (time.perf_counter() - started) * 1000,
+            event="day_written",
+            day=day.isoformat(),
+        )
         outcome.files.append(self._relative(cmd.chat.key, day))
         (outcome.days_completed if complete else outcome.days_partial).append(day)
+        if complete:
+            outcome.fresh_to(end)
 
     def _split_by_day(self, page: list[FetchedMessage]) -> list[tuple[date, list[FetchedMessage]]]:
         parts: list[tuple[date, list[FetchedMessage]]] = []

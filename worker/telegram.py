@@ -32,11 +32,12 @@ import asyncio
 import math
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from telethon import TelegramClient, errors, utils
@@ -58,6 +59,12 @@ from worker.mapping import message_to_dict
 from worker.retry import OnRetry, Retrier, RetryPolicy
 from worker.settings import WorkerSettings
 
+if TYPE_CHECKING:
+    from governor.metrics import WorkerMetrics
+
+OnRateLimit = Callable[[str, str], None]
+"""``on_rate_limit(source, reason)``: a FloodWait-class answer from Telegram (metrics hook)."""
+
 PAGE_SIZE = 100
 MAX_FLOOD_RETRIES = 5  # consecutive slept-out FloodWaits on one request before giving up
 FLOOD_JITTER_S = (0.1, 1.0)
@@ -69,6 +76,13 @@ _FLOOD = (
     errors.SlowModeWaitError,
     errors.FloodTestPhoneWaitError,
 )
+#: ``rate_limit_hits_total{source="telegram", reason=…}``: a small fixed set of reasons.
+_FLOOD_REASONS: dict[type[Exception], str] = {
+    errors.FloodWaitError: "flood_wait",
+    errors.FloodPremiumWaitError: "flood_premium_wait",
+    errors.SlowModeWaitError: "slow_mode_wait",
+    errors.FloodTestPhoneWaitError: "flood_test_phone_wait",
+}
 _HISTORY = (functions.messages.GetHistoryRequest,)
 _RESOLVE = (functions.contacts.ResolveUsernameRequest, functions.channels.GetChannelsRequest)
 
@@ -198,6 +212,9 @@ class GatedClient(TelegramClient):
             RetryPolicy.from_settings(settings), clock=self._tf_clock, on_retry=on_retry
         )
         self.flood_sleeps: list[float] = []  # seconds slept on FloodWaits, for tests and stats
+        # Set by TelegramSession after construction (so the simulator's subclass needs no
+        # extra argument): told about every FloodWait-class answer.
+        self.on_rate_limit: OnRateLimit | None = None
         self._tf_flood_until: dict[int, float] = {}  # CONSTRUCTOR_ID → end of its FloodWait
 
     async def __call__(
@@ -229,6 +246,8 @@ class GatedClient(TelegramClient):
                 )
             except _FLOOD as exc:
                 seconds = float(exc.seconds or 1)
+                if self.on_rate_limit is not None:
+                    self.on_rate_limit("telegram", _FLOOD_REASONS.get(type(exc), "flood_wait"))
                 await gate.report(request_class, "flood", flood_wait_s=seconds)
                 floods += 1
                 until = self._tf_clock.monotonic() + seconds
@@ -279,7 +298,15 @@ class GatedClient(TelegramClient):
 
     async def _flood_sleep(self, seconds: float, request_class: RequestClass) -> None:
         delay = seconds + self._tf_rng.uniform(*FLOOD_JITTER_S)
-        logger.info("flood wait {:.0f}s on {}; sleeping {:.1f}s", seconds, request_class, delay)
+        logger.info(
+            "flood wait {:.0f}s on {}; sleeping {:.1f}s",
+            seconds,
+            request_class,
+            delay,
+            event="flood_wait",
+            wait_seconds=round(delay, 3),
+            request_class=request_class,
+        )
         self.flood_sleeps.append(delay)
         await self._tf_clock.sleep(delay)
 
@@ -344,15 +371,43 @@ class TelegramSession:
         gate: RequestGate | None = None,
         clock: Clock | None = None,
         on_retry: OnRetry | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.session_name = session_name
         self.gate: RequestGate = gate or NullGate()
         self.clock: Clock = clock or SystemClock()
+        self.metrics = metrics
+        if on_retry is None and metrics is not None:
+            on_retry = self._record_retry
         self.on_retry = on_retry
         self._client: GatedClient | None = None
         self._resolved: dict[str | int, ResolvedChat] = {}
         self._path: Path | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Connected and logged in (read by ``/health/details`` from another thread)."""
+        client = self._client
+        return client is not None and bool(client.is_connected())
+
+    def _record_retry(self, target: str, reason: str, delay_s: float) -> None:
+        # target is the request class: retries_total{target="telegram_history", …}
+        assert self.metrics is not None
+        self.metrics.record_retry(f"telegram_{target}", reason, delay_s)
+        logger.debug(
+            "telegram {} request failed ({}); retry in {:.2f}s",
+            target,
+            reason,
+            delay_s,
+            event="retry",
+            error_type=reason,
+            wait_seconds=round(delay_s, 3),
+        )
+
+    def _count_rate_limit(self, source: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rate_limit_hits_total.labels(source=source, reason=reason).inc()
 
     @property
     def client(self) -> GatedClient:
@@ -362,6 +417,11 @@ class TelegramSession:
         return self._client
 
     def _make_client(self) -> GatedClient:
+        client = self._new_client()
+        client.on_rate_limit = self._count_rate_limit
+        return client
+
+    def _new_client(self) -> GatedClient:
         if self.settings.telegram_backend == "sim":
             from worker.sim.client import SimTelegramClient
 
@@ -396,6 +456,13 @@ class TelegramSession:
         """Connect and check the session is logged in (``SessionRevoked`` if not)."""
         if self._client is not None and self._client.is_connected():
             return
+        started = time.perf_counter()
+        logger.debug(
+            "connecting to telegram: session {}, backend {}",
+            self.session_name,
+            self.settings.telegram_backend,
+            event="telegram_connect",
+        )
         client = self._make_client()
         try:
             await client.connect()
@@ -416,7 +483,11 @@ class TelegramSession:
         if self._path is not None:
             _protect(self._path)
         logger.info(
-            "telegram session {} connected ({})", self.session_name, self.settings.telegram_backend
+            "telegram session {} connected ({})",
+            self.session_name,
+            self.settings.telegram_backend,
+            event="telegram_connected",
+            duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
 
     async def close(self) -> None:

@@ -63,9 +63,11 @@ def test_a_flood_in_one_worker_slows_the_other_within_one_governor_tick(
         METRICS_MODE="off",
         LOG_FORMAT="console",
         PYTHONPATH=str(ROOT),
-        # A deep cut and no raise, so the effect on the other worker is unmistakable.
+        # A deep cut and no raise (neither additive nor the climb back toward the rate of the
+        # last flood), so the effect on the other worker is unmistakable.
         AIMD_DECREASE_FACTOR="0.3",
         AIMD_INCREASE_FRACTION="0",
+        AIMD_RECOVERY_MARGIN="0.05",
         AIMD_CUT_COOLDOWN_SECONDS="0.5",
         **{k.upper(): str(v) for k, v in rates.items()},
     )

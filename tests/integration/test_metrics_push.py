@@ -25,8 +25,8 @@ from governor.logs import reset_logging, setup_logging
 from governor.metrics import WORKER_JOB, WorkerMetrics, start_exporters
 from governor.push import Pusher, delete_group, list_groups, reap_dead_groups
 from governor.settings import ConfigError, FleetSettings
+from tests.pushgateway import PUSHGATEWAY, Pushgateway, wait_until
 
-PUSHGATEWAY = "/usr/bin/prometheus-pushgateway"
 CHILD = Path(__file__).with_name("obs_push_child.py")
 INTERVAL_S = 0.2
 
@@ -43,74 +43,7 @@ def _free_port() -> int:
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-class Pushgateway:
-    def __init__(self, tmp: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(tmp / "pushgateway.log", "wb")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(
-            [
-                PUSHGATEWAY,
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                f"--persistence.file={tmp / 'persistence'}",
-                "--web.enable-admin-api",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        if not _wait_for(self._ready, 10.0):
-            self.stop()
-            raise RuntimeError("pushgateway did not become ready")
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def groups(self) -> dict[str, dict[str, Any]]:
-        """instance -> group document, from the JSON API."""
-        with urllib.request.urlopen(f"{self.url}/api/v1/metrics", timeout=2) as response:
-            document = json.loads(response.read())
-        return {g["labels"].get("instance", ""): g for g in document["data"]}
-
-    def wipe(self) -> None:
-        request = urllib.request.Request(f"{self.url}/api/v1/admin/wipe", method="PUT")
-        with urllib.request.urlopen(request, timeout=2):
-            pass
-
-    def stop(self) -> None:
-        self._proc.terminate()
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._log.close()
-
-
-@pytest.fixture(scope="module")
-def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushgateway]:
-    gateway = Pushgateway(tmp_path_factory.mktemp("pushgateway"))
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
-
-
-@pytest.fixture
-def gateway(pushgateway: Pushgateway) -> Pushgateway:
-    pushgateway.wipe()
-    return pushgateway
+    return wait_until(predicate, timeout)
 
 
 def _settings(gateway_url: str, **overrides: Any) -> FleetSettings:
