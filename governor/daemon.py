@@ -66,6 +66,7 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
 #: Rates are measured over at least this long (ANCHORS: "0.7× the rate measured over 1–2 s").
 MEASURE_WINDOW_S = 1.0
 GAUGE_SAMPLE_S = 5.0  # how often the leader samples bucket tokens and pauses for its gauges
+LEASE_EXPIRY_SLACK_S = 0.005  # wake just after a lease's expiry, when Redis has dropped it
 #: A session bucket admitting at least this share of its rate counts as saturated (there is no
 #: per-session wait counter; a session that uses its whole rate is what "saturated" means).
 SESSION_SATURATION = 0.9
@@ -344,6 +345,7 @@ class Governor:
         self._down_since: float | None = None
         self._back_at = -math.inf  # when Redis came back after an outage (monotonic)
         self._last_sample = -math.inf
+        self._next_lease_expiry = math.inf  # monotonic time the earliest worker lease ends
         self._last_tick_at: str | None = None
         self._flood_id = "0-0"
         self._last_reap = -math.inf
@@ -436,6 +438,10 @@ class Governor:
             for cmd in await scheduler.run_once(datetime.now(UTC)):
                 self._log.info("scheduled fetch of {} pushed ({})", cmd["chat"], cmd["command_id"])
         remaining = poll - (time.monotonic() - tick_started)
+        # A worker that died shows when its lease expires: tick then rather than up to a tick
+        # later, so its commands and its Pushgateway group go without delay.
+        until_expiry = self._next_lease_expiry - time.monotonic() + LEASE_EXPIRY_SLACK_S
+        remaining = min(remaining, max(0.0, until_expiry))
         if remaining > 0 and not self.stop.is_set():
             await self._wait_floods(bucket.redis, remaining)
 
@@ -472,8 +478,15 @@ class Governor:
         if registered:
             async with client.pipeline(transaction=False) as pipe:
                 for wid in registered:
-                    pipe.exists(self.keys.worker_lease(wid))
-                alive = await pipe.execute()
+                    pipe.pttl(self.keys.worker_lease(wid))
+                ttls_ms = await pipe.execute()
+            # PTTL is -2 for a missing key (the lease expired); a live lease has a TTL, and the
+            # earliest one is when the next worker could be found dead: wake up for it then.
+            alive = [int(ttl) != -2 for ttl in ttls_ms]
+            live_ttls = [int(ttl) for ttl in ttls_ms if int(ttl) >= 0]
+            self._next_lease_expiry = (
+                time.monotonic() + min(live_ttls) / 1000 if live_ttls else math.inf
+            )
             dead = [w for w, a in zip(registered, alive, strict=True) if not a]
             self._set_gauge("live_workers", len(registered) - len(dead))
         report = await recover(

@@ -135,10 +135,12 @@ def test_run_metrics_reach_the_pushgateway_and_a_killed_workers_group_is_reaped(
         f"\nSIGKILL -> group deleted: {elapsed:.2f}s "
         f"({since_heartbeat:.2f}s after the last heartbeat; lease {LEASE_S}s, tick {TICK_S}s)"
     )
-    # Lease expiry is 2 to 3 heartbeat intervals after the kill; the governor notices it at its
-    # next tick. Measured from the last heartbeat: within the lease plus one tick.
-    assert since_heartbeat <= LEASE_S + TICK_S + 0.3, since_heartbeat
-    assert elapsed <= LEASE_S + TICK_S + 0.3, elapsed
+    # The lease (three heartbeat intervals) expires 2 to 3 intervals after the kill, and the
+    # governor wakes at that expiry rather than at its next tick: the group goes within three
+    # heartbeat intervals, plus the Pushgateway's DELETE and this test's polling.
+    assert elapsed <= left_ms / 1000 + 0.25, (elapsed, left_ms)
+    assert elapsed <= LEASE_S + 0.25, elapsed
+    assert since_heartbeat <= LEASE_S + 0.25, since_heartbeat
     assert "gov-obs" in gateway.groups()  # only the dead worker's group went
     deleted = samples(scrape(governor.url), "pushgateway_groups_deleted")  # type: ignore[attr-defined]
     assert any(s.name == "pushgateway_groups_deleted_total" and s.value >= 1 for s in deleted)
