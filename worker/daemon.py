@@ -10,18 +10,9 @@ Lifecycle::
         ──► commands not finished go back to the head of tg_commands ──► release the session
         ──► close Telegram and Redis ──► exit 0, within SHUTDOWN_GRACE_SECONDS
 
-One execution of a command: validate (``MAX_COMMAND_BYTES`` first, never parsed above it) →
-skip if its id completed already → ``started`` → fetch (throttled ``progress``) → one terminal
-event → ack. Invalid commands: ``failed`` (not retryable) + dead letter. Retryable failures
-(rate limit above the cap, transient errors, breaker open, failed days of ``per_day``):
-``failed`` with ``retryable: true`` and a delayed retry, up to ``COMMAND_RETRY_MAX``; then
-``failed`` not retryable. ``PermanentError``: ``failed``, not retryable. ``SessionRevoked``:
-the command goes back to the queue (no event), the session is marked bad, exit 77.
-
-A command whose id already completed (within ``COMPLETED_IDS_TTL_SECONDS``) is acknowledged and
-skipped with a log line and **no event**: it is not executed, and CONTRACT §4 asks for exactly
-one terminal event per execution. A command redelivered after its worker died *is* executed
-again (days already complete are skipped by the fetcher) and gets its own events.
+Each command taken runs in its own task, executed by :class:`worker.executor.CommandExecutor`
+(validation, events, retries, ack). A ``SessionRevoked`` there puts the command back (no event);
+the daemon then marks the session bad and exits 77.
 
 Exit codes (:class:`worker.cli.Exit`): 0 stopped by a signal; 1 the worker lease or the session
 lease was taken over by another process; 69 Redis unreachable for longer than
@@ -37,11 +28,9 @@ import random
 import signal
 import socket
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import Counter
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from loguru import logger
 from redis.asyncio import Redis
@@ -56,31 +45,13 @@ from governor.metrics import (
     start_exporters,
 )
 from governor.settings import ConfigError
-from worker.commands import CommandLimits, FetchCommand, parse_command, salvage_identity, today_in
-from worker.errors import (
-    BreakerOpen,
-    CommandRejected,
-    FetchError,
-    PermanentError,
-    RateLimited,
-    SessionRevoked,
-    ShutdownRequested,
-)
-from worker.events import EventPublisher, ProgressThrottle, make_event, poison_event
+from worker.errors import FetchError, SessionRevoked
+from worker.events import EventPublisher, poison_event
+from worker.executor import CommandExecutor, Running, Tally
 from worker.health import HealthFile
-from worker.queue import (
-    REDIS_DOWN,
-    RedisLink,
-    RedisUnavailable,
-    WorkQueue,
-    connect,
-    new_dead_letter,
-    recover,
-)
+from worker.queue import REDIS_DOWN, RedisLink, RedisUnavailable, WorkQueue, connect, recover
 from worker.sessions import SessionLeases
 from worker.settings import WorkerSettings
-
-T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_LEASE_LOST = 1
@@ -89,20 +60,6 @@ EXIT_SESSION_REVOKED = 77
 
 VERSION = package_version()
 BREAKER = "telegram"  # the breaker_state{component} of the shared Telegram breaker
-
-
-@dataclass
-class _Running:
-    """One command being executed by this worker."""
-
-    entry: bytes  # as it is in the processing list
-    cmd: FetchCommand
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    taken_over: bool = False  # the lease expired and another worker may run it
-    started: float = field(default_factory=time.monotonic)
-    started_at: str = field(
-        default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    )
 
 
 class Daemon:
@@ -119,14 +76,12 @@ class Daemon:
         self.worker_id = settings.worker_id or socket.gethostname().split(".")[0] or "worker"
         self.session_name: str | None = None
         self._first_signal_at: float | None = None
-        self._running: dict[str, _Running] = {}  # by command_id
+        self._running: dict[str, Running] = {}  # by command_id
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: dict[asyncio.Task[None], bytes] = {}  # task -> its processing-list entry
-        self._chat_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slot_freed = asyncio.Event()
-        self._waiting = 0  # tasks waiting for their chat's lock
         self._status = "starting"
-        self._served = 0
+        self.tally = Tally()  # written by the executor, reported here
         self.client: Redis | None = None
         self.link = RedisLink(
             settings.redis_display(),
@@ -145,9 +100,6 @@ class Daemon:
         self.metrics.set_breaker_state(BREAKER, "closed")
         self.exporters: Exporters | None = None
         self._shipper: Any = None
-        self._fresh_until: dict[str, float] = {}  # chat label -> unix time its data is current to
-        self._last_success: str | None = None
-        self._last_command: dict[str, Any] | None = None
 
     # --- entry point --------------------------------------------------------------------------
     async def run(self) -> int:
@@ -210,7 +162,24 @@ class Daemon:
                 self.session_name,
                 s.parallelism_max,
             )
-            await self._take_loop(queue, publisher)
+            executor = CommandExecutor(
+                s,
+                worker_id=self.worker_id,
+                queue=queue,
+                publisher=publisher,
+                link=self.link,
+                telegram=self.telegram,
+                store=self.store,
+                metrics=self.metrics,
+                tally=self.tally,
+                running=self._running,
+                held=self._held,
+                stop=self.stop,
+                slot_freed=self._slot_freed,
+                on_busy=self._on_busy,
+                on_revoked=self._on_revoked,
+            )
+            await self._take_loop(queue, executor)
         except RedisUnavailable as exc:
             self._begin_stop(EXIT_REDIS_UNAVAILABLE, f"redis unavailable: {exc}")
         except SessionRevoked as exc:
@@ -246,6 +215,14 @@ class Daemon:
             self.stop.set()
         for running in self._running.values():
             running.stop.set()
+
+    def _on_revoked(self, exc: SessionRevoked) -> None:
+        """A command's fetch found the session revoked."""
+        self._begin_stop(EXIT_SESSION_REVOKED, f"session revoked: {exc}")
+
+    def _on_busy(self) -> None:
+        """A command's fetch starts."""
+        self._status = "busy"
 
     # --- startup --------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
@@ -291,12 +268,12 @@ class Daemon:
             redis_ok=self.link.up,
             breaker=self.metrics.breaker_state_of(BREAKER),
             current_command=running[0] if running else None,
-            last_success=self._last_success,
+            last_success=self.tally.last_success,
             worker_id=self.worker_id,
             status=self._status,
             running=running,
-            commands_served=self._served,
-            last_command=self._last_command,
+            commands_served=self.tally.served,
+            last_command=self.tally.last_command,
         )
 
     def _record_retry(self, target: str, reason: str, delay_s: float) -> None:
@@ -406,19 +383,19 @@ class Daemon:
             await sessions.mark_bad(str(exc), self.worker_id)
 
     # --- taking -------------------------------------------------------------------------------
-    async def _take_loop(self, queue: WorkQueue, publisher: EventPublisher) -> None:
+    async def _take_loop(self, queue: WorkQueue, executor: CommandExecutor) -> None:
         s = self.settings
         reconciled = time.monotonic()
         while not self.stop.is_set():
             # A command waiting for its chat (another command on it runs here) takes no slot,
             # but at most PARALLELISM_MAX of them are held, so one chat cannot hoard the queue.
-            active = len(self._tasks) - self._waiting
+            active = len(self._tasks) - executor.waiting
             if active >= s.parallelism_max or len(self._tasks) >= 2 * s.parallelism_max:
                 self._slot_freed.clear()
                 await self._wait_any(self._slot_freed, 1.0)
                 continue
             if time.monotonic() - reconciled >= s.worker_lease_seconds:
-                await self._adopt_orphans(queue, publisher)
+                await self._adopt_orphans(queue, executor)
                 reconciled = time.monotonic()
             raw = await self.link.call(
                 lambda: queue.take(s.command_pop_timeout_seconds), "take command"
@@ -427,15 +404,15 @@ class Daemon:
                 continue
             if self.stop.is_set():
                 break  # it stays in the processing list; release_all hands it back
-            self._spawn(queue, publisher, raw)
+            self._spawn(executor, raw)
 
-    def _spawn(self, queue: WorkQueue, publisher: EventPublisher, raw: bytes) -> None:
-        task = asyncio.create_task(self._execute(queue, publisher, raw))
+    def _spawn(self, executor: CommandExecutor, raw: bytes) -> None:
+        task = asyncio.create_task(executor.execute(raw))
         self._held[task] = raw
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
-    async def _adopt_orphans(self, queue: WorkQueue, publisher: EventPublisher) -> None:
+    async def _adopt_orphans(self, queue: WorkQueue, executor: CommandExecutor) -> None:
         """Run what is in our processing list but in no task of ours: a BLMOVE whose reply was
         lost with its connection (Redis restarted after moving the command) leaves it there.
         Called between takes only, so no BLMOVE is in flight."""
@@ -445,7 +422,7 @@ class Daemon:
                 known[raw] -= 1
                 continue
             logger.warning("running a command found in our processing list without a task")
-            self._spawn(queue, publisher, raw)
+            self._spawn(executor, raw)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._held.pop(task, None)
@@ -457,429 +434,6 @@ class Daemon:
                 self._begin_stop(EXIT_REDIS_UNAVAILABLE, f"redis unavailable: {exc}")
             else:
                 logger.opt(exception=exc).error("command task crashed")
-
-    # --- one command ----------------------------------------------------------------------------
-    async def _execute(self, queue: WorkQueue, publisher: EventPublisher, raw: bytes) -> None:
-        s = self.settings
-        logger.debug("command received ({} bytes)", len(raw), event="command_received")
-        if len(raw) > s.max_command_bytes:
-            await self._reject(
-                queue,
-                publisher,
-                raw,
-                f"command is {len(raw)} bytes, more than MAX_COMMAND_BYTES={s.max_command_bytes}",
-                None,
-                None,
-            )
-            return
-        limits = CommandLimits(
-            today=today_in(s.tz, datetime.now(UTC)),
-            max_range_days=s.max_range_days,
-            max_command_bytes=s.max_command_bytes,
-            default_strategy=s.fetch_strategy,
-        )
-        try:
-            cmd = parse_command(raw, limits)
-        except CommandRejected as exc:
-            cid, chat = salvage_identity(raw)
-            await self._reject(queue, publisher, raw, str(exc), cid, chat)
-            return
-        # Everything the command does from here on, in this task and in the tasks and threads
-        # it starts (per-day fetches, storage, progress events), logs these three fields.
-        with logger.contextualize(command_id=cmd.command_id, chat=cmd.chat.display, mode=cmd.mode):
-            logger.debug(
-                "command parsed: {} {}, strategy {}, {} days, limit {}",
-                cmd.mode,
-                cmd.params,
-                cmd.strategy,
-                len(cmd.days),
-                cmd.limit,
-                event="command_parsed",
-            )
-            await self._execute_parsed(queue, publisher, raw, cmd)
-
-    async def _execute_parsed(
-        self, queue: WorkQueue, publisher: EventPublisher, raw: bytes, cmd: FetchCommand
-    ) -> None:
-        s = self.settings
-        log = logger.bind(worker_id=self.worker_id)
-        entry = raw
-        if salvage_identity(raw)[0] != cmd.command_id:
-            new = cmd.to_json().encode("utf-8")
-            if not await self.link.call(lambda: queue.replace(raw, new), "assign id"):
-                return  # taken away from us meanwhile (lease expired): not ours to run
-            entry = new
-            task = asyncio.current_task()
-            if task is not None:
-                self._held[task] = entry
-        log = log.bind(command_id=cmd.command_id, chat=cmd.chat.display)
-        lock = self._chat_locks[cmd.chat.key]
-        if lock.locked():
-            log.info("chat {} is busy in this worker; the command waits", cmd.chat.display)
-            self._waiting += 1
-            self._slot_freed.set()
-            try:
-                await lock.acquire()
-            finally:
-                self._waiting -= 1
-        else:
-            await lock.acquire()
-        try:
-            if self.stop.is_set():
-                return  # still in the processing list: handed back at shutdown
-            done_at = await self.link.call(
-                lambda: queue.completed_at(cmd.command_id), "completed ids"
-            )
-            if done_at is not None:
-                await self.link.call(lambda: queue.ack(entry, cmd.command_id, completed=False))
-                log.info(
-                    "command already completed at {}; skipped (no event: not executed)",
-                    datetime.fromtimestamp(done_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                )
-                return
-            owner = await self.link.call(lambda: queue.claim_run(cmd.command_id), "claim run")
-            if owner is not None:
-                # The same command_id is being executed by a live worker: run it at most once.
-                # Come back later; by then it completed (skipped) or that worker died (ours).
-                delay = max(1.0, s.worker_lease_seconds)
-                await self.link.call(
-                    lambda: queue.retry_later(entry, cmd.command_id, delay, count=False), "defer"
-                )
-                log.info("same command running on {}; this copy deferred {:g}s", owner, delay)
-                return
-            running = _Running(entry=entry, cmd=cmd)
-            if self.stop.is_set():
-                running.stop.set()
-            self._running[cmd.command_id] = running
-            try:
-                await self._run_fetch(queue, publisher, running, log)
-            finally:
-                self._running.pop(cmd.command_id, None)
-        finally:
-            lock.release()
-
-    async def _reject(
-        self,
-        queue: WorkQueue,
-        publisher: EventPublisher,
-        raw: bytes,
-        reason: str,
-        command_id: str | None,
-        chat: str | None,
-    ) -> None:
-        letter = new_dead_letter(
-            raw,
-            reason=reason,
-            error_type="CommandRejected",
-            command_id=command_id,
-            chat=chat,
-            worker_id=self.worker_id,
-            source="validation",
-        )
-        self.metrics.commands_total.labels(status="rejected").inc()
-        logger.bind(worker_id=self.worker_id, command_id=command_id, chat=chat).warning(
-            "rejected command ({} bytes): {}; dead letter {}",
-            len(raw),
-            reason,
-            letter.id,
-            event="command_rejected",
-            error_type="CommandRejected",
-        )
-        event = make_event(
-            "failed",
-            command_id=command_id,
-            chat=chat,
-            mode=None,
-            params={},
-            worker_id=self.worker_id,
-            error_type="CommandRejected",
-            error_message=f"{reason} (dead letter {letter.id})",
-            retryable=False,
-        )
-        await publisher.publish(event)
-        await self.link.call(lambda: queue.dead_letter(raw, letter), "dead letter")
-
-    async def _run_fetch(
-        self, queue: WorkQueue, publisher: EventPublisher, running: _Running, log: Any
-    ) -> None:
-        from worker.fetch import Fetcher, FetchOutcome
-
-        s = self.settings
-        cmd = running.cmd
-        running.started = started = time.monotonic()
-        self._status = "busy"
-
-        def event(kind: Any, outcome: FetchOutcome | None = None, **extra: Any) -> dict[str, Any]:
-            return make_event(
-                kind,
-                command_id=cmd.command_id,
-                chat=cmd.chat.display,
-                mode=cmd.mode,
-                params=cmd.params,
-                worker_id=self.worker_id,
-                processed=outcome.processed if outcome else 0,
-                errors=outcome.errors if outcome else 0,
-                duration_sec=time.monotonic() - started,
-                **extra,
-            )
-
-        throttle = ProgressThrottle(publisher, s.progress_event_interval_seconds)
-
-        async def on_progress(outcome: FetchOutcome) -> None:
-            throttle.offer(event("progress", outcome))
-
-        log.info(
-            "command started: {} {} ({} days)",
-            cmd.mode,
-            cmd.params,
-            len(cmd.days),
-            event="command_started",
-            total=len(cmd.days),
-        )
-        await publisher.publish(event("started"))
-        fetcher = Fetcher(
-            self.telegram,
-            self.store,
-            tz=s.tz,
-            concurrency=s.fetch_concurrency,
-            stop=running.stop,
-            metrics=self.metrics,
-        )
-        outcome: FetchOutcome | None = None
-        failure: FetchError | None = None
-        try:
-            outcome = await fetcher.run(cmd, on_progress=on_progress)
-        except ShutdownRequested:
-            await throttle.drain()
-            if running.taken_over:
-                log.warning("command taken over after our lease expired; dropped here")
-            else:
-                log.info(
-                    "command interrupted by shutdown after {:.1f}s; progress saved, it goes "
-                    "back to the queue (no terminal event: it is not over)",
-                    time.monotonic() - started,
-                    event="command_interrupted",
-                    duration_ms=int((time.monotonic() - started) * 1000),
-                )
-            return
-        except SessionRevoked as exc:
-            await throttle.drain()
-            self.metrics.fetch_errors_total.labels(type=exc.type_name).inc()
-            log.error(
-                "session revoked during the command; it goes back to the queue",
-                event="session_revoked",
-                error_type=exc.type_name,
-            )
-            self._begin_stop(EXIT_SESSION_REVOKED, f"session revoked: {exc}")
-            return
-        except PermanentError as exc:
-            await throttle.drain()
-            await self._finish_failed(queue, publisher, running, event, exc, retryable=False)
-            return
-        except FetchError as exc:
-            failure = exc
-        except asyncio.CancelledError:
-            log.info("command cancelled by a forced stop; it goes back to the queue")
-            raise
-        except Exception as exc:
-            await throttle.drain()
-            self._finished(running, "error", type(exc).__name__, None)
-            log.opt(exception=exc).error(
-                "internal error in command; dead-lettered",
-                event="command_failed",
-                error_type=type(exc).__name__,
-                duration_ms=int((time.monotonic() - started) * 1000),
-            )
-            await self._internal_error(queue, publisher, running, event, exc)
-            return
-        await throttle.drain()
-        if failure is None and outcome is not None and outcome.days_failed:
-            failure = outcome.first_error
-        if failure is not None:
-            await self._retry_or_fail(queue, publisher, running, event, failure, outcome)
-            return
-        assert outcome is not None
-        if not await self._still_ours(queue, running, log):
-            return
-        status = "partial" if outcome.days_partial else "ok"
-        await publisher.publish(event("completed", outcome, status=status, files=outcome.files))
-        await self.link.call(lambda: queue.ack(running.entry, cmd.command_id, completed=True))
-        self._served += 1
-        self._finished(running, status, None, outcome)
-        self._last_success = self._last_command["finished"] if self._last_command else None
-        log.bind(**self._summary(running, outcome)).info(
-            "command completed: {} messages, {} files, days complete {}, skipped {}, partial {}",
-            outcome.processed,
-            len(outcome.files),
-            len(outcome.days_completed),
-            len(outcome.days_skipped),
-            len(outcome.days_partial),
-            event="command_completed",
-        )
-
-    def _summary(self, running: _Running, outcome: Any) -> dict[str, Any]:
-        """The counts every command's last log line carries."""
-        cmd = running.cmd
-        done = (
-            len(outcome.days_completed) + len(outcome.days_skipped) + len(outcome.days_partial)
-            if outcome is not None
-            else 0
-        )
-        return {
-            "duration_ms": int((time.monotonic() - running.started) * 1000),
-            "message_count": outcome.fetched if outcome is not None else 0,
-            "processed": outcome.processed if outcome is not None else 0,
-            "days_done": done,
-            "total": len(cmd.days),
-        }
-
-    def _finished(
-        self, running: _Running, status: str, error_type: str | None, outcome: Any
-    ) -> None:
-        """Metrics of one finished execution, and what ``/health/details`` shows of it."""
-        m = self.metrics
-        cmd = running.cmd
-        m.commands_total.labels(status=status).inc()
-        m.observe_fetch(cmd.chat.display, time.monotonic() - running.started)
-        if error_type is not None:
-            m.fetch_errors_total.labels(type=error_type).inc()
-        if outcome is not None and outcome.fresh_until is not None:
-            label = m.chat_label(cmd.chat.display)
-            fresh = outcome.fresh_until.timestamp()
-            # Per chat the freshest data counts (a backfill of old days does not make the chat
-            # look stale); in the shared "other" bucket the last write wins.
-            if label != "other":
-                fresh = max(fresh, self._fresh_until.get(label, fresh))
-            self._fresh_until[label] = fresh
-            m.fetch_lag_seconds.labels(chat=label).set(max(0.0, time.time() - fresh))
-        self._last_command = {
-            "command_id": cmd.command_id,
-            "chat": cmd.chat.display,
-            "status": status,
-            "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-
-    async def _still_ours(self, queue: WorkQueue, running: _Running, log: Any) -> bool:
-        """Is the command still in our processing list? (Not if our lease expired during an
-        outage and a recovery gave it to another worker: then that execution reports.)"""
-        if running.taken_over:
-            return False
-        held = await self.link.call(lambda: queue.holds(running.entry), "ownership")
-        if not held:
-            running.taken_over = True
-            log.warning("command was recovered by another worker while we ran it; no event")
-        return held
-
-    async def _retry_or_fail(
-        self,
-        queue: WorkQueue,
-        publisher: EventPublisher,
-        running: _Running,
-        event: Callable[..., dict[str, Any]],
-        exc: FetchError,
-        outcome: Any,
-    ) -> None:
-        s = self.settings
-        cmd = running.cmd
-        log = logger.bind(
-            worker_id=self.worker_id, command_id=cmd.command_id, chat=cmd.chat.display
-        )
-        if not await self._still_ours(queue, running, log):
-            return
-        done = await self.link.call(lambda: queue.retries(cmd.command_id), "retry count")
-        if not exc.retryable or done >= s.command_retry_max:
-            why = "" if not exc.retryable else f" (gave up after {done} retries)"
-            await self._finish_failed(
-                queue, publisher, running, event, exc, retryable=False, suffix=why, outcome=outcome
-            )
-            return
-        if isinstance(exc, RateLimited | BreakerOpen):
-            delay = max(exc.retry_after, s.command_retry_base_seconds)
-        else:
-            delay = min(s.command_retry_max_seconds, s.command_retry_base_seconds * 2**done)
-        delay *= random.uniform(1.0, 1.1)  # workers failing together do not retry together
-        message = f"{exc} (retry {done + 1}/{s.command_retry_max} in {delay:.0f}s)"
-        await publisher.publish(
-            event(
-                "failed",
-                outcome,
-                error_type=exc.type_name,
-                error_message=message,
-                retryable=True,
-            )
-        )
-        await self.link.call(
-            lambda: queue.retry_later(running.entry, cmd.command_id, delay), "retry later"
-        )
-        self._finished(running, "retrying", exc.type_name, outcome)
-        log.bind(error_type=exc.type_name, **self._summary(running, outcome)).warning(
-            "command failed, will retry: {}",
-            message,
-            event="command_failed",
-            retryable=True,
-            wait_seconds=round(delay, 3),
-        )
-
-    async def _finish_failed(
-        self,
-        queue: WorkQueue,
-        publisher: EventPublisher,
-        running: _Running,
-        event: Callable[..., dict[str, Any]],
-        exc: FetchError,
-        *,
-        retryable: bool,
-        suffix: str = "",
-        outcome: Any = None,
-    ) -> None:
-        cmd = running.cmd
-        log = logger.bind(
-            worker_id=self.worker_id, command_id=cmd.command_id, chat=cmd.chat.display
-        )
-        if not await self._still_ours(queue, running, log):
-            return
-        await publisher.publish(
-            event(
-                "failed",
-                outcome,
-                error_type=exc.type_name,
-                error_message=f"{exc}{suffix}",
-                retryable=retryable,
-            )
-        )
-        await self.link.call(lambda: queue.ack(running.entry, cmd.command_id, completed=False))
-        self._finished(running, "failed", exc.type_name, outcome)
-        log.bind(error_type=exc.type_name, **self._summary(running, outcome)).error(
-            "command failed: {}{}", exc, suffix, event="command_failed", retryable=False
-        )
-
-    async def _internal_error(
-        self,
-        queue: WorkQueue,
-        publisher: EventPublisher,
-        running: _Running,
-        event: Callable[..., dict[str, Any]],
-        exc: Exception,
-    ) -> None:
-        cmd = running.cmd
-        letter = new_dead_letter(
-            running.entry,
-            reason=f"internal error: {type(exc).__name__}: {exc}",
-            error_type=type(exc).__name__,
-            command_id=cmd.command_id,
-            chat=cmd.chat.display,
-            worker_id=self.worker_id,
-            source="internal",
-        )
-        await publisher.publish(
-            event(
-                "failed",
-                error_type=type(exc).__name__,
-                error_message=f"internal error: {exc} (dead letter {letter.id})",
-                retryable=False,
-            )
-        )
-        await self.link.call(lambda: queue.dead_letter(running.entry, letter), "dead letter")
 
     # --- background -----------------------------------------------------------------------------
     async def _heartbeat(self, queue: WorkQueue, sessions: SessionLeases) -> None:
@@ -920,7 +474,7 @@ class Daemon:
     def _refresh_lag(self) -> None:
         """``fetch_lag_seconds`` grows while nothing is fetched: recompute it every heartbeat."""
         now = time.time()
-        for label, fresh in list(self._fresh_until.items()):
+        for label, fresh in list(self.tally.fresh_until.items()):
             self.metrics.fetch_lag_seconds.labels(chat=label).set(max(0.0, now - fresh))
 
     async def _recovery(self, publisher: EventPublisher) -> None:
@@ -970,7 +524,7 @@ class Daemon:
             worker_id=self.worker_id,
             session=self.session_name,
             redis="up" if self.link.up else "down",
-            served=self._served,
+            served=self.tally.served,
             current=[
                 {"command_id": r.cmd.command_id, "chat": r.cmd.chat.display}
                 for r in self._running.values()
@@ -1049,14 +603,14 @@ class Daemon:
                     await self.client.aclose()
             self.health.remove()
             waited = time.monotonic() - began
-            last = self._last_command or {}
+            last = self.tally.last_command or {}
             logger.info(
                 "worker {} stopped ({}), exit {}, {} commands served, {:.1f}s to stop, "
                 "last command {}",
                 self.worker_id,
                 self.exit_reason,
                 self.exit_code,
-                self._served,
+                self.tally.served,
                 waited,
                 last.get("command_id", "none"),
                 event="shutdown_completed",
@@ -1064,7 +618,7 @@ class Daemon:
                 exit_code=self.exit_code,
                 waited_seconds=round(waited, 3),
                 duration_ms=int(waited * 1000),
-                commands_served=self._served,
+                commands_served=self.tally.served,
                 last_command_id=last.get("command_id"),
                 last_command_chat=last.get("chat"),
                 last_command_status=last.get("status"),

@@ -142,8 +142,15 @@ def test_run_metrics_reach_the_pushgateway_and_a_killed_workers_group_is_reaped(
     assert elapsed <= LEASE_S + 0.25, elapsed
     assert since_heartbeat <= LEASE_S + 0.25, since_heartbeat
     assert "gov-obs" in gateway.groups()  # only the dead worker's group went
-    deleted = samples(scrape(governor.url), "pushgateway_groups_deleted")  # type: ignore[attr-defined]
-    assert any(s.name == "pushgateway_groups_deleted_total" and s.value >= 1 for s in deleted)
+    # The governor counts the deletion right after the DELETE returns: wait for that too.
+    wait_for(
+        lambda: any(
+            s.name == "pushgateway_groups_deleted_total" and s.value >= 1
+            for s in samples(scrape(governor.url), "pushgateway_groups_deleted")  # type: ignore[attr-defined]
+        ),
+        2,
+        "the governor's deletion counter",
+    )
 
 
 def test_metrics_of_worker_and_governor_parse_and_name_every_metric_after_one_command(

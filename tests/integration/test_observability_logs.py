@@ -17,7 +17,13 @@ from tests.redis_server import free_port
 ALWAYS = {"ts", "level", "message", "service", "environment", "worker_id", "component", "logger"}
 #: Loggers whose every line is work done for a command (the daemon's own lines are checked by
 #: their events).
-COMMAND_LOGGERS = ("worker.fetch", "worker.storage", "worker.progress", "governor.fleet_gate")
+COMMAND_LOGGERS = (
+    "worker.fetch",
+    "worker.executor",
+    "worker.storage",
+    "worker.progress",
+    "governor.fleet_gate",
+)
 
 
 @pytest.fixture

@@ -1,0 +1,519 @@
+"""One execution of a command taken from ``tg_commands``: :class:`CommandExecutor`.
+
+Validate (``MAX_COMMAND_BYTES`` first, never parsed above it) → skip if its id completed already
+→ ``started`` → fetch (throttled ``progress``) → one terminal event → ack. Invalid commands:
+``failed`` (not retryable) + dead letter. Retryable failures (rate limit above the cap, transient
+errors, breaker open, failed days of ``per_day``): ``failed`` with ``retryable: true`` and a
+delayed retry, up to ``COMMAND_RETRY_MAX``; then ``failed`` not retryable. ``PermanentError``:
+``failed``, not retryable. ``SessionRevoked``: the command goes back to the queue (no event) and
+the daemon is told to stop (it marks the session bad and exits 77).
+
+A command whose id already completed (within ``COMPLETED_IDS_TTL_SECONDS``) is acknowledged and
+skipped with a log line and **no event**: it is not executed, and CONTRACT §4 asks for exactly
+one terminal event per execution. A command redelivered after its worker died *is* executed
+again (days already complete are skipped by the fetcher) and gets its own events.
+
+The lifecycle around it (taking, leases, heartbeat, shutdown) is :mod:`worker.daemon`'s; the
+two share the map of running commands, the task → entry map and the :class:`Tally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from loguru import logger
+
+from governor.metrics import WorkerMetrics
+from worker.commands import CommandLimits, FetchCommand, parse_command, salvage_identity, today_in
+from worker.errors import (
+    BreakerOpen,
+    CommandRejected,
+    FetchError,
+    PermanentError,
+    RateLimited,
+    SessionRevoked,
+    ShutdownRequested,
+)
+from worker.events import EventPublisher, ProgressThrottle, make_event
+from worker.queue import RedisLink, WorkQueue, new_dead_letter
+from worker.settings import WorkerSettings
+
+
+@dataclass
+class Running:
+    """One command being executed by this worker."""
+
+    entry: bytes  # as it is in the processing list
+    cmd: FetchCommand
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    taken_over: bool = False  # the lease expired and another worker may run it
+    started: float = field(default_factory=time.monotonic)
+    started_at: str = field(
+        default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+
+
+@dataclass
+class Tally:
+    """What this worker's executions did so far, for the health file, ``/health/details``, the
+    lag metric and the shutdown summary. Plain attributes: the HTTP server's thread reads them."""
+
+    served: int = 0
+    last_success: str | None = None
+    last_command: dict[str, Any] | None = None
+    # chat label -> unix time its data is current to
+    fresh_until: dict[str, float] = field(default_factory=dict)
+
+
+class CommandExecutor:
+    """Executes the commands the daemon takes, one :meth:`execute` task per command."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        worker_id: str,
+        queue: WorkQueue,
+        publisher: EventPublisher,
+        link: RedisLink,
+        telegram: Any,
+        store: Any,
+        metrics: WorkerMetrics,
+        tally: Tally,
+        running: dict[str, Running],
+        held: dict[asyncio.Task[None], bytes],
+        stop: asyncio.Event,
+        slot_freed: asyncio.Event,
+        on_busy: Callable[[], None],
+        on_revoked: Callable[[SessionRevoked], None],
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.queue = queue
+        self.publisher = publisher
+        self.link = link
+        self.telegram = telegram
+        self.store = store
+        self.metrics = metrics
+        self.tally = tally
+        self.running = running  # by command_id
+        self.held = held  # task -> its processing-list entry
+        self.stop = stop  # the daemon's: stop taking
+        self._slot_freed = slot_freed
+        self._on_busy = on_busy
+        self._on_revoked = on_revoked
+        self._chat_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.waiting = 0  # tasks waiting for their chat's lock
+
+    async def execute(self, raw: bytes) -> None:
+        """One command taken from the queue, from its raw bytes to its ack (or hand-back)."""
+        s = self.settings
+        logger.debug("command received ({} bytes)", len(raw), event="command_received")
+        if len(raw) > s.max_command_bytes:
+            await self._reject(
+                raw,
+                f"command is {len(raw)} bytes, more than MAX_COMMAND_BYTES={s.max_command_bytes}",
+                None,
+                None,
+            )
+            return
+        limits = CommandLimits(
+            today=today_in(s.tz, datetime.now(UTC)),
+            max_range_days=s.max_range_days,
+            max_command_bytes=s.max_command_bytes,
+            default_strategy=s.fetch_strategy,
+        )
+        try:
+            cmd = parse_command(raw, limits)
+        except CommandRejected as exc:
+            cid, chat = salvage_identity(raw)
+            await self._reject(raw, str(exc), cid, chat)
+            return
+        # Everything the command does from here on, in this task and in the tasks and threads
+        # it starts (per-day fetches, storage, progress events), logs these three fields.
+        with logger.contextualize(command_id=cmd.command_id, chat=cmd.chat.display, mode=cmd.mode):
+            logger.debug(
+                "command parsed: {} {}, strategy {}, {} days, limit {}",
+                cmd.mode,
+                cmd.params,
+                cmd.strategy,
+                len(cmd.days),
+                cmd.limit,
+                event="command_parsed",
+            )
+            await self._execute_parsed(raw, cmd)
+
+    async def _execute_parsed(self, raw: bytes, cmd: FetchCommand) -> None:
+        s = self.settings
+        log = logger.bind(worker_id=self.worker_id)
+        entry = raw
+        if salvage_identity(raw)[0] != cmd.command_id:
+            new = cmd.to_json().encode("utf-8")
+            if not await self.link.call(lambda: self.queue.replace(raw, new), "assign id"):
+                return  # taken away from us meanwhile (lease expired): not ours to run
+            entry = new
+            task = asyncio.current_task()
+            if task is not None:
+                self.held[task] = entry
+        log = log.bind(command_id=cmd.command_id, chat=cmd.chat.display)
+        lock = self._chat_locks[cmd.chat.key]
+        if lock.locked():
+            log.info("chat {} is busy in this worker; the command waits", cmd.chat.display)
+            self.waiting += 1
+            self._slot_freed.set()
+            try:
+                await lock.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await lock.acquire()
+        try:
+            if self.stop.is_set():
+                return  # still in the processing list: handed back at shutdown
+            done_at = await self.link.call(
+                lambda: self.queue.completed_at(cmd.command_id), "completed ids"
+            )
+            if done_at is not None:
+                await self.link.call(lambda: self.queue.ack(entry, cmd.command_id, completed=False))
+                log.info(
+                    "command already completed at {}; skipped (no event: not executed)",
+                    datetime.fromtimestamp(done_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                )
+                return
+            owner = await self.link.call(lambda: self.queue.claim_run(cmd.command_id), "claim run")
+            if owner is not None:
+                # The same command_id is being executed by a live worker: run it at most once.
+                # Come back later; by then it completed (skipped) or that worker died (ours).
+                delay = max(1.0, s.worker_lease_seconds)
+                await self.link.call(
+                    lambda: self.queue.retry_later(entry, cmd.command_id, delay, count=False),
+                    "defer",
+                )
+                log.info("same command running on {}; this copy deferred {:g}s", owner, delay)
+                return
+            running = Running(entry=entry, cmd=cmd)
+            if self.stop.is_set():
+                running.stop.set()
+            self.running[cmd.command_id] = running
+            try:
+                await self._run_fetch(running, log)
+            finally:
+                self.running.pop(cmd.command_id, None)
+        finally:
+            lock.release()
+
+    async def _reject(
+        self, raw: bytes, reason: str, command_id: str | None, chat: str | None
+    ) -> None:
+        letter = new_dead_letter(
+            raw,
+            reason=reason,
+            error_type="CommandRejected",
+            command_id=command_id,
+            chat=chat,
+            worker_id=self.worker_id,
+            source="validation",
+        )
+        self.metrics.commands_total.labels(status="rejected").inc()
+        logger.bind(worker_id=self.worker_id, command_id=command_id, chat=chat).warning(
+            "rejected command ({} bytes): {}; dead letter {}",
+            len(raw),
+            reason,
+            letter.id,
+            event="command_rejected",
+            error_type="CommandRejected",
+        )
+        event = make_event(
+            "failed",
+            command_id=command_id,
+            chat=chat,
+            mode=None,
+            params={},
+            worker_id=self.worker_id,
+            error_type="CommandRejected",
+            error_message=f"{reason} (dead letter {letter.id})",
+            retryable=False,
+        )
+        await self.publisher.publish(event)
+        await self.link.call(lambda: self.queue.dead_letter(raw, letter), "dead letter")
+
+    async def _run_fetch(self, running: Running, log: Any) -> None:
+        from worker.fetch import Fetcher, FetchOutcome
+
+        s = self.settings
+        cmd = running.cmd
+        running.started = started = time.monotonic()
+        self._on_busy()
+
+        def event(kind: Any, outcome: FetchOutcome | None = None, **extra: Any) -> dict[str, Any]:
+            return make_event(
+                kind,
+                command_id=cmd.command_id,
+                chat=cmd.chat.display,
+                mode=cmd.mode,
+                params=cmd.params,
+                worker_id=self.worker_id,
+                processed=outcome.processed if outcome else 0,
+                errors=outcome.errors if outcome else 0,
+                duration_sec=time.monotonic() - started,
+                **extra,
+            )
+
+        throttle = ProgressThrottle(self.publisher, s.progress_event_interval_seconds)
+
+        async def on_progress(outcome: FetchOutcome) -> None:
+            throttle.offer(event("progress", outcome))
+
+        log.info(
+            "command started: {} {} ({} days)",
+            cmd.mode,
+            cmd.params,
+            len(cmd.days),
+            event="command_started",
+            total=len(cmd.days),
+        )
+        await self.publisher.publish(event("started"))
+        fetcher = Fetcher(
+            self.telegram,
+            self.store,
+            tz=s.tz,
+            concurrency=s.fetch_concurrency,
+            stop=running.stop,
+            metrics=self.metrics,
+        )
+        outcome: FetchOutcome | None = None
+        failure: FetchError | None = None
+        try:
+            outcome = await fetcher.run(cmd, on_progress=on_progress)
+        except ShutdownRequested:
+            await throttle.drain()
+            if running.taken_over:
+                log.warning("command taken over after our lease expired; dropped here")
+            else:
+                log.info(
+                    "command interrupted by shutdown after {:.1f}s; progress saved, it goes "
+                    "back to the queue (no terminal event: it is not over)",
+                    time.monotonic() - started,
+                    event="command_interrupted",
+                    duration_ms=int((time.monotonic() - started) * 1000),
+                )
+            return
+        except SessionRevoked as exc:
+            await throttle.drain()
+            self.metrics.fetch_errors_total.labels(type=exc.type_name).inc()
+            log.error(
+                "session revoked during the command; it goes back to the queue",
+                event="session_revoked",
+                error_type=exc.type_name,
+            )
+            self._on_revoked(exc)
+            return
+        except PermanentError as exc:
+            await throttle.drain()
+            await self._finish_failed(running, event, exc, retryable=False)
+            return
+        except FetchError as exc:
+            failure = exc
+        except asyncio.CancelledError:
+            log.info("command cancelled by a forced stop; it goes back to the queue")
+            raise
+        except Exception as exc:
+            await throttle.drain()
+            self._finished(running, "error", type(exc).__name__, None)
+            log.opt(exception=exc).error(
+                "internal error in command; dead-lettered",
+                event="command_failed",
+                error_type=type(exc).__name__,
+                duration_ms=int((time.monotonic() - started) * 1000),
+            )
+            await self._internal_error(running, event, exc)
+            return
+        await throttle.drain()
+        if failure is None and outcome is not None and outcome.days_failed:
+            failure = outcome.first_error
+        if failure is not None:
+            await self._retry_or_fail(running, event, failure, outcome)
+            return
+        assert outcome is not None
+        if not await self._still_ours(running, log):
+            return
+        status = "partial" if outcome.days_partial else "ok"
+        await self.publisher.publish(
+            event("completed", outcome, status=status, files=outcome.files)
+        )
+        await self.link.call(lambda: self.queue.ack(running.entry, cmd.command_id, completed=True))
+        self.tally.served += 1
+        self._finished(running, status, None, outcome)
+        self.tally.last_success = (
+            self.tally.last_command["finished"] if self.tally.last_command else None
+        )
+        log.bind(**self._summary(running, outcome)).info(
+            "command completed: {} messages, {} files, days complete {}, skipped {}, partial {}",
+            outcome.processed,
+            len(outcome.files),
+            len(outcome.days_completed),
+            len(outcome.days_skipped),
+            len(outcome.days_partial),
+            event="command_completed",
+        )
+
+    def _summary(self, running: Running, outcome: Any) -> dict[str, Any]:
+        """The counts every command's last log line carries."""
+        cmd = running.cmd
+        done = (
+            len(outcome.days_completed) + len(outcome.days_skipped) + len(outcome.days_partial)
+            if outcome is not None
+            else 0
+        )
+        return {
+            "duration_ms": int((time.monotonic() - running.started) * 1000),
+            "message_count": outcome.fetched if outcome is not None else 0,
+            "processed": outcome.processed if outcome is not None else 0,
+            "days_done": done,
+            "total": len(cmd.days),
+        }
+
+    def _finished(
+        self, running: Running, status: str, error_type: str | None, outcome: Any
+    ) -> None:
+        """Metrics of one finished execution, and what ``/health/details`` shows of it."""
+        m = self.metrics
+        cmd = running.cmd
+        m.commands_total.labels(status=status).inc()
+        m.observe_fetch(cmd.chat.display, time.monotonic() - running.started)
+        if error_type is not None:
+            m.fetch_errors_total.labels(type=error_type).inc()
+        if outcome is not None and outcome.fresh_until is not None:
+            label = m.chat_label(cmd.chat.display)
+            fresh = outcome.fresh_until.timestamp()
+            # Per chat the freshest data counts (a backfill of old days does not make the chat
+            # look stale); in the shared "other" bucket the last write wins.
+            if label != "other":
+                fresh = max(fresh, self.tally.fresh_until.get(label, fresh))
+            self.tally.fresh_until[label] = fresh
+            m.fetch_lag_seconds.labels(chat=label).set(max(0.0, time.time() - fresh))
+        self.tally.last_command = {
+            "command_id": cmd.command_id,
+            "chat": cmd.chat.display,
+            "status": status,
+            "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+    async def _still_ours(self, running: Running, log: Any) -> bool:
+        """Is the command still in our processing list? (Not if our lease expired during an
+        outage and a recovery gave it to another worker: then that execution reports.)"""
+        if running.taken_over:
+            return False
+        held = await self.link.call(lambda: self.queue.holds(running.entry), "ownership")
+        if not held:
+            running.taken_over = True
+            log.warning("command was recovered by another worker while we ran it; no event")
+        return held
+
+    async def _retry_or_fail(
+        self, running: Running, event: Callable[..., dict[str, Any]], exc: FetchError, outcome: Any
+    ) -> None:
+        s = self.settings
+        cmd = running.cmd
+        log = logger.bind(
+            worker_id=self.worker_id, command_id=cmd.command_id, chat=cmd.chat.display
+        )
+        if not await self._still_ours(running, log):
+            return
+        done = await self.link.call(lambda: self.queue.retries(cmd.command_id), "retry count")
+        if not exc.retryable or done >= s.command_retry_max:
+            why = "" if not exc.retryable else f" (gave up after {done} retries)"
+            await self._finish_failed(
+                running, event, exc, retryable=False, suffix=why, outcome=outcome
+            )
+            return
+        if isinstance(exc, RateLimited | BreakerOpen):
+            delay = max(exc.retry_after, s.command_retry_base_seconds)
+        else:
+            delay = min(s.command_retry_max_seconds, s.command_retry_base_seconds * 2**done)
+        delay *= random.uniform(1.0, 1.1)  # workers failing together do not retry together
+        message = f"{exc} (retry {done + 1}/{s.command_retry_max} in {delay:.0f}s)"
+        await self.publisher.publish(
+            event(
+                "failed",
+                outcome,
+                error_type=exc.type_name,
+                error_message=message,
+                retryable=True,
+            )
+        )
+        await self.link.call(
+            lambda: self.queue.retry_later(running.entry, cmd.command_id, delay), "retry later"
+        )
+        self._finished(running, "retrying", exc.type_name, outcome)
+        log.bind(error_type=exc.type_name, **self._summary(running, outcome)).warning(
+            "command failed, will retry: {}",
+            message,
+            event="command_failed",
+            retryable=True,
+            wait_seconds=round(delay, 3),
+        )
+
+    async def _finish_failed(
+        self,
+        running: Running,
+        event: Callable[..., dict[str, Any]],
+        exc: FetchError,
+        *,
+        retryable: bool,
+        suffix: str = "",
+        outcome: Any = None,
+    ) -> None:
+        cmd = running.cmd
+        log = logger.bind(
+            worker_id=self.worker_id, command_id=cmd.command_id, chat=cmd.chat.display
+        )
+        if not await self._still_ours(running, log):
+            return
+        await self.publisher.publish(
+            event(
+                "failed",
+                outcome,
+                error_type=exc.type_name,
+                error_message=f"{exc}{suffix}",
+                retryable=retryable,
+            )
+        )
+        await self.link.call(lambda: self.queue.ack(running.entry, cmd.command_id, completed=False))
+        self._finished(running, "failed", exc.type_name, outcome)
+        log.bind(error_type=exc.type_name, **self._summary(running, outcome)).error(
+            "command failed: {}{}", exc, suffix, event="command_failed", retryable=False
+        )
+
+    async def _internal_error(
+        self, running: Running, event: Callable[..., dict[str, Any]], exc: Exception
+    ) -> None:
+        cmd = running.cmd
+        letter = new_dead_letter(
+            running.entry,
+            reason=f"internal error: {type(exc).__name__}: {exc}",
+            error_type=type(exc).__name__,
+            command_id=cmd.command_id,
+            chat=cmd.chat.display,
+            worker_id=self.worker_id,
+            source="internal",
+        )
+        await self.publisher.publish(
+            event(
+                "failed",
+                error_type=type(exc).__name__,
+                error_message=f"internal error: {exc} (dead letter {letter.id})",
+                retryable=False,
+            )
+        )
+        await self.link.call(lambda: self.queue.dead_letter(running.entry, letter), "dead letter")
+
+
+__all__ = ["CommandExecutor", "Running", "Tally"]
