@@ -79,6 +79,8 @@ def test_send_wait_and_listen_follow_a_command_to_its_end(
                 "-m",
                 "worker",
                 "listen",
+                "--replay",  # whether it starts before or after the first event, it sees all
+                "1000",
                 "--command-id",
                 "op-1",
                 "--until-terminal",
@@ -91,7 +93,6 @@ def test_send_wait_and_listen_follow_a_command_to_its_end(
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(0.5)  # let the listener note the stream's end (it reads what follows)
         sent = cli(
             env,
             "send",
