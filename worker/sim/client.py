@@ -20,7 +20,7 @@ from worker.retry import OnRetry
 from worker.settings import WorkerSettings
 from worker.sim.server import SimServer
 from worker.sim.world import World
-from worker.telegram import GatedClient
+from worker.tgclient import GatedClient
 
 
 class SimSender:
