@@ -17,56 +17,47 @@ back to the queue.
 
 Every key is named by :class:`governor.keys.Keys`; every script is a file in ``worker/lua``
 registered through redis-py's ``register_script`` (``EVALSHA`` with a reload on ``NOSCRIPT``,
-so a ``SCRIPT FLUSH`` or a Redis restart is harmless). Redis errors that mean "Redis is not
-reachable right now" are :data:`REDIS_DOWN`; :class:`RedisLink` retries them with exponential
-backoff and jitter and logs one line per state change.
+so a ``SCRIPT FLUSH`` or a Redis restart is harmless). The dead-letter records are in
+:mod:`worker.deadletters`; the connection and outage handling in :mod:`worker.redislink`
+(both re-exported here, where the queue's users import them from).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import contextlib
 import json
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from typing import Any, TypeVar
 
-import redis.exceptions
-from loguru import logger
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    wait_exponential,
-    wait_random,
-)
 
 from governor.keys import Keys
 from worker.clock import utc_iso
+from worker.deadletters import DeadLetter, list_dead_letters, new_dead_letter
+from worker.redislink import REDIS_DOWN, RedisLink, RedisUnavailable, connect
+
+__all__ = [
+    "REDIS_DOWN",
+    "DeadLetter",
+    "RecoveryReport",
+    "RedisLink",
+    "RedisUnavailable",
+    "WorkQueue",
+    "connect",
+    "list_dead_letters",
+    "new_dead_letter",
+    "recover",
+    "requeue_dead_letter",
+    "scripts_for",
+]
 
 T = TypeVar("T")
-
-#: Errors meaning "Redis cannot be reached now" (``BusyLoadingError`` is a ``ConnectionError``).
-REDIS_DOWN: tuple[type[Exception], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    ConnectionError,
-    TimeoutError,
-)
-
-
-class RedisUnavailable(Exception):
-    """Redis stayed unreachable longer than ``REDIS_MAX_OUTAGE_SECONDS`` (or we are stopping)."""
-
 
 # --- scripts ------------------------------------------------------------------------------------
 
@@ -107,139 +98,15 @@ def scripts_for(client: Redis) -> QueueScripts:
     return found
 
 
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def connect(dsn: str, *, pop_timeout_s: float = 1.0) -> Redis:
-    """A client for the worker: socket timeout above the pop timeout, no hidden retries.
-
-    redis-py's default retries every command up to 10 times with backoff, which would hide an
-    outage from :class:`RedisLink` (and stall a stopping worker); we retry in one place.
-    ``rediss://`` URLs give TLS, ``redis://user:password@…`` gives ACL/AUTH.
-    """
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return Redis.from_url(
-        dsn,
-        socket_timeout=pop_timeout_s + 5.0,
-        socket_connect_timeout=5.0,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=15,
-    )
-
-
-# --- dead letters ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """One entry of the dead-letter list (stored as JSON, newest first)."""
-
-    id: str
-    ts: str
-    reason: str
-    error_type: str
-    command_id: str | None
-    chat: str | None
-    worker_id: str | None
-    source: str  # "validation" | "recovery" | "retry" | "internal"
-    payload: bytes | None  # the raw command (None if truncated beyond use)
-    payload_bytes: int
-    truncated: bool
-    raw_entry: bytes = field(default=b"", repr=False, compare=False)
-
-    def to_json(self, max_payload_bytes: int) -> str:
-        data: dict[str, Any] = {
-            "id": self.id,
-            "ts": self.ts,
-            "reason": self.reason,
-            "error_type": self.error_type,
-            "command_id": self.command_id,
-            "chat": self.chat,
-            "worker_id": self.worker_id,
-            "source": self.source,
-            "payload_bytes": self.payload_bytes,
-            "truncated": False,
-        }
-        payload = self.payload or b""
-        if len(payload) > max_payload_bytes:
-            # A 10 MB junk payload is kept as a prefix: enough to see what it was, and the
-            # dead-letter list cannot grow by gigabytes. Such a payload cannot be requeued.
-            payload = payload[:max_payload_bytes]
-            data["truncated"] = True
-        try:
-            data["payload"] = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            data["payload_b64"] = base64.b64encode(payload).decode("ascii")
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-    @classmethod
-    def from_entry(cls, entry: bytes) -> DeadLetter:
-        try:
-            data = json.loads(entry.decode("utf-8", "surrogateescape"))
-        except (ValueError, RecursionError):
-            data = {}
-        if not isinstance(data, dict):
-            data = {}
-        payload: bytes | None
-        if isinstance(data.get("payload_b64"), str):
-            payload = base64.b64decode(data["payload_b64"])
-        elif isinstance(data.get("payload"), str):
-            payload = data["payload"].encode("utf-8", "surrogateescape")
-        else:
-            payload = None
-
-        def opt(key: str) -> str | None:
-            value = data.get(key)
-            return value if isinstance(value, str) else None
-
-        return cls(
-            id=str(data.get("id", "?")),
-            ts=str(data.get("ts", "?")),
-            reason=str(data.get("reason", "?")),
-            error_type=str(data.get("error_type", "?")),
-            command_id=opt("command_id"),
-            chat=opt("chat"),
-            worker_id=opt("worker_id"),
-            source=str(data.get("source", "?")),
-            payload=payload,
-            payload_bytes=int(data.get("payload_bytes", len(payload or b""))),
-            truncated=bool(data.get("truncated", False)),
-            raw_entry=entry,
-        )
-
-
-def new_dead_letter(
-    raw: bytes,
-    *,
-    reason: str,
-    error_type: str,
-    command_id: str | None,
-    chat: str | None,
-    worker_id: str | None,
-    source: str,
-) -> DeadLetter:
-    return DeadLetter(
-        id=uuid.uuid4().hex[:12],
-        ts=utc_iso(datetime.now(UTC)),
-        reason=reason,
-        error_type=error_type,
-        command_id=command_id,
-        chat=chat,
-        worker_id=worker_id,
-        source=source,
-        payload=raw,
-        payload_bytes=len(raw),
-        truncated=False,
-    )
-
-
-async def list_dead_letters(client: Redis, keys: Keys, limit: int = 100) -> list[DeadLetter]:
-    """The newest ``limit`` dead letters (``limit`` ≤ 0: all)."""
-    entries = await client.lrange(keys.dead_letters, 0, limit - 1 if limit > 0 else -1)
-    return [DeadLetter.from_entry(_bytes(e)) for e in entries]
+# --- dead letters (the records live in worker/deadletters.py) -------------------------
 
 
 async def requeue_dead_letter(client: Redis, keys: Keys, letter_id: str) -> DeadLetter | None:
@@ -266,10 +133,6 @@ async def requeue_dead_letter(client: Redis, keys: Keys, letter_id: str) -> Dead
             return None
         return letter
     return None
-
-
-def _bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
 
 
 # --- one worker's side of the queue ----------------------------------------------------------
@@ -494,121 +357,3 @@ async def recover(
             report.recovered[wid] = moved
         report.dead_lettered.extend(DeadLetter.from_entry(_bytes(e)) for e in reply[1:])
     return report
-
-
-# --- connection state ---------------------------------------------------------------------------
-
-
-class RedisLink:
-    """Runs Redis operations, riding out outages: exponential backoff with jitter, one log line
-    when Redis goes away and one when it is back, and :class:`RedisUnavailable` once the outage
-    has lasted ``max_outage_s`` (the caller then shuts down) or ``abort`` is set."""
-
-    def __init__(
-        self,
-        display: str,
-        *,
-        max_outage_s: float,
-        abort: asyncio.Event | None = None,
-        initial_wait_s: float = 0.1,
-        max_wait_s: float = 5.0,
-        on_state: Callable[[bool], None] | None = None,
-    ) -> None:
-        self.display = display
-        self.max_outage_s = max_outage_s
-        self.abort = abort or asyncio.Event()
-        self.initial_wait_s = initial_wait_s
-        self.max_wait_s = max_wait_s
-        self.on_state = on_state
-        self.down_since: float | None = None
-        self.back_at: float | None = None
-        self.outages = 0
-        self._last_error = ""
-
-    @property
-    def up(self) -> bool:
-        return self.down_since is None
-
-    def outage_seconds(self) -> float:
-        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
-
-    def exhausted(self) -> bool:
-        return self.down_since is not None and self.outage_seconds() >= self.max_outage_s
-
-    def mark_down(self, exc: BaseException) -> None:
-        self._last_error = f"{type(exc).__name__}: {exc}"
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            self.outages += 1
-            logger.warning(
-                "redis {} unreachable ({}); reconnecting with backoff, giving up after {:.0f}s",
-                self.display,
-                self._last_error,
-                self.max_outage_s,
-            )
-            if self.on_state:
-                self.on_state(False)
-
-    def mark_up(self) -> None:
-        if self.down_since is not None:
-            logger.info(
-                "redis {} reachable again after {:.1f}s", self.display, self.outage_seconds()
-            )
-            self.down_since = None
-            self.back_at = time.monotonic()
-            if self.on_state:
-                self.on_state(True)
-
-    def since_back(self) -> float:
-        """Seconds since the last outage ended (infinity if there was none)."""
-        return float("inf") if self.back_at is None else time.monotonic() - self.back_at
-
-    async def call(self, op: Callable[[], Awaitable[T]], what: str = "redis") -> T:
-        """``await op()``, retried while Redis is down; raises :class:`RedisUnavailable`."""
-
-        def give_up(state: RetryCallState) -> bool:
-            return self.abort.is_set() or self.exhausted()
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            if exc is None:
-                return
-            if state.attempt_number >= 2:  # the first failure may be one stale pooled connection
-                self.mark_down(exc)
-            logger.debug(
-                "{} failed ({}: {}); retry {}", what, type(exc).__name__, exc, state.attempt_number
-            )
-
-        backoff = wait_exponential(multiplier=self.initial_wait_s, max=self.max_wait_s) + (
-            wait_random(0, self.initial_wait_s)
-        )
-
-        def wait(state: RetryCallState) -> float:
-            # After a Redis restart every pooled connection fails once: retry at once, quietly.
-            return 0.0 if state.attempt_number == 1 else float(backoff(state))
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(REDIS_DOWN),
-            wait=wait,
-            stop=give_up,
-            before_sleep=before_sleep,
-            sleep=self._sleep,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    result = await op()
-        except REDIS_DOWN as exc:
-            self.mark_down(exc)
-            raise RedisUnavailable(
-                f"redis {self.display} unreachable for {self.outage_seconds():.0f}s: "
-                f"{self._last_error}"
-            ) from None
-        self.mark_up()
-        return result
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, but wake up at once when ``abort`` is set."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.abort.wait(), timeout=seconds)
