@@ -88,7 +88,9 @@ def test_a_flood_in_one_worker_slows_the_other_within_one_governor_tick(
             "sim_redis_url": redis_url,
             "sim_prefix": f"sim{session}:",
             "request_log": str(log),
-            "settings": rates,
+            # No per-account limit of the simulator's own (its default, 30 requests per 30 s,
+            # would flood b after ~5 s at 6/s): only the one set on a at runtime counts.
+            "settings": {**rates, "sim_history_requests": 0, "sim_resolve_requests": 0},
             "ready_key": "test:ready",
             "latency_ms": 5.0,
         }
