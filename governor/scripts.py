@@ -50,5 +50,10 @@ def scripts_for(client: Redis) -> Scripts:
 
 
 def text(value: Any) -> str:
-    """A script reply element as ``str`` (clients may or may not decode responses)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A Redis reply element as ``str`` (clients may or may not decode responses)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def as_bytes(value: Any) -> bytes:
+    """A Redis reply element as ``bytes`` (raw payloads are compared and stored byte for byte)."""
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")

@@ -19,6 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from governor.keys import Keys
+from governor.scripts import as_bytes
 from worker.clock import utc_iso
 
 
@@ -128,8 +129,4 @@ def new_dead_letter(
 async def list_dead_letters(client: Redis, keys: Keys, limit: int = 100) -> list[DeadLetter]:
     """The newest ``limit`` dead letters (``limit`` ≤ 0: all)."""
     entries = await client.lrange(keys.dead_letters, 0, limit - 1 if limit > 0 else -1)
-    return [DeadLetter.from_entry(_bytes(e)) for e in entries]
-
-
-def _bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+    return [DeadLetter.from_entry(as_bytes(e)) for e in entries]

@@ -30,6 +30,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from governor.keys import Keys
+from governor.scripts import text
 from worker.commands import CommandLimits, parse_command, today_in
 from worker.errors import CommandRejected
 from worker.events import TERMINAL, parse_event
@@ -141,7 +142,7 @@ async def _send(
     start_id = "$"
     if args.wait:  # note the stream's end first, so no event of ours can be missed
         last = await client.xrevrange(keys.events_stream, count=1)
-        start_id = _text(last[0][0]) if last else "0-0"
+        start_id = text(last[0][0]) if last else "0-0"
     await client.rpush(keys.commands, raw)
     print(cid, flush=True)
     if not args.wait:
@@ -157,7 +158,7 @@ def cmd_listen(settings: WorkerSettings, args: argparse.Namespace) -> int:
         last: list[Any] = list(
             await client.xrevrange(keys.events_stream, count=max(1, args.replay)) or []
         )
-        start_id = _text(last[0][0]) if last else "0-0"
+        start_id = text(last[0][0]) if last else "0-0"
         for _entry_id, fields in reversed(last if args.replay > 0 else []):
             done = _show(fields, args.command_id, args.json, args.until_terminal)
             if done is not None:
@@ -196,7 +197,7 @@ async def _follow(
             down_since = None
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                last_id = _text(entry_id)
+                last_id = text(entry_id)
                 done = _show(fields, command_id, as_json, until_terminal)
                 if done is not None:
                     return done
@@ -268,10 +269,10 @@ async def gather_status(client: Redis, keys: Keys) -> dict[str, Any]:
             info = json.loads(info_raw)
         except ValueError:
             info = {}
-        workers[_text(wid_raw)] = {"info": info}
+        workers[text(wid_raw)] = {"info": info}
     prefix = keys.processing("")
     async for key in client.scan_iter(match=keys.processing("*"), count=500):
-        workers.setdefault(_text(key)[len(prefix) :], {"info": None})
+        workers.setdefault(text(key)[len(prefix) :], {"info": None})
     for wid, row in workers.items():
         ttl = await client.pttl(keys.worker_lease(wid))
         row["lease_ms"] = ttl if ttl > 0 else None
@@ -280,12 +281,12 @@ async def gather_status(client: Redis, keys: Keys) -> dict[str, Any]:
     sessions: dict[str, Any] = {}
     lease_prefix = keys.session_lease("x")[:-1]
     async for key in client.scan_iter(match=lease_prefix + "*", count=500):
-        name = _text(key)[len(lease_prefix) :]
+        name = text(key)[len(lease_prefix) :]
         sessions[name] = {
-            "holder": _text(await client.get(key) or b"").split("|", 1)[-1],
+            "holder": text(await client.get(key) or b"").split("|", 1)[-1],
             "lease_ms": await client.pttl(key),
         }
-    bad = {_text(k): json.loads(v) for k, v in (await client.hgetall(keys.sessions_bad)).items()}
+    bad = {text(k): json.loads(v) for k, v in (await client.hgetall(keys.sessions_bad)).items()}
     next_due = await client.zrange(keys.delayed, 0, 0, withscores=True)
     return {
         "queue": {"name": keys.commands, "length": await client.llen(keys.commands)},
@@ -408,10 +409,6 @@ def _run_redis(settings: WorkerSettings, body: Any) -> int:
         return asyncio.run(main())
     except KeyboardInterrupt:
         return EXIT_OK
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 HANDLERS = {

@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from governor.keys import Keys
+from governor.scripts import as_bytes, text
 from worker.clock import utc_iso
 from worker.deadletters import DeadLetter, list_dead_letters, new_dead_letter
 from worker.redislink import REDIS_DOWN, RedisLink, RedisUnavailable, connect
@@ -98,14 +99,6 @@ def scripts_for(client: Redis) -> QueueScripts:
     return found
 
 
-def _bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 # --- dead letters (the records live in worker/deadletters.py) -------------------------
 
 
@@ -114,7 +107,7 @@ async def requeue_dead_letter(client: Redis, keys: Keys, letter_id: str) -> Dead
     delivery count, so it gets its full chances again). ``None`` if there is no such entry;
     ``ValueError`` if its payload was truncated and cannot be requeued."""
     for entry in await client.lrange(keys.dead_letters, 0, -1):
-        letter = DeadLetter.from_entry(_bytes(entry))
+        letter = DeadLetter.from_entry(as_bytes(entry))
         if letter.id != letter_id:
             continue
         if letter.truncated or letter.payload is None:
@@ -187,7 +180,7 @@ class WorkQueue:
 
     async def held(self) -> list[bytes]:
         """Every entry of this worker's processing list."""
-        return [_bytes(e) for e in await self.client.lrange(self.processing, 0, -1)]
+        return [as_bytes(e) for e in await self.client.lrange(self.processing, 0, -1)]
 
     # --- take / ack ---------------------------------------------------------------------
     async def take(self, timeout_s: float) -> bytes | None:
@@ -199,7 +192,7 @@ class WorkQueue:
             "LEFT",
             "RIGHT",
         )
-        return None if raw is None else _bytes(raw)
+        return None if raw is None else as_bytes(raw)
 
     async def replace(self, old: bytes, new: bytes) -> bool:
         """Store ``new`` in place of ``old`` in the processing list (the id assigned to a
@@ -253,7 +246,7 @@ class WorkQueue:
         if await self.client.hsetnx(self.keys.running, command_id, self.worker_id):
             return None
         owner = await self.client.hget(self.keys.running, command_id)
-        owner_id = None if owner is None else _text(owner)
+        owner_id = None if owner is None else text(owner)
         if owner_id in (None, self.worker_id) or not await self.client.exists(
             self.keys.worker_lease(owner_id or "")
         ):
@@ -323,11 +316,11 @@ async def recover(
     report.promoted = int(
         await scripts.promote(keys=[keys.delayed, keys.commands], args=[promote_limit])
     )
-    candidates = {_text(w) for w in await client.hkeys(keys.workers)}
+    candidates = {text(w) for w in await client.hkeys(keys.workers)}
     if scan:
         prefix = keys.processing("")
         async for key in client.scan_iter(match=keys.processing("*"), count=500):
-            candidates.add(_text(key)[len(prefix) :])
+            candidates.add(text(key)[len(prefix) :])
     if not candidates:
         return report
     ordered = sorted(candidates)
@@ -355,5 +348,5 @@ async def recover(
             continue  # came back to life between EXISTS and the script
         if moved:
             report.recovered[wid] = moved
-        report.dead_lettered.extend(DeadLetter.from_entry(_bytes(e)) for e in reply[1:])
+        report.dead_lettered.extend(DeadLetter.from_entry(as_bytes(e)) for e in reply[1:])
     return report

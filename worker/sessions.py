@@ -34,6 +34,7 @@ from loguru import logger
 from redis.asyncio import Redis
 
 from governor.keys import Keys, check_session
+from governor.scripts import text
 from worker.clock import utc_iso
 from worker.errors import SessionRevoked
 from worker.queue import RedisLink, scripts_for
@@ -62,10 +63,6 @@ class BadMark:
             worker_id=data.get("worker_id") if isinstance(data.get("worker_id"), str) else None,
             file_mtime=float(mtime) if isinstance(mtime, int | float) else None,
         )
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class SessionLeases:
@@ -120,7 +117,7 @@ class SessionLeases:
         marks = await self._call(lambda: self.client.hgetall(self.keys.sessions_bad))
         out: dict[str, BadMark] = {}
         for raw_name, raw_mark in marks.items():
-            name, mark = _text(raw_name), BadMark.parse(raw_mark)
+            name, mark = text(raw_name), BadMark.parse(raw_mark)
             mtime = self._file_mtime(name)
             if mtime is not None and mark.file_mtime is not None and mtime > mark.file_mtime:
                 logger.info("session {} was renewed since it was marked bad; clearing", name)

@@ -7,7 +7,6 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,35 +14,11 @@ import pytest
 from tests.integration.daemon_harness import (
     Fleet,
     RedisView,
-    base_env,
     fetch,
     wait_for,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def fleet(redis_url: str, data_dir: Path, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(base_env(redis_url, data_dir, tmp_path), tmp_path)
-    try:
-        yield f
-    finally:
-        f.stop_all()
-
-
-@pytest.fixture
-def rv(redis_url: str) -> Iterator[RedisView]:
-    view = RedisView(redis_url)
-    try:
-        yield view
-    finally:
-        view.close()
 
 
 def _of(rv: RedisView, cid: str) -> list[dict[str, object]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,8 @@ GRACE_S = 10
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def fleet(redis_url: str, data_dir: Path, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(base_env(redis_url, data_dir, tmp_path, SHUTDOWN_GRACE_SECONDS=GRACE_S), tmp_path)
-    try:
-        yield f
-    finally:
-        f.stop_all()
-
-
-@pytest.fixture
-def rv(redis_url: str) -> Iterator[RedisView]:
-    view = RedisView(redis_url)
-    try:
-        yield view
-    finally:
-        view.close()
+def fleet_env(redis_url: str, data_dir: Path, tmp_path: Path) -> dict[str, str]:
+    return base_env(redis_url, data_dir, tmp_path, SHUTDOWN_GRACE_SECONDS=GRACE_S)
 
 
 def _complete_days(data_dir: Path, chat: str) -> set[str]:

@@ -58,12 +58,8 @@ def env(redis_url: str, tmp_path: Path, gateway: Pushgateway) -> dict[str, str]:
 
 
 @pytest.fixture
-def fleet(env: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(env, tmp_path)
-    try:
-        yield f
-    finally:
-        f.stop_all()
+def fleet_env(env: dict[str, str]) -> dict[str, str]:
+    return env
 
 
 @pytest.fixture

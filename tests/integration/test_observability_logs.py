@@ -4,7 +4,6 @@ of a command, DEBUG steps, shutdown lines; a log server that is down costs no th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,8 @@ def env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def fleet(env: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(env, tmp_path)
-    try:
-        yield f
-    finally:
-        f.stop_all()
+def fleet_env(env: dict[str, str]) -> dict[str, str]:
+    return env
 
 
 def _lines(worker: Worker) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def env(redis_url: str, tmp_path: Path) -> dict[str, str]:
     return base_env(redis_url, tmp_path / "data", tmp_path, HEALTH_FILE=tmp_path / "health")
-
-
-@pytest.fixture
-def rv(redis_url: str) -> Iterator[RedisView]:
-    view = RedisView(redis_url)
-    try:
-        yield view
-    finally:
-        view.close()
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

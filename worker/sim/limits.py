@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from governor.scripts import text
+
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
@@ -162,7 +164,7 @@ class SimLimits:
             except Exception as exc:  # the simulator fails open: a limit is not worth a crash
                 logger.warning("sim limits hash unreadable: {}", type(exc).__name__)
             else:
-                fields = {_text(k): _text(v) for k, v in raw.items()}
+                fields = {text(k): text(v) for k, v in raw.items()}
                 self._current = self._base.overridden(fields)
         return self._current
 
@@ -189,7 +191,3 @@ class SimLimits:
                 return 0
             return int(result)
         return 0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
