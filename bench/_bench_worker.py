@@ -62,6 +62,9 @@ class FixedGate:
     ) -> None:
         return None
 
+    async def aclose(self) -> None:
+        return None
+
 
 def _pct(values: list[float], q: float) -> float | None:
     if not values:

@@ -17,7 +17,9 @@ hidden limit used (history requests answered / what the hidden limit allowed), F
 worker-seconds lost sleeping on FloodWaits, acquire latency p50/p99 (the bucket script's round
 trip as the worker sees it), Redis round trips per Telegram request (counted in the worker's
 client; INFO commandstats deltas are reported alongside), and FloodWaits to settle after the
-drop (FloodWaits from the drop until the first 5 s without any).
+drop (FloodWaits from the drop until the first 5 s without any). Alongside, the same run
+measures the environment's floor for any Redis round trip: a thread PINGs the governor's Redis
+every 45 ms (``ping_ms_p50``/``ping_ms_p99``; its PINGs show in the commandstats delta).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,11 @@ from typing import Any
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from governor.keys import Keys  # noqa: E402
+
 WORKERS = 3
 WINDOW_S = 2.0
 # Hidden limits (requests per WINDOW_S): per account 10/s, fleet 24/s; after the drop 40% less.
@@ -96,7 +104,7 @@ def _gate_settings() -> dict[str, Any]:
         "rate_history_per_second": INITIAL_SESSION_RATE,
         "rate_history_burst": 2,
         "fleet_rate_history_per_second": INITIAL_FLEET_RATE,
-        "fleet_rate_history_burst": 2,
+        "fleet_rate_history_burst": 1,  # the default
     }
 
 
@@ -117,6 +125,39 @@ def _governor_env(gov: _Redis, prefix: str, extra: dict[str, str]) -> dict[str, 
         env[key.upper()] = str(value)
     env.update(extra)
     return env
+
+
+class _PingProbe(threading.Thread):
+    """The environment's floor for any Redis call, measured during the same run: a client
+    that PINGs the governor's Redis every 45 ms (a worker's cadence between requests), so
+    its round trips see the same idle-CPU wake-ups and the same load as the workers' acquires."""
+
+    def __init__(self, url: str, interval_s: float = 0.045) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(url)
+        self.interval_s = interval_s
+        self.samples_ms: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        self.client.ping()
+        while not self.done.wait(self.interval_s):
+            t0 = time.perf_counter()
+            self.client.ping()
+            self.samples_ms.append((time.perf_counter() - t0) * 1000)
+
+    def stop(self) -> dict[str, float | None]:
+        self.done.set()
+        self.join(5)
+        self.client.close()
+        ordered = sorted(self.samples_ms)
+
+        def pct(q: float) -> float | None:
+            if not ordered:
+                return None
+            return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
+
+        return {"ping_ms_p50": pct(0.5), "ping_ms_p99": pct(0.99), "pings": len(ordered)}
 
 
 def _commandstats(client: redis.Redis) -> dict[str, int]:
@@ -153,6 +194,14 @@ def run_policy(
             stdout=gov_log,
             stderr=subprocess.STDOUT,
         )
+        # As deployed, the governor is already leading (and sampling) when the fleet starts.
+        leader_key = Keys(prefix).governor_leader
+        deadline = time.monotonic() + 30
+        while not gov.client().exists(leader_key):
+            if time.monotonic() > deadline or governor.poll() is not None:
+                raise RuntimeError("the governor did not take the leader lease")
+            time.sleep(0.05)
+        time.sleep(2.0)
     ready_key = f"{prefix}bench:ready"
     before = _commandstats(gov.client())
     workers = []
@@ -185,6 +234,8 @@ def run_policy(
         if client.blpop([ready_key], timeout=60) is None:
             raise RuntimeError(f"{policy}: a worker did not start")
     t_start = time.time()
+    probe = _PingProbe(gov.url)
+    probe.start()
     time.sleep(max(0.0, t_start + seconds / 2 - time.time()))
     sim.client().hset(
         limits_key,
@@ -195,12 +246,13 @@ def run_policy(
     for p in workers:
         out, _ = p.communicate(timeout=seconds + 60)
         stats.append(json.loads(out.decode().strip().splitlines()[-1]))
+    ping = probe.stop()
     after = _commandstats(gov.client())
     if governor is not None:
         governor.send_signal(signal.SIGTERM)
         governor.wait(30)
     gov_log.close()
-    return summarize(policy, seconds, stats, log_path, t_start, t_drop, before, after)
+    return summarize(policy, seconds, stats, log_path, t_start, t_drop, before, after) | ping
 
 
 def summarize(
@@ -281,7 +333,7 @@ def summarize(
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         f"{'policy':<24}{'msgs/s':>8}{'share':>8}{'floods':>8}{'settle':>8}{'lost s':>8}"
-        f"{'acq p50':>9}{'acq p99':>9}{'RT/req':>8}"
+        f"{'acq p50':>9}{'acq p99':>9}{'RT/req':>8}{'PING p50':>10}{'PING p99':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -294,6 +346,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['flood_waits']:>8}{r['flood_waits_to_settle_after_drop']:>8}"
             f"{r['seconds_lost_waiting']:>8.1f}{f(r['acquire_ms_p50'], '.2f'):>9}"
             f"{f(r['acquire_ms_p99'], '.2f'):>9}{f(r['redis_round_trips_per_request'], '.3f'):>8}"
+            f"{f(r.get('ping_ms_p50'), '.2f'):>10}{f(r.get('ping_ms_p99'), '.2f'):>10}"
         )
     return "\n".join(lines)
 

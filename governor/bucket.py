@@ -23,7 +23,7 @@ from governor.keys import Keys, check_class, check_session
 from governor.scripts import Scripts, scripts_for, text
 from governor.settings import FleetSettings
 
-Reason = Literal["ok", "session", "fleet", "paused", "probe", "breaker"]
+Reason = Literal["ok", "session", "fleet", "paused", "held", "probe", "breaker"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +144,7 @@ class TokenBucket:
             k.counters,
             k.breaker,
             k.breaker_probe,
+            k.fleet_hold(request_class),
         )
         args: tuple[EncodableT, ...] = (
             session,
@@ -166,22 +167,37 @@ class TokenBucket:
     async def record_flood(
         self, session: str, request_class: RequestClass, seconds: float
     ) -> float:
-        """Telegram said FLOOD_WAIT_N: pause that session+class N s plus jitter and record it.
+        """Telegram said FLOOD_WAIT_N: pause that session+class N s plus jitter, hold the whole
+        class fleet-wide for min(N, ``FLOOD_FLEET_HOLD_SECONDS``), and record it.
 
         Returns the pause now in force, in seconds (an existing longer pause is kept).
         """
         self.rate_limit_hits += 1
         jitter = self.rng.uniform(0.0, self.settings.flood_wait_jitter_seconds)
-        return await self._pause(session, request_class, max(0.0, seconds) + jitter, seconds)
+        hold = min(max(0.0, seconds), self.settings.flood_fleet_hold_seconds)
+        return await self._pause(
+            session, request_class, max(0.0, seconds) + jitter, seconds, hold_s=hold
+        )
 
     async def pause(self, session: str, request_class: RequestClass, seconds: float) -> float:
         """Pause a session+class for ``seconds`` (<= 0 lifts the pause); not counted as flood."""
         return await self._pause(session, request_class, seconds, None)
 
     async def _pause(
-        self, session: str, request_class: str, seconds: float, flood_s: float | None
+        self,
+        session: str,
+        request_class: str,
+        seconds: float,
+        flood_s: float | None,
+        *,
+        hold_s: float = 0.0,
     ) -> float:
-        keys = (self.keys.pause(session, request_class), self.keys.floods, self.keys.counters)
+        keys = (
+            self.keys.pause(session, request_class),
+            self.keys.floods,
+            self.keys.counters,
+            self.keys.fleet_hold(request_class),
+        )
         args: tuple[EncodableT, ...] = (
             session,
             request_class,
@@ -190,6 +206,8 @@ class TokenBucket:
             "0" if flood_s is None else "1",
             self.settings.flood_events_max,
             self.worker_id,
+            math.ceil(hold_s * 1000),
+            self.keys.holds_channel,
         )
         remaining_us = await self.scripts.flood(keys, args)
         return int(remaining_us) / 1_000_000
@@ -244,13 +262,23 @@ class TokenBucket:
 
     # --- what the governor and status read -----------------------------------------------
     async def counters(self) -> Counters:
-        """The counters with the Redis time, read atomically (MULTI)."""
+        """The counters with the Redis time, read atomically (MULTI).
+
+        Besides the stored counters, ``<cls>:sent`` is ``<cls>:admits`` minus the slots the
+        fleet bucket has booked ahead of now (its TAT − now, in intervals): requests admitted
+        but not sent yet. A rate measured on it is what Telegram saw, not what was booked.
+        """
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.time()
             pipe.hgetall(self.keys.counters)
-            (sec, usec), raw = await pipe.execute()
+            for c in REQUEST_CLASSES:
+                pipe.get(self.keys.fleet_bucket(c))
+            (sec, usec), raw, *tats = await pipe.execute()
+        now_us = int(sec) * 1_000_000 + int(usec)
         values = {k: int(v) for k, v in _decode_map(raw).items()}
-        return Counters(at_s=int(sec) + int(usec) / 1_000_000, values=values)
+        for c, tat in zip(REQUEST_CLASSES, tats, strict=True):
+            values[f"{c}:sent"] = values.get(f"{c}:admits", 0) - _booked_ahead(tat, now_us)
+        return Counters(at_s=now_us / 1_000_000, values=values)
 
     async def recent_floods(self, count: int = 20) -> list[FloodEvent]:
         """The newest ``count`` FloodWait events, newest first."""
@@ -301,6 +329,11 @@ class TokenBucket:
             if until is not None and int(text(until)) > now_us:
                 name = key[len(self.keys.base) + len("pause:") :]
                 pauses[name] = round((int(text(until)) - now_us) / 1_000_000, 3)
+        holds: dict[str, float] = {}
+        for c in REQUEST_CLASSES:
+            until = await self.redis.get(self.keys.fleet_hold(c))
+            if until is not None and int(text(until)) > now_us:
+                holds[c] = round((int(text(until)) - now_us) / 1_000_000, 3)
         counters = await self.counters()
         return {
             "redis_time_s": now_us / 1_000_000,
@@ -310,6 +343,7 @@ class TokenBucket:
             "rate_overrides": overrides,
             "tokens": dict(sorted(buckets.items())),
             "pauses_s": dict(sorted(pauses.items())),
+            "holds_s": holds,
             "counters": counters.values,
             "recent_floods": [asdict(e) for e in await self.recent_floods(10)],
         }
@@ -321,6 +355,18 @@ def _field(scope: str, request_class: str, what: str) -> str:
             raise ValueError(f"scope is fleet, session or session:<name>, got {scope!r}")
         check_session(scope.removeprefix("session:"))
     return f"{scope}:{request_class}:{what}"
+
+
+def _booked_ahead(raw: Any, now_us: int) -> int:
+    """Slots a bucket (``"<TAT µs> <interval µs>"``) has booked after ``now_us``."""
+    if raw is None:
+        return 0
+    try:
+        tat, interval = text(raw).split()
+        ahead = (int(tat) - now_us) / float(interval)
+    except ValueError:
+        return 0
+    return max(0, math.floor(ahead))
 
 
 def _decode_map(raw: Mapping[Any, Any]) -> dict[str, str]:

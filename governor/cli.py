@@ -146,6 +146,10 @@ def status_text(r: dict[str, Any]) -> str:
     lines.append("pauses:" + ("" if r["pauses_s"] else " none"))
     for name, left in r["pauses_s"].items():
         lines.append(f"  {name:<24} {left:>6.1f} s left")
+    holds = r.get("holds_s") or {}
+    lines.append("fleet holds:" + ("" if holds else " none"))
+    for name, left in holds.items():
+        lines.append(f"  {name:<24} {left:>6.1f} s left")
     floods = r["recent_floods"]
     lines.append(f"recent floods: {len(floods)}")
     for f in floods[:5]:

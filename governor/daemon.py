@@ -63,8 +63,11 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
-#: Rates are measured over at least this long (ANCHORS: "0.7× the rate measured over 1–2 s").
-MEASURE_WINDOW_S = 1.0
+#: Rates are measured over this long (ANCHORS: "0.7× the rate measured over 1–2 s").
+MEASURE_WINDOW_S = 2.0
+#: Between ticks the leader samples the counters this often, so the measured window starts
+#: where it should (a flood's measurement must not reach back into a hold or a ramp-up).
+COUNTER_SAMPLE_S = 0.25
 GAUGE_SAMPLE_S = 5.0  # how often the leader samples bucket tokens and pauses for its gauges
 LEASE_EXPIRY_SLACK_S = 0.005  # wake just after a lease's expiry, when Redis has dropped it
 #: A session bucket admitting at least this share of its rate counts as saturated (there is no
@@ -73,6 +76,8 @@ SESSION_SATURATION = 0.9
 #: The fleet bucket counts as saturated when callers waited for it *and* it admitted at least
 #: this share of its rate (a few waits at a burst edge do not make a busy bucket).
 FLEET_SATURATION = 0.8
+#: A session's own rate is kept at least this × its fair share of the fleet rate (see _decide).
+SESSION_FAIR_SHARE_HEADROOM = 1.25
 
 
 # --- the leader lease -------------------------------------------------------------------------
@@ -126,6 +131,7 @@ class _Memory:
     last_cut_s: float | None = None
     ceiling: float | None = None  # the rate measured when the last cut was made
     streak: int = 0  # cuts in a row, each within a quiet period of the one before
+    suspect: bool = False  # the last cut's flood came at a rate the ceiling said was safe
 
 
 @dataclass
@@ -141,6 +147,7 @@ class RateController:
     settings: GovernorSettings
     _samples: deque[Counters] = field(default_factory=lambda: deque(maxlen=64))
     _memory: dict[tuple[str, str], _Memory] = field(default_factory=dict)
+    _last_tick: Counters | None = None  # what the previous tick read (floods are diffed to it)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -164,6 +171,17 @@ class RateController:
         """Forget the baseline (a new term as leader starts from a fresh reading)."""
         self._samples.clear()
         self._memory.clear()
+        self._last_tick = None
+
+    async def sample(self) -> None:
+        """Read the counters between ticks (only to measure rates; nothing is decided)."""
+        if self.settings.rate_limit_strategy == "adaptive":
+            self._keep(await self.bucket.counters())
+
+    def _keep(self, now: Counters) -> None:
+        self._samples.append(now)
+        while len(self._samples) > 2 and self._samples[1].at_s <= now.at_s - 2 * MEASURE_WINDOW_S:
+            self._samples.popleft()
 
     async def tick(self) -> list[RateChange]:
         if self.settings.rate_limit_strategy != "adaptive":
@@ -173,10 +191,8 @@ class RateController:
             text(k): text(v)
             for k, v in (await self.bucket.redis.hgetall(self.bucket.keys.rates)).items()
         }
-        prev = self._samples[-1] if self._samples else None
-        self._samples.append(now)
-        while len(self._samples) > 2 and self._samples[1].at_s <= now.at_s - 2 * MEASURE_WINDOW_S:
-            self._samples.popleft()
+        prev, self._last_tick = self._last_tick, now
+        self._keep(now)
         if prev is None or now.at_s <= prev.at_s:
             return []
         base = self._measure_base(now)
@@ -184,7 +200,7 @@ class RateController:
         for fc in REQUEST_CLASSES:
             c: str = fc
             current = _rate(raw_rates, f"fleet:{c}:rate", self.defaults.fleet[c])
-            measured = _per_s(now, base, f"{c}:admits")
+            measured = self._measured(now, f"{c}:sent")
             floods = now.get(f"{c}:floods") - prev.get(f"{c}:floods")
             admitted = now.get(f"{c}:admits") - prev.get(f"{c}:admits")
             waited = now.get(f"{c}:fleet_waits") - prev.get(f"{c}:fleet_waits")
@@ -203,7 +219,7 @@ class RateController:
             active = max(1, _active_sessions(now, base, c))
             shared = _rate(raw_rates, f"session:{c}:rate", self.defaults.session[c])
             current = _rate(raw_rates, f"session:{session}:{c}:rate", shared)
-            measured = _per_s(now, base, f"session:{session}:{c}:admits")
+            measured = self._measured(now, f"session:{session}:{c}:admits")
             floods = now.get(f"session:{session}:{c}:floods") - prev.get(
                 f"session:{session}:{c}:floods"
             )
@@ -217,7 +233,7 @@ class RateController:
                 measured,
                 saturated,
                 floods,
-                floor=min(current, fleet_rate / active),
+                floor=SESSION_FAIR_SHARE_HEADROOM * fleet_rate / active,
             )
             if change is not None:
                 changes.append(change)
@@ -230,6 +246,42 @@ class RateController:
             if sample.at_s <= now.at_s - MEASURE_WINDOW_S:
                 base = sample
         return base
+
+    def _measured(self, now: Counters, name: str) -> float:
+        """Per second over exactly the last MEASURE_WINDOW_S (or since the oldest sample).
+
+        Samples come once a tick and at each flood, so the counter's value at the window's
+        start is interpolated between the two samples around it: a window that is really
+        1–2 ticks long would mix in a hold or a rate of before the last change.
+        """
+        start = max(self._samples[0].at_s, now.at_s - MEASURE_WINDOW_S)
+        before = self._samples[0]
+        value = float(before.get(name))
+        for sample in self._samples:
+            if sample.at_s <= start:
+                before = sample
+                value = float(sample.get(name))
+                continue
+            dt = sample.at_s - before.at_s
+            share = (start - before.at_s) / dt if dt > 0 else 1.0
+            value = before.get(name) + (sample.get(name) - before.get(name)) * share
+            break
+        # A fleet that only just began (idle for a whole window before the first request in
+        # this one) is measured from the last sample before the counter moved, or one starting
+        # at 30/s reads as 20/s. A pause after work (a hold) stays in: the window admitted it.
+        earlier = [x for x in self._samples if x.at_s <= start - MEASURE_WINDOW_S]
+        reference = earlier[-1] if earlier else self._samples[0]
+        if reference.get(name) >= value:
+            for sample in self._samples:
+                if sample.at_s <= start:
+                    continue
+                if sample.get(name) > value:
+                    break
+                start = sample.at_s
+        span = now.at_s - start
+        if span <= 0:
+            return 0.0
+        return max(0.0, now.get(name) - value) / span
 
     def _ceiling(self, memory: _Memory) -> float | None:
         """The ceiling the policy recovers toward. Cuts in a row mean the limit fell and the
@@ -251,9 +303,14 @@ class RateController:
         *,
         floor: float = 0.0,
     ) -> RateChange | None:
-        """One bucket's decision, applied. A session's cut stops at ``floor``, its fair share
-        of the fleet rate: the fleet cut already slows it that far, and a session measured while
-        paused by its own FloodWait would otherwise be cut to almost nothing."""
+        """One bucket's decision, applied.
+
+        A session's own rate never binds below ``floor``, a little above its fair share of the
+        fleet rate: the fleet cut already slows it that far, a session measured while paused by
+        its own FloodWait would otherwise be cut to almost nothing, and a session held below its
+        share books its slots late and wastes the fleet's slots in between (the fleet bucket's
+        TAT jumps to its booking). Cuts stop there; a session below it is raised back to it.
+        """
         memory = self._memory.setdefault((scope, c), _Memory())
         since_cut = None if memory.last_cut_s is None else now_s - memory.last_cut_s
         if floods > 0:
@@ -261,18 +318,37 @@ class RateController:
         else:
             since_flood = None if memory.last_flood_s is None else now_s - memory.last_flood_s
             inputs = TickInputs(
-                current, measured, saturated, 0, since_flood, since_cut, self._ceiling(memory)
+                current,
+                measured,
+                saturated,
+                0,
+                since_flood,
+                since_cut,
+                self._ceiling(memory),
+                memory.suspect,
             )
         params = self._params[("fleet" if scope == "fleet" else "session", c)]
         decision = decide(inputs, params)
         if decision.action == "cut" and decision.rate < floor:
-            decision = Decision(floor, "cut", f"{decision.why}; fair share of the fleet rate")
+            decision = Decision(
+                min(current, floor), "cut", f"{decision.why}; fair share of the fleet rate"
+            )
+        elif floods == 0 and decision.rate < floor and current < floor:
+            decision = Decision(floor, "raise", "back to its fair share of the fleet rate")
         if floods > 0:
             memory.last_flood_s = now_s
         if math.isclose(decision.rate, current, rel_tol=1e-9, abs_tol=1e-9):
             return None
         if decision.action == "cut":
             in_streak = since_cut is not None and since_cut < self.settings.aimd_quiet_seconds
+            # Cruising at or below the recovery target after a quiet period, and flooded
+            # anyway: the limit itself fell, and the old ceiling no longer means "safe".
+            target = self._ceiling(memory)
+            memory.suspect = (
+                not in_streak
+                and target is not None
+                and current <= target * self.settings.aimd_recovery_margin * (1 + 1e-6)
+            )
             memory.streak = memory.streak + 1 if in_streak else 1
             memory.last_cut_s = now_s
             # What the fleet really sent when Telegram said "too much": the next climb stops
@@ -442,11 +518,15 @@ class Governor:
         # later, so its commands and its Pushgateway group go without delay.
         until_expiry = self._next_lease_expiry - time.monotonic() + LEASE_EXPIRY_SLACK_S
         remaining = min(remaining, max(0.0, until_expiry))
-        if remaining > 0 and not self.stop.is_set():
-            await self._wait_floods(bucket.redis, remaining)
+        wake_at = time.monotonic() + remaining
+        while remaining > 0 and not self.stop.is_set():
+            if await self._wait_floods(bucket.redis, min(remaining, COUNTER_SAMPLE_S)):
+                break
+            await controller.sample()
+            remaining = wake_at - time.monotonic()
 
-    async def _wait_floods(self, client: Redis, seconds: float) -> None:
-        """Block until the next tick is due or a FloodWait is recorded (then tick at once)."""
+    async def _wait_floods(self, client: Redis, seconds: float) -> bool:
+        """Block until ``seconds`` passed or a FloodWait is recorded (True: tick at once)."""
         reply: Any = await client.xread(
             {self.keys.floods: self._flood_id}, block=max(1, int(seconds * 1000)), count=100
         )
@@ -459,6 +539,7 @@ class Governor:
                         self.metrics.count_flood_wait(
                             f.get("session", ""), f.get("class", "other"), float(f["seconds"])
                         )
+        return bool(reply)
 
     # --- dead workers -------------------------------------------------------------------
     async def _recover(self) -> None:

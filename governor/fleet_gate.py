@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from governor.breaker import BreakerStatus, CircuitBreaker
 from governor.bucket import AcquireResult, RateDefaults, TokenBucket
 from governor.gate import Outcome, RequestClass
+from governor.holds import HoldListener
 from governor.keys import Keys, check_session
 from governor.scripts import scripts_for
 from governor.settings import FleetSettings
@@ -120,6 +121,9 @@ class FleetGate:
         self._mode: Mode = "shared"
         self._retry_redis_at = 0.0
         self._pending: list[_PendingFlood] = []
+        self.holds = HoldListener(
+            redis, keys.holds_channel, retry_s=settings.redis_fallback_retry_seconds
+        )
         self._log = logger.bind(worker_id=self.worker_id, session=session)
 
     @property
@@ -128,6 +132,9 @@ class FleetGate:
         return self._mode
 
     # --- RequestGate ---------------------------------------------------------------------
+    async def aclose(self) -> None:
+        await self.holds.aclose()
+
     async def acquire(self, request_class: RequestClass) -> None:
         started = self.clock.monotonic()
         await self._acquire(request_class)
@@ -138,10 +145,30 @@ class FleetGate:
 
     async def _acquire(self, request_class: RequestClass) -> None:
         self._take_probe()
-        if self._mode == "local" and self.clock.monotonic() < self._retry_redis_at:
-            await self._acquire_local(request_class)
-            return
-        token = f"{self.worker_id}:{uuid.uuid4().hex}"
+        while True:
+            if self._mode == "local" and self.clock.monotonic() < self._retry_redis_at:
+                await self._acquire_local(request_class)
+                return
+            self.holds.start()
+            token = f"{self.worker_id}:{uuid.uuid4().hex}"
+            result = await self._book(request_class, token)
+            if result is None:
+                return  # Redis went away: paced locally instead
+            self._admit(request_class, result, token)
+            if result.wait_s <= 0:
+                return
+            if result.reason == "probe":
+                await self.clock.sleep(result.wait_s)
+                return
+            if not await self.holds.sleep(self.clock, request_class, result.wait_s):
+                return
+            # A fleet hold was announced while this task slept on a slot booked before the
+            # flood: sending then would hit the window Telegram just found full. Give the slot
+            # up and book again (the bucket answers "held" until the hold ends).
+
+    async def _book(self, request_class: RequestClass, token: str) -> AcquireResult | None:
+        """One admission from the shared bucket, sleeping out pauses and holds (which are not
+        booked); None if Redis is unavailable and the request was paced locally instead."""
         while True:
             try:
                 async with asyncio.timeout(self.settings.redis_gate_timeout_seconds):
@@ -153,14 +180,14 @@ class FleetGate:
             except REDIS_DOWN as exc:
                 self._enter_local(exc)
                 await self._acquire_local(request_class)
-                return
+                return None
             self._resume_shared()
-            if result.admitted or result.reason != "paused" or not self._may_wait(result.wait_s):
-                break
-            # A FloodWait pause is not booked (see bucket.lua): sleep it out, then ask again.
-            await self.clock.sleep(result.wait_s)
-        self._admit(request_class, result, token)
-        if result.wait_s > 0:
+            if (
+                result.admitted
+                or result.reason not in ("paused", "held")
+                or not self._may_wait(result.wait_s)
+            ):
+                return result
             await self.clock.sleep(result.wait_s)
 
     def _take_probe(self) -> str:

@@ -24,6 +24,9 @@ class RequestGate(Protocol):
     ) -> None:
         """Record how the request ended (a FloodWait carries its seconds)."""
 
+    async def aclose(self) -> None:
+        """Release what the gate holds (connections, background tasks); safe to call twice."""
+
 
 class NullGate:
     """Admits every request and records nothing."""
@@ -34,4 +37,7 @@ class NullGate:
     async def report(
         self, request_class: RequestClass, outcome: Outcome, *, flood_wait_s: float = 0.0
     ) -> None:
+        return None
+
+    async def aclose(self) -> None:
         return None

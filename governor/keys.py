@@ -17,6 +17,8 @@ key                                        type    TTL                 written b
 ``rates``                                  hash    none                governor / bucket.lua
 ``rates:configured``                       hash    none                governor / status
 ``pause:<session>:<cls>``                  string  the pause           flood.lua / bucket.lua
+``hold:<cls>``                             string  the hold            flood.lua / bucket.lua
+``holds`` (pub/sub channel)                —       —                   flood.lua / workers
 ``floods``                                 stream  capped (MAXLEN ~)   flood.lua / governor
 ``counters``                               hash    none                bucket.lua, flood.lua /
                                                                        governor (each tick)
@@ -34,6 +36,9 @@ key                                        type    TTL                 written b
   ``rates:configured`` has the same fields with the configured (starting) values, for status.
 - ``pause:<session>:<cls>`` holds the µs until which that session must not send that class
   (a FloodWait of N s: N + jitter); its PX TTL ends with the pause.
+- ``hold:<cls>`` holds the µs until which *no* session may send that class: the fleet hold a
+  FloodWait sets (min(N, ``FLOOD_FLEET_HOLD_SECONDS``)), so the window Telegram just found full
+  drains before anyone else sends into it; its PX TTL ends with the hold.
 - ``floods`` has one entry per FloodWait: ``session``, ``class``, ``seconds``, ``worker``.
 - ``counters`` (monotonic; the governor diffs them each tick) has fields
   ``<cls>:admits``, ``<cls>:waits`` (admits that had to wait), ``<cls>:fleet_waits`` (the
@@ -141,6 +146,18 @@ class Keys:
     @property
     def pause_pattern(self) -> str:
         return self._k("pause", "*")
+
+    def fleet_hold(self, request_class: str) -> str:
+        return self._k("hold", check_class(request_class))
+
+    @property
+    def hold_pattern(self) -> str:
+        return self._k("hold", "*")
+
+    @property
+    def holds_channel(self) -> str:
+        """Pub/sub channel: flood.lua announces each new fleet hold (``<cls> <ms>``)."""
+        return self._k("holds")
 
     @property
     def floods(self) -> str:

@@ -39,7 +39,7 @@ class AimdParams:
     increase_step: float = 0.5
     quiet_period_s: float = 10.0
     cut_cooldown_s: float = 2.0
-    recovery_margin: float = 0.95
+    recovery_margin: float = 0.97
     recovery_speed: float = 0.5
 
     def __post_init__(self) -> None:
@@ -67,6 +67,9 @@ class TickInputs:
     ``measured_rate``: requests/s admitted over the last 1–2 s. ``saturated``: callers waited
     for this bucket. ``seconds_since_flood`` / ``seconds_since_cut``: ``None`` if never.
     ``ceiling``: the rate measured when the last flood came (``None`` if never).
+    ``ceiling_suspect``: that flood came at a rate an earlier ceiling had said was safe (the
+    limit itself fell): climb back one additive step per tick, so the next flood, if any,
+    comes just above the new limit and measures it, instead of overshooting it again.
     """
 
     current_rate: float
@@ -76,6 +79,7 @@ class TickInputs:
     seconds_since_flood: float | None = None
     seconds_since_cut: float | None = None
     ceiling: float | None = None
+    ceiling_suspect: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +107,13 @@ def decide(inputs: TickInputs, params: AimdParams) -> Decision:
     if inputs.ceiling is not None and cooled:
         target = params.clamp(inputs.ceiling * params.recovery_margin)
         if current < target:
-            step = max(params.increase_step, (target - current) * params.recovery_speed)
-            new = min(target, current + step)
-            return Decision(
-                new, "raise", f"recovering toward {target:.3g}/s (below the last flood)"
-            )
+            if inputs.ceiling_suspect:
+                step = params.increase_step
+                why = f"climbing step by step toward {target:.3g}/s (the limit fell)"
+            else:
+                step = max(params.increase_step, (target - current) * params.recovery_speed)
+                why = f"recovering toward {target:.3g}/s (below the last flood)"
+            return Decision(min(target, current + step), "raise", why)
     since_flood = inputs.seconds_since_flood
     if since_flood is not None and since_flood < params.quiet_period_s:
         return Decision(current, "hold", "saturated, but within the quiet period after a flood")
@@ -137,7 +143,7 @@ def params_for(
     increase_fraction: float = 0.05,
     quiet_period_s: float = 10.0,
     cut_cooldown_s: float = 2.0,
-    recovery_margin: float = 0.95,
+    recovery_margin: float = 0.97,
     recovery_speed: float = 0.5,
 ) -> AimdParams:
     """Parameters for one bucket: the additive step is a fraction of its configured rate, so

@@ -220,6 +220,7 @@ class TelegramSession:
     async def close(self) -> None:
         """Disconnect; safe to call twice or without ``connect``."""
         client, self._client = self._client, None
+        await self.gate.aclose()
         if client is not None:
             await _quiet_disconnect(client)
             if self._path is not None:

@@ -18,6 +18,7 @@
 -- KEYS[5] counters                        hash    counters for the governor
 -- KEYS[6] breaker                         hash    state, until_us, ...
 -- KEYS[7] breaker:probe                   string  token of the half-open probe
+-- KEYS[8] hold:<cls>                      string  fleet hold until, µs (a FloodWait's)
 --
 -- ARGV[1] session   ARGV[2] class
 -- ARGV[3] default session rate/s   ARGV[4] default session burst
@@ -26,7 +27,8 @@
 --
 -- Returns {admitted 0|1, wait_us, reason, transition, send_at_us}
 --   admitted: reason is ok | session | fleet (what the wait is for) | probe
---   refused:  reason is breaker | paused | session | fleet (the wait exceeds max_wait_us)
+--   refused:  reason is breaker | paused | held | session | fleet (the wait exceeds
+--             max_wait_us); paused and held are not booked: the caller sleeps and asks again
 --   transition: '' or 'half_open' (this call moved the breaker; the caller logs it)
 
 local t = redis.call('TIME')
@@ -63,9 +65,12 @@ local f_burst = tonumber(r[6]) or tonumber(ARGV[6])
 local s_T = 1000000 / s_rate
 local f_T = 1000000 / f_rate
 
--- 3. A pause in force for this session and class (FloodWait): refuse, do not book.
+-- 3. A pause in force for this session and class, or a fleet hold for the class (FloodWait):
+-- refuse, do not book.
 local pause_until = tonumber(redis.call('GET', KEYS[3])) or 0
 if pause_until > now then return refuse(pause_until - now, 'paused') end
+local hold_until = tonumber(redis.call('GET', KEYS[8])) or 0
+if hold_until > now then return refuse(hold_until - now, 'held') end
 
 -- 4. GCRA: the earliest time this request conforms to both buckets.
 -- A bucket stores its TAT with the interval it was computed at: when the governor changes the

@@ -7,10 +7,13 @@
 -- KEYS[1] pause:<session>:<cls>   string  paused until, µs (PX TTL = the pause)
 -- KEYS[2] floods                  stream  session, class, seconds, worker
 -- KEYS[3] counters                hash    <cls>:floods, session:<s>:<cls>:floods, rate_limit_hits
+-- KEYS[4] hold:<cls>              string  fleet hold until, µs (PX TTL = the hold)
 --
 -- ARGV[1] session  ARGV[2] class  ARGV[3] pause ms (<= 0 lifts the pause)
 -- ARGV[4] seconds Telegram asked for (N)  ARGV[5] record '1'|'0'  ARGV[6] stream max length
--- ARGV[7] worker id
+-- ARGV[7] worker id   ARGV[8] fleet hold ms (recorded floods only; <= 0: none)
+-- ARGV[9] holds channel: a new or longer hold is PUBLISHed there as '<cls> <hold ms>', so
+--         workers sleeping on a slot booked before the flood wake and wait the hold out
 --
 -- Returns the pause in force afterwards, µs from now (0: none).
 
@@ -24,6 +27,17 @@ if ARGV[5] == '1' then
   redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':floods', 1)
   redis.call('HINCRBY', KEYS[3], 'session:' .. ARGV[1] .. ':' .. ARGV[2] .. ':floods', 1)
   redis.call('HINCRBY', KEYS[3], 'rate_limit_hits', 1)
+  -- The window Telegram found full is full for every session sending into it: hold the whole
+  -- class briefly (an existing longer hold is kept), so it drains instead of flooding again.
+  local hold_ms = tonumber(ARGV[8]) or 0
+  if hold_ms > 0 then
+    local held = tonumber(redis.call('GET', KEYS[4])) or 0
+    local hold_until = now + hold_ms * 1000
+    if hold_until > held then
+      redis.call('SET', KEYS[4], string.format('%d', hold_until), 'PX', hold_ms)
+      redis.call('PUBLISH', ARGV[9], ARGV[2] .. ' ' .. string.format('%d', hold_ms))
+    end
+  end
 end
 
 if pause_ms <= 0 then

@@ -141,7 +141,13 @@ async def test_flood_pauses_only_that_session_and_class_for_n_seconds_plus_jitte
     assert not paused.admitted and paused.reason == "paused"
     assert 2.9 <= paused.wait_s <= 3.5
     assert (await b.acquire("alice", "other")).admitted
-    assert (await b.acquire("bob", "history")).admitted
+    # Every other session's history is held fleet-wide for min(N, FLOOD_FLEET_HOLD_SECONDS),
+    # refused with the time left, not booked.
+    admits = (await b.counters()).get("history:admits")
+    held = await b.acquire("bob", "history")
+    assert not held.admitted and held.reason == "held" and 0.9 <= held.wait_s <= 1.0
+    assert (await b.counters()).get("history:admits") == admits
+    assert (await b.acquire("bob", "other")).admitted
     # A shorter FloodWait does not shorten the pause in force.
     assert await b.record_flood("alice", "history", 1) == pytest.approx(pause, abs=0.05)
     events = await b.recent_floods()
@@ -155,7 +161,22 @@ async def test_flood_pauses_only_that_session_and_class_for_n_seconds_plus_jitte
     assert counters.get("session:alice:history:floods") == 2
     # Lifting the pause by hand.
     assert await b.pause("alice", "history", 0) == 0
+    await redis_client.delete(Keys().fleet_hold("history"))
     assert (await b.acquire("alice", "history")).admitted
+    assert (await b.acquire("bob", "history")).admitted
+
+
+async def test_a_hold_is_not_shortened_and_zero_disables_it(redis_client: aioredis.Redis) -> None:
+    b = TokenBucket(redis_client, Keys(), settings(flood_fleet_hold_seconds=0.5), worker_id="w1")
+    await b.record_flood("alice", "history", 30)
+    await b.record_flood("carol", "history", 0.1)  # a shorter hold keeps the longer one
+    held = await b.acquire("bob", "history")
+    assert held.reason == "held" and 0.4 <= held.wait_s <= 0.5
+    snap = await b.snapshot()
+    assert set(snap["holds_s"]) == {"history"}
+    off = TokenBucket(redis_client, Keys("off:"), settings(flood_fleet_hold_seconds=0))
+    await off.record_flood("alice", "history", 30)
+    assert (await off.acquire("bob", "history")).admitted
 
 
 async def test_waits_longer_than_flood_wait_max_are_refused_without_booking(

@@ -4,6 +4,7 @@ request, FloodWait handling, failing closed while Redis is down, and its measure
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from governor.fleet_gate import FleetGate
 from governor.gate import RequestGate
@@ -61,7 +63,7 @@ async def test_acquire_sleeps_the_booked_wait_once_on_the_injected_clock(
 async def test_flood_wait_pauses_the_session_then_it_goes_again(
     redis_client: aioredis.Redis,
 ) -> None:
-    s = settings(flood_wait_jitter_seconds=0)
+    s = settings(flood_wait_jitter_seconds=0, flood_fleet_hold_seconds=0)
     gate = FleetGate(redis_client, Keys(), "alice", s, SystemClock())
     other = FleetGate(redis_client, Keys(), "bob", s, SystemClock())
     await gate.report("history", "flood", flood_wait_s=0.3)
@@ -71,6 +73,74 @@ async def test_flood_wait_pauses_the_session_then_it_goes_again(
     assert time.monotonic() - t0 < 0.1
     await gate.acquire("history")
     assert time.monotonic() - t0 >= 0.29
+
+
+async def test_a_flood_holds_its_class_for_every_session_for_min_n_and_the_cap(
+    redis_client: aioredis.Redis,
+) -> None:
+    s = settings(flood_wait_jitter_seconds=0, flood_fleet_hold_seconds=0.4)
+    gate = FleetGate(redis_client, Keys(), "alice", s, SystemClock())
+    other = FleetGate(redis_client, Keys(), "bob", s, SystemClock())
+    await gate.report("history", "flood", flood_wait_s=5)  # N = 5 s, hold capped at 0.4 s
+    snap = await other.bucket.snapshot()
+    assert 0.3 < snap["holds_s"]["history"] <= 0.4
+    t0 = time.monotonic()
+    await other.acquire("resolve")  # another class is not held
+    assert time.monotonic() - t0 < 0.1
+    await other.acquire("history")  # another session waits for the hold, not alice's 5 s
+    waited = time.monotonic() - t0
+    assert 0.3 < waited < 1.5
+    await other.aclose()
+    await gate.aclose()
+
+
+async def _bob_sleeping_on_a_booked_slot(
+    client: aioredis.Redis, hold_s: float
+) -> tuple[FleetGate, FleetGate, asyncio.Task[None], float]:
+    """bob's second history request books a slot 0.5 s ahead (2/s, burst 1) and sleeps on it;
+    0.1 s later alice floods (N = 1 s) with FLOOD_FLEET_HOLD_SECONDS = ``hold_s``."""
+    s = settings(
+        flood_wait_jitter_seconds=0,
+        flood_fleet_hold_seconds=hold_s,
+        fleet_rate_history_per_second=2.0,
+        fleet_rate_history_burst=1,
+        rate_history_per_second=100.0,
+    )
+    alice = FleetGate(client, Keys(), "alice", s, SystemClock())
+    bob = FleetGate(client, Keys(), "bob", s, SystemClock())
+    await bob.acquire("history")  # takes the only token; starts bob's hold subscription
+    assert await bob.holds.wait_subscribed(5.0)
+    t0 = time.monotonic()
+    sleeping = asyncio.create_task(bob.acquire("history"))
+    await asyncio.sleep(0.1)
+    assert not sleeping.done()
+    await alice.report("history", "flood", flood_wait_s=1)
+    return alice, bob, sleeping, t0
+
+
+async def test_a_hold_wakes_a_request_sleeping_on_a_slot_booked_before_the_flood(
+    redis_client: aioredis.Redis,
+) -> None:
+    # bob must not send at his stale slot (0.5 s) but after the 0.8 s hold (0.9 s): the hold
+    # is pushed to him while he sleeps.
+    alice, bob, sleeping, t0 = await _bob_sleeping_on_a_booked_slot(redis_client, 0.8)
+    await sleeping
+    sent_at = time.monotonic() - t0
+    assert sent_at >= 0.85, f"bob sent into the held window at {sent_at:.2f} s"
+    assert bob.holds.woken == 1 and bob.holds.holds_seen == 1
+    await bob.aclose()
+    await alice.aclose()
+
+
+async def test_without_a_fleet_hold_the_booked_slot_is_kept(
+    redis_client: aioredis.Redis,
+) -> None:
+    alice, bob, sleeping, t0 = await _bob_sleeping_on_a_booked_slot(redis_client, 0)
+    await sleeping
+    assert 0.4 < time.monotonic() - t0 < 0.8
+    assert bob.holds.holds_seen == 0 and bob.holds.woken == 0
+    await bob.aclose()
+    await alice.aclose()
 
 
 async def test_flood_wait_above_the_maximum_raises_rate_limited(
@@ -188,3 +258,24 @@ async def test_acquire_latency_and_round_trips_from_four_processes(
     assert delta.get("evalsha", 0) == requests
     assert round_trips / requests <= 1.01
     assert p99 < 20, "acquire p99 is far above the ~1 ms target even on a loaded machine"
+
+
+async def test_the_hold_subscription_comes_back_after_a_redis_restart(
+    private_client: aioredis.Redis, private_redis: RedisServer
+) -> None:
+    s = settings(flood_wait_jitter_seconds=0, redis_fallback_retry_seconds=0.1)
+    gate = FleetGate(private_client, Keys(), "bob", s, SystemClock())
+    await gate.acquire("history")
+    assert await gate.holds.wait_subscribed(5.0)
+    await asyncio.to_thread(private_redis.restart)  # SIGKILL: the subscription is cut
+    seen = gate.holds.holds_seen
+    other = FleetGate(private_client, Keys(), "alice", s, SystemClock())
+    # Floods recorded after the restart reach bob again once his listener has resubscribed.
+    deadline = time.monotonic() + 5
+    while gate.holds.holds_seen == seen and time.monotonic() < deadline:
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            await other.bucket.record_flood("alice", "history", 0.05)
+        await asyncio.sleep(0.2)
+    assert gate.holds.holds_seen == seen + 1
+    await gate.aclose()
+    await other.aclose()

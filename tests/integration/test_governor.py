@@ -154,3 +154,59 @@ async def test_scheduled_fetch_is_pushed_once_per_chat_and_day_across_governors(
     # The next day is pushed again, once.
     assert len(await failover.run_once(datetime(2025, 11, 9, 1, 0, tzinfo=UTC))) == 2
     assert await redis_client.llen(keys.commands) == 4
+
+
+async def test_a_flood_at_a_rate_that_was_safe_climbs_back_step_by_step(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The limit itself fell: recovering fast toward the old ceiling would flood again."""
+    s = settings(fleet_rate_history_per_second=30.0, aimd_increase_fraction=0.05)
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+
+    async def decide(at: float, current: float, measured: float, floods: int) -> float:
+        change = await controller._decide("fleet", "history", at, current, measured, True, floods)
+        assert change is not None
+        return change.new
+
+    # Start-up: 30/s floods, 24/s measured: cut to 0.7 × 24, then back fast toward 0.97 × 24.
+    rate = await decide(0.0, 30.0, 24.0, 1)
+    assert rate == pytest.approx(16.8)
+    rate = await decide(3.0, rate, rate, 0)
+    assert rate == pytest.approx(16.8 + (0.97 * 24 - 16.8) * 0.5)
+    for at in (4.0, 5.0, 6.0, 7.0, 8.0, 9.0):
+        rate = await decide(at, rate, rate, 0) if rate < 0.97 * 24 - 0.01 else rate
+    assert rate == pytest.approx(0.97 * 24, rel=0.01)
+    # 20 s of cruise there, then a flood at that rate: the limit fell under it.
+    cut = await decide(30.0, rate, rate, 1)
+    assert cut == pytest.approx(0.7 * rate)
+    climb = await controller._decide("fleet", "history", 33.0, cut, cut, True, 0)
+    assert climb is not None and "limit fell" in climb.decision.why
+    assert climb.new == pytest.approx(cut + 30.0 * 0.05)  # one additive step, not half the way
+    # The next flood, in the same streak, measures the new limit: fast recovery again, to a
+    # margin below it for each cut of the streak.
+    again = await decide(35.0, climb.new, 15.0, 1)
+    assert again == pytest.approx(0.7 * 15.0)
+    back = await controller._decide("fleet", "history", 38.0, again, again, True, 0)
+    assert back is not None and "below the last flood" in back.decision.why
+    assert back.new == pytest.approx(again + (0.97 * 0.97 * 15.0 - again) * 0.5)
+
+
+async def test_the_measured_rate_covers_exactly_the_window_between_samples(
+    redis_client: aioredis.Redis,
+) -> None:
+    from governor.bucket import Counters
+    from governor.daemon import MEASURE_WINDOW_S
+
+    assert MEASURE_WINDOW_S == 2.0
+    s = settings()
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    name = "history:admits"
+    for at, value in ((0.0, 0), (2.0, 20), (3.0, 40)):
+        controller._samples.append(Counters(at, {name: value}))
+    # The window is [1, 3]: the counter at 1 s lies halfway between the samples at 0 and 2 s.
+    assert controller._measured(controller._samples[-1], name) == pytest.approx((40 - 10) / 2)
+    # Younger than the window: the rate since the oldest sample.
+    controller._samples.clear()
+    for at, value in ((10.0, 0), (10.5, 6)):
+        controller._samples.append(Counters(at, {name: value}))
+    assert controller._measured(controller._samples[-1], name) == pytest.approx(12.0)

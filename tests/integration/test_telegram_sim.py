@@ -35,6 +35,9 @@ class RecordingGate:
     ) -> None:
         self.reports.append((request_class, outcome, flood_wait_s))
 
+    async def aclose(self) -> None:
+        return None
+
 
 SessionFactory = Callable[..., Any]
 

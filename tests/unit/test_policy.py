@@ -266,7 +266,7 @@ def test_after_a_cut_the_rate_climbs_back_fast_to_just_below_the_flood_and_cruis
     for t in range(3, 9):  # saturated ticks, one per second, no new flood
         rate = decide(TickInputs(rate, rate, True, 0, float(t), float(t), ceiling=24.0), p).rate
         steps.append(round(rate, 2))
-    target = 0.95 * 24
+    target = p.recovery_margin * 24
     assert steps[0] == pytest.approx(16.8 + (target - 16.8) / 2, abs=0.01)  # half way back
     assert target - 0.1 < steps[-1] <= target + 0.01  # recovered within a few seconds (rounded)
     cruise = decide(TickInputs(target, target, True, 0, 20.0, 20.0, ceiling=24.0), p)
@@ -277,8 +277,19 @@ def test_above_the_cruise_the_rate_probes_only_after_three_quiet_periods() -> No
     p = AimdParams(
         min_rate=0.5, max_rate=100, increase_step=0.5, quiet_period_s=10, cut_cooldown_s=2
     )
-    cruise = 0.95 * 24
+    cruise = p.recovery_margin * 24
     held = decide(TickInputs(cruise, cruise, True, 0, 29.0, 29.0, ceiling=24.0), p)
     assert held.action == "hold"
     later = decide(TickInputs(cruise, cruise, True, 0, 31.0, 31.0, ceiling=24.0), p)
     assert later.action == "raise" and later.rate == pytest.approx(cruise + 0.5)  # limit may rise
+
+
+def test_after_a_flood_below_the_old_ceiling_the_rate_climbs_one_step_per_tick() -> None:
+    p = AimdParams(min_rate=0.5, max_rate=50.0, increase_step=1.0)
+    fast = TickInputs(10, 10, saturated=True, floods=0, seconds_since_cut=3.0, ceiling=20.0)
+    slow = TickInputs(
+        10, 10, saturated=True, floods=0, seconds_since_cut=3.0, ceiling=20.0, ceiling_suspect=True
+    )
+    assert next_rate(fast, p) == pytest.approx(10 + (20 * p.recovery_margin - 10) * 0.5)
+    d = decide(slow, p)
+    assert d.action == "raise" and d.rate == pytest.approx(11.0) and "limit fell" in d.why
