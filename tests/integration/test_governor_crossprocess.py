@@ -1,4 +1,4 @@
-"""A FloodWait in one worker process slows another, within one governor tick.
+"""A FloodWait in one worker process holds the other at once and slows it within one tick.
 
 Real processes on real Redis: two fetching workers on different sessions
 (``bench/_bench_worker.py``: ``TelegramSession`` + ``FleetGate`` over the simulator) and a
@@ -42,7 +42,7 @@ def rate(rows: list[dict[str, Any]], session: str, t0: float, t1: float) -> floa
     return n / (t1 - t0)
 
 
-def test_a_flood_in_one_worker_slows_the_other_within_one_governor_tick(
+def test_a_flood_in_one_worker_holds_the_other_and_slows_it_within_one_tick(
     redis_url: str, tmp_path: Path
 ) -> None:
     client = redis.Redis.from_url(redis_url)
@@ -134,6 +134,12 @@ def test_a_flood_in_one_worker_slows_the_other_within_one_governor_tick(
         # 0.3 × the measured fleet rate (~12/s) is ~3.6/s for both together.
         assert after <= 0.75 * before, (before, after)
         assert not any(r["session"] == "b" and r["outcome"] == "flood" for r in rows)
+        # The fleet hold: for min(N, FLOOD_FLEET_HOLD_SECONDS) = 1 s after a's flood, b sends
+        # nothing, not even on a slot it had booked before (a request already in flight then
+        # lands within a few ms).
+        held = [r["ts"] - t_flood for r in rows if r["session"] == "b"]
+        assert not [t for t in held if 0.05 <= t < 0.95], held
+        assert [t for t in held if 0.95 <= t < 2.0], "b did not resume after the hold"
     finally:
         for p in [*workers, governor]:
             if p.poll() is None:
