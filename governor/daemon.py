@@ -340,22 +340,49 @@ class RateController:
         if math.isclose(decision.rate, current, rel_tol=1e-9, abs_tol=1e-9):
             return None
         if decision.action == "cut":
-            in_streak = since_cut is not None and since_cut < self.settings.aimd_quiet_seconds
-            # Cruising at or below the recovery target after a quiet period, and flooded
-            # anyway: the limit itself fell, and the old ceiling no longer means "safe".
-            target = self._ceiling(memory)
-            memory.suspect = (
-                not in_streak
-                and target is not None
-                and current <= target * self.settings.aimd_recovery_margin * (1 + 1e-6)
-            )
-            memory.streak = memory.streak + 1 if in_streak else 1
-            memory.last_cut_s = now_s
-            # What the fleet really sent when Telegram said "too much": the next climb stops
-            # a margin below it.
-            memory.ceiling = min(current, measured) if measured > 0 else current
+            decision = self._cut(memory, decision, now_s, since_cut, current, measured)
         await self.bucket.set_rate(c, decision.rate, scope=scope)  # type: ignore[arg-type]
         return RateChange(scope, c, current, decision.rate, decision)
+
+    def _cut(
+        self,
+        memory: _Memory,
+        decision: Decision,
+        now_s: float,
+        since_cut: float | None,
+        current: float,
+        measured: float,
+    ) -> Decision:
+        """Remember a cut, and decide how deep it goes.
+
+        A flood that ends a quiet cruise at or below the recovery target means the limit
+        itself fell (how far is unknown): the policy's deep cut stands and the climb back is
+        step by step (``suspect``). So does the first flood ever. A flood in a streak (the fleet
+        was already closing in on the limit after a cut) or while probing just above the last
+        ceiling measured a rate that *is* the limit, near enough: the rate goes straight to the
+        cruise a margin below it. The hold has drained the window already, and a 0.7× dip and
+        climb back would only waste the fleet's slots.
+        """
+        margin = self.settings.aimd_recovery_margin
+        in_streak = since_cut is not None and since_cut < self.settings.aimd_quiet_seconds
+        old_target = self._ceiling(memory)
+        memory.suspect = (
+            not in_streak and old_target is not None and current <= old_target * margin * (1 + 1e-6)
+        )
+        near_the_limit = in_streak or (old_target is not None and not memory.suspect)
+        memory.streak = memory.streak + 1 if in_streak else 1
+        memory.last_cut_s = now_s
+        # What the fleet really sent when Telegram said "too much": the next climb stops a
+        # margin below it.
+        memory.ceiling = min(current, measured) if measured > 0 else current
+        ceiling = self._ceiling(memory)
+        if near_the_limit and ceiling is not None and ceiling * margin > decision.rate:
+            return Decision(
+                min(current, ceiling * margin),
+                "cut",
+                f"{decision.why}; straight to the cruise below it",
+            )
+        return decision
 
 
 def _rate(raw: dict[str, str], name: str, default: ClassRate | float) -> float:

@@ -182,13 +182,19 @@ async def test_a_flood_at_a_rate_that_was_safe_climbs_back_step_by_step(
     climb = await controller._decide("fleet", "history", 33.0, cut, cut, True, 0)
     assert climb is not None and "limit fell" in climb.decision.why
     assert climb.new == pytest.approx(cut + 30.0 * 0.05)  # one additive step, not half the way
-    # The next flood, in the same streak, measures the new limit: fast recovery again, to a
-    # margin below it for each cut of the streak.
-    again = await decide(35.0, climb.new, 15.0, 1)
-    assert again == pytest.approx(0.7 * 15.0)
-    back = await controller._decide("fleet", "history", 38.0, again, again, True, 0)
-    assert back is not None and "below the last flood" in back.decision.why
-    assert back.new == pytest.approx(again + (0.97 * 0.97 * 15.0 - again) * 0.5)
+    # The next flood, in the same streak, measured the new limit, near enough: straight to the
+    # cruise a margin below it (one margin more for the second cut of the streak), no dip.
+    again = await controller._decide("fleet", "history", 35.0, climb.new, 15.0, True, 1)
+    assert again is not None and "straight to the cruise" in again.decision.why
+    assert again.new == pytest.approx(0.97 * 0.97 * 15.0)
+    assert await controller._decide("fleet", "history", 38.0, again.new, 14.0, True, 0) is None
+    # Thirty quiet seconds later it probes above that cruise; the flood it meets there measured
+    # the limit too: straight back under it.
+    probe = await controller._decide("fleet", "history", 66.0, again.new, again.new, True, 0)
+    assert probe is not None and probe.decision.action == "raise"
+    back = await controller._decide("fleet", "history", 70.0, probe.new, 14.5, True, 1)
+    assert back is not None and "straight to the cruise" in back.decision.why
+    assert back.new == pytest.approx(0.97 * 14.5)
 
 
 async def test_the_measured_rate_covers_exactly_the_window_between_samples(
