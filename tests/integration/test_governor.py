@@ -13,7 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from governor.bucket import TokenBucket
-from governor.daemon import LeaderLease, RateController
+from governor.controller import RateController
+from governor.daemon import LeaderLease
 from governor.keys import Keys
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
 from governor.settings import GovernorSettings
@@ -201,7 +202,7 @@ async def test_the_measured_rate_covers_exactly_the_window_between_samples(
     redis_client: aioredis.Redis,
 ) -> None:
     from governor.bucket import Counters
-    from governor.daemon import MEASURE_WINDOW_S
+    from governor.controller import MEASURE_WINDOW_S
 
     assert MEASURE_WINDOW_S == 2.0
     s = settings()
