@@ -21,9 +21,9 @@ _cache: weakref.WeakKeyDictionary[Redis, Scripts] = weakref.WeakKeyDictionary()
 
 
 @cache
-def lua_source(name: str) -> str:
-    """The text of ``governor/lua/<name>.lua``."""
-    return (resources.files("governor") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+def lua_source(name: str, package: str = "governor") -> str:
+    """The text of ``<package>/lua/<name>.lua`` (the governor's scripts, or the worker's)."""
+    return (resources.files(package) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)

@@ -61,22 +61,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def add_command_arguments(parser: argparse.ArgumentParser, *, one_shot: bool) -> None:
+    """The options that make a fetch command (``fetch`` runs it, ``send`` queues it); the
+    one-shot ``fetch`` also takes ``--yesterday`` and ``--full``."""
+    parser.add_argument("--chat", required=True, help="@username, t.me link or numeric id")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--date", help="one day, YYYY-MM-DD")
+    when.add_argument("--days", type=int, help="the N whole days before today (default 1)")
+    if one_shot:
+        when.add_argument("--yesterday", action="store_true", help="yesterday (the default)")
+    when.add_argument("--from", dest="from_", metavar="FROM", help="first day of a range")
+    if one_shot:
+        when.add_argument("--full", action="store_true", help="the whole history up to yesterday")
+    parser.add_argument("--to", help="last day of a range (with --from; default yesterday)")
+    parser.add_argument("--strategy", choices=["batch", "per_day", "auto", "sequential"])
+    parser.add_argument("--limit", type=int, help="at most this many messages in total")
+    parser.add_argument("--force", action="store_true", help="re-fetch days already complete")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     sub = parser.add_subparsers(dest="cmd")
 
     fetch = sub.add_parser("fetch", help="fetch a chat once and exit (cron mode)")
-    fetch.add_argument("--chat", required=True, help="@username, t.me link or numeric id")
-    when = fetch.add_mutually_exclusive_group()
-    when.add_argument("--date", help="one day, YYYY-MM-DD")
-    when.add_argument("--days", type=int, help="the N whole days before today")
-    when.add_argument("--yesterday", action="store_true", help="yesterday (the default)")
-    when.add_argument("--from", dest="from_", metavar="FROM", help="first day of a range")
-    when.add_argument("--full", action="store_true", help="the whole history up to yesterday")
-    fetch.add_argument("--to", help="last day of a range (with --from; default yesterday)")
-    fetch.add_argument("--strategy", choices=["batch", "per_day", "auto", "sequential"])
-    fetch.add_argument("--limit", type=int, help="at most this many messages in total")
-    fetch.add_argument("--force", action="store_true", help="re-fetch days already complete")
+    add_command_arguments(fetch, one_shot=True)
     fetch.add_argument("--session", help="session name under SESSIONS_DIR")
 
     login = sub.add_parser("login", help="create a Telegram session interactively")

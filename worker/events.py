@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ from tenacity import (
 from governor.keys import Keys
 from worker.clock import utc_iso
 from worker.queue import REDIS_DOWN
+from worker.retry import OnRetry
 
 SERVICE = "telegram-fetcher"
 EventKind = Literal["started", "progress", "completed", "failed"]
@@ -139,7 +140,7 @@ class EventPublisher:
         max_elapsed_s: float = 30.0,
         initial_wait_s: float = 0.1,
         max_wait_s: float = 5.0,
-        on_retry: Callable[[str, str, float], None] | None = None,
+        on_retry: OnRetry | None = None,
     ) -> None:
         self.on_retry = on_retry  # on_retry("redis_publish", reason, delay_s): metrics hook
         self.client = client

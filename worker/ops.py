@@ -24,13 +24,14 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 
 from governor.keys import Keys
 from governor.scripts import text
+from worker.cli import add_command_arguments, build_fetch_payload
 from worker.commands import CommandLimits, parse_command, today_in
 from worker.errors import CommandRejected
 from worker.events import TERMINAL, parse_event
@@ -48,15 +49,7 @@ def add_parsers(sub: Any) -> None:
     sub.add_parser("run", help="run the worker daemon (the default)")
 
     send = sub.add_parser("send", help="push a fetch command to tg_commands")
-    send.add_argument("--chat", required=True, help="@username, t.me link or numeric id")
-    when = send.add_mutually_exclusive_group()
-    when.add_argument("--date", help="one day, YYYY-MM-DD")
-    when.add_argument("--days", type=int, help="the N whole days before today (default 1)")
-    when.add_argument("--from", dest="from_", metavar="FROM", help="first day of a range")
-    send.add_argument("--to", help="last day of a range (with --from; default yesterday)")
-    send.add_argument("--strategy", choices=["batch", "per_day", "auto", "sequential"])
-    send.add_argument("--limit", type=int, help="at most this many messages in total")
-    send.add_argument("--force", action="store_true", help="re-fetch days already complete")
+    add_command_arguments(send, one_shot=False)
     send.add_argument("--command-id", help="the command's id (default: a new uuid)")
     send.add_argument("--requested-by", help="echoed in events")
     send.add_argument("--wait", action="store_true", help="follow its events until the end")
@@ -96,20 +89,9 @@ def cmd_run(settings: WorkerSettings, args: argparse.Namespace) -> int:
 
 
 def build_send_payload(args: argparse.Namespace, today: Any) -> dict[str, Any]:
-    payload: dict[str, Any] = {"command": "fetch", "chat": args.chat}
-    if args.date:
-        payload.update(mode="date", date=args.date)
-    elif args.from_:
-        to = args.to or (today - timedelta(days=1)).isoformat()
-        payload.update({"mode": "range", "from": args.from_, "to": to})
-    else:
-        payload.update(mode="days", days=args.days or 1)
-    if args.strategy:
-        payload["strategy"] = args.strategy
-    if args.limit is not None:
-        payload["limit"] = args.limit
-    if args.force:
-        payload["options"] = {"force": True}
+    """The command ``fetch`` would run, plus what a queued command carries: its id, who asked,
+    when."""
+    payload: dict[str, Any] = dict(build_fetch_payload(args, today))
     payload["command_id"] = args.command_id or str(uuid.uuid4())
     if args.requested_by:
         payload["requested_by"] = args.requested_by

@@ -30,15 +30,13 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
-from importlib import resources
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from governor.keys import Keys
-from governor.scripts import as_bytes, text
+from governor.scripts import as_bytes, lua_source, text
 from worker.clock import utc_iso
 from worker.deadletters import DeadLetter, list_dead_letters, new_dead_letter
 from worker.redislink import REDIS_DOWN, RedisLink, RedisUnavailable, connect
@@ -63,12 +61,6 @@ T = TypeVar("T")
 # --- scripts ------------------------------------------------------------------------------------
 
 
-@cache
-def lua_source(name: str) -> str:
-    """The text of ``worker/lua/<name>.lua``."""
-    return (resources.files("worker") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
-
-
 @dataclass(frozen=True)
 class QueueScripts:
     lease: AsyncScript
@@ -85,7 +77,7 @@ class QueueScripts:
     @classmethod
     def register(cls, client: Redis) -> QueueScripts:
         names = cls.__dataclass_fields__
-        return cls(**{name: client.register_script(lua_source(name)) for name in names})
+        return cls(**{name: client.register_script(lua_source(name, "worker")) for name in names})
 
 
 _scripts: weakref.WeakKeyDictionary[Redis, QueueScripts] = weakref.WeakKeyDictionary()
