@@ -465,7 +465,7 @@ class Daemon:
                 if self.link.exhausted() and not self.stop.is_set():
                     self._begin_stop(
                         EXIT_REDIS_UNAVAILABLE,
-                        f"redis unreachable for {self.link.outage_seconds():.0f}s",
+                        f"redis unavailable: unreachable for {self.link.outage_seconds():.0f}s",
                     )
             self._write_health()
             self._refresh_lag()
