@@ -21,8 +21,9 @@ system-deps:
 	@bash .ci/system-deps.sh
 
 lint: venv
-	$(BIN)/ruff check worker governor tests bench
-	$(BIN)/ruff format --check worker governor tests bench
+	$(BIN)/ruff check fleet worker governor tests bench
+	$(BIN)/ruff format --check fleet worker governor tests bench
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy

@@ -5,7 +5,7 @@ cross-process governor test (``tests/integration/test_governor_crossprocess.py``
 with ``TELEGRAM_BACKEND=sim`` and pages through one chat's history again and again until
 ``seconds`` have passed (or SIGTERM), then prints one JSON line of statistics. The gate is one of
 
-- ``governor``: :class:`governor.fleet_gate.FleetGate` on the shared Redis bucket;
+- ``governor``: :class:`worker.fleet_gate.FleetGate` on the shared Redis bucket;
 - ``telethon``: no gate; FloodWaits are slept through (N s plus jitter), as Telethon's default
   ``flood_sleep_threshold=60`` would;
 - ``fixed``: a local reserve-style limiter at ``fixed_rate`` per second, no shared state.
@@ -35,11 +35,12 @@ if str(ROOT) not in sys.path:
 import redis.asyncio as aioredis  # noqa: E402
 from loguru import logger  # noqa: E402
 
-from governor.gate import NullGate, Outcome, RequestClass, RequestGate  # noqa: E402
-from worker.chats import parse_chat  # noqa: E402
-from worker.clock import SystemClock  # noqa: E402
+from fleet.chats import parse_chat  # noqa: E402
+from fleet.clock import SystemClock  # noqa: E402
+from fleet.gate import NullGate, Outcome, RequestClass, RequestGate  # noqa: E402
 from worker.errors import TelegramError  # noqa: E402
-from worker.settings import WorkerSettings  # noqa: E402
+from worker.sim.client import sim_client_factory  # noqa: E402
+from worker.sim.settings import SimSettings  # noqa: E402
 from worker.telegram import TelegramSession  # noqa: E402
 
 
@@ -78,7 +79,7 @@ async def main(cfg: dict[str, Any]) -> dict[str, Any]:
     logger.add(sys.stderr, level="WARNING")
     session = cfg["session"]
     policy = cfg.get("policy", "governor")
-    settings = WorkerSettings(
+    settings = SimSettings(
         _env_file=None,
         telegram_backend="sim",
         redis_url=cfg["sim_redis_url"],
@@ -98,8 +99,8 @@ async def main(cfg: dict[str, Any]) -> dict[str, Any]:
     acquire_ms: list[float] = []
     gate: RequestGate
     if policy == "governor":
-        from governor.fleet_gate import FleetGate
-        from governor.keys import Keys
+        from fleet.keys import Keys
+        from worker.fleet_gate import FleetGate
 
         inner = client.execute_command
 
@@ -127,7 +128,9 @@ async def main(cfg: dict[str, Any]) -> dict[str, Any]:
         gate = FixedGate(float(cfg["fixed_rate"]))
     else:
         gate = NullGate()
-    telegram = TelegramSession(settings, session, gate=gate)
+    telegram = TelegramSession(
+        settings, session, gate=gate, client_factory=sim_client_factory(settings)
+    )
     await telegram.connect()
     if cfg.get("ready_key"):
         await client.rpush(cfg["ready_key"], session)

@@ -7,7 +7,7 @@ For each policy, one after the other on fresh Redis state, 3 worker processes
 
 (a) ``telethon``: no limiter; FloodWaits are slept through (Telethon's default behaviour);
 (b) ``fixed``: a per-process limiter at a third of the initial fleet rate, no shared state;
-(c) ``governor``: :class:`governor.fleet_gate.FleetGate` plus a ``python -m governor`` process.
+(c) ``governor``: :class:`worker.fleet_gate.FleetGate` plus a ``python -m governor`` process.
 
 The hidden limit is per account *and* fleet-wide (sliding windows in the simulator), starts
 1.5× below the initial rate and drops by 40% halfway (written to the simulator's limits hash at
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from governor.keys import Keys  # noqa: E402
+from fleet.keys import Keys  # noqa: E402
 
 WORKERS = 3
 WINDOW_S = 2.0

@@ -41,10 +41,10 @@ PIPELINES = ("naive", "fetcher")
 
 
 def _settings(data_dir: Path) -> Any:
-    from worker.settings import WorkerSettings
+    from worker.sim.settings import SimSettings
 
     start = (datetime.now(UTC) - timedelta(days=400)).date()
-    return WorkerSettings(
+    return SimSettings(
         telegram_backend="sim",
         sim_messages_per_day=MESSAGES_PER_DAY,
         sim_empty_day_ratio=0.0,
@@ -60,7 +60,7 @@ async def _days_for(session: Any, size: int) -> tuple[date, date]:
     """The first consecutive days of the simulated chat that hold at least ``size`` messages."""
     from telethon import utils
 
-    from worker.chats import parse_chat
+    from fleet.chats import parse_chat
 
     resolved = await session.resolve(parse_chat(CHAT))
     bare, _ = utils.resolve_id(resolved.peer_id)
@@ -76,10 +76,11 @@ async def _days_for(session: Any, size: int) -> tuple[date, date]:
 async def _child(pipeline: str, size: int, data_dir: Path) -> dict[str, Any]:
     from zoneinfo import ZoneInfo
 
+    from worker.sim.client import sim_client_factory
     from worker.telegram import TelegramSession
 
     settings = _settings(data_dir)
-    session = TelegramSession(settings, "bench")
+    session = TelegramSession(settings, "bench", client_factory=sim_client_factory(settings))
     await session.connect()
     try:
         first, last = await _days_for(session, size)
@@ -122,7 +123,7 @@ async def _run_fetcher(session: Any, settings: Any, first: date, last: date) -> 
 
 async def _run_naive(session: Any, settings: Any, first: date, last: date, tz: Any) -> int:
     """Everything into one list, then one json.dump per day."""
-    from worker.chats import parse_chat
+    from fleet.chats import parse_chat
     from worker.mapping import message_to_dict
 
     client = session.client

@@ -13,20 +13,13 @@ import argparse
 import asyncio
 import json
 import sys
-from enum import IntEnum
 from typing import Any
 
-from governor.settings import ConfigError, GovernorSettings, load_settings
+from fleet.exitcodes import Exit
+from fleet.settings import ConfigError, load_settings
+from governor.settings import GovernorSettings
 
 __all__ = ["Exit", "GovernorSettings", "gather_status", "main"]
-
-
-class Exit(IntEnum):
-    OK = 0
-    FAILED = 1
-    USAGE = 2
-    REDIS_UNAVAILABLE = 69  # Redis unreachable beyond REDIS_MAX_OUTAGE_SECONDS; restart
-    CONFIG = 78  # a setting is wrong; do not restart
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_logging(settings: GovernorSettings) -> None:
     try:
-        from governor.logs import setup_logging
+        from fleet.logs import setup_logging
     except ImportError:  # pragma: no cover - the observability module is optional
         return
     setup_logging(settings, worker_id=settings.resolved_governor_id(), component="governor")
@@ -76,10 +69,10 @@ async def gather_status(settings: GovernorSettings) -> dict[str, Any]:
     """Everything ``status`` prints, as a dict."""
     from redis.asyncio import Redis
 
-    from governor.breaker import CircuitBreaker
-    from governor.bucket import TokenBucket
-    from governor.keys import Keys
-    from governor.scripts import text
+    from fleet.breaker import CircuitBreaker
+    from fleet.bucket import TokenBucket
+    from fleet.keys import Keys
+    from fleet.scripts import text
 
     keys = Keys(settings.redis_key_prefix)
     client = Redis.from_url(settings.redis_dsn(), socket_timeout=5, socket_connect_timeout=5)

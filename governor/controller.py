@@ -14,10 +14,10 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from governor.bucket import ClassRate, Counters, RateDefaults, TokenBucket
-from governor.gate import REQUEST_CLASSES
+from fleet.bucket import ClassRate, Counters, RateDefaults, TokenBucket
+from fleet.gate import REQUEST_CLASSES
+from fleet.scripts import text
 from governor.policy import AimdParams, Decision, TickInputs, decide, params_for
-from governor.scripts import text
 from governor.settings import GovernorSettings
 
 #: Rates are measured over this long (ANCHORS: "0.7× the rate measured over 1–2 s").

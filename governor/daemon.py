@@ -9,15 +9,16 @@ Lifecycle::
           renew the lease (compare-and-extend) ──► rates (governor/controller.py): read
           counters, policy.decide per class and per flooded session, set_rate, log each
           change once (counters are also sampled every 0.25 s between ticks) ──► recover the
-          commands of dead workers (worker.queue.recover), forget their Pushgateway groups
+          commands of dead workers (fleet.recovery.recover), forget their Pushgateway groups
           ──► push the scheduled incremental fetches that are due
     SIGTERM/SIGINT ──► finish the tick ──► release the lease (a standby takes over at once)
         ──► close Redis ──► exit 0, within SHUTDOWN_GRACE_SECONDS
 
 Only one governor leads: ``governor:leader`` holds the leader's token with a PX TTL of
-``GOVERNOR_LEASE_SECONDS``; ``lua/leader.lua`` takes it with NX and extends it only if the
-token is still ours, so a governor that stalled past its TTL steps down instead of fighting
-the new leader. Rates live in Redis, so workers keep the last rates while no governor runs.
+``GOVERNOR_LEASE_SECONDS``; ``fleet/lua/lease.lua`` (the script of the worker and session
+leases too) takes it with NX and extends it only if the token is still ours, so a governor
+that stalled past its TTL steps down instead of fighting the new leader. Rates live in Redis,
+so workers keep the last rates while no governor runs.
 
 Why the leader also wakes on floods: the cut is what protects the rest of the fleet, and the
 workers' requests already in flight at the old rate keep flooding until it lands; waiting for
@@ -44,16 +45,14 @@ import redis.exceptions
 from loguru import logger
 from redis.asyncio import Redis
 
-from governor.bucket import TokenBucket
+from fleet.bucket import TokenBucket
+from fleet.exitcodes import Exit
+from fleet.gate import REQUEST_CLASSES
+from fleet.keys import Keys
+from fleet.scripts import scripts_for, text
 from governor.controller import COUNTER_SAMPLE_S, RateController
-from governor.gate import REQUEST_CLASSES
-from governor.keys import Keys
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
-from governor.scripts import lua_source, text
 from governor.settings import GovernorSettings
-
-EXIT_OK = 0
-EXIT_REDIS_UNAVAILABLE = 69
 
 REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -75,14 +74,15 @@ class LeaderLease:
         self.key = keys.governor_leader
         self.token = f"{owner}:{uuid.uuid4().hex[:8]}"
         self.ttl_ms = max(1, int(ttl_s * 1000))
-        self._script = redis.register_script(lua_source("leader"))
+        self._scripts = scripts_for(redis)
 
     async def hold(self) -> bool:
         """True if we lead after this call (taken now or extended)."""
-        return int(await self._script(keys=[self.key], args=["hold", self.token, self.ttl_ms])) > 0
+        lease = self._scripts.lease
+        return int(await lease(keys=[self.key], args=[self.token, self.ttl_ms])) > 0
 
     async def release(self) -> bool:
-        return int(await self._script(keys=[self.key], args=["release", self.token, 0])) > 0
+        return int(await self._scripts.unlease(keys=[self.key], args=[self.token])) > 0
 
     async def holder(self) -> str | None:
         raw = await self.redis.get(self.key)
@@ -101,7 +101,7 @@ class Governor:
         self.governor_id = settings.resolved_governor_id()
         self.install_signals = install_signals
         self.stop = asyncio.Event()
-        self.exit_code = EXIT_OK
+        self.exit_code: int = Exit.OK
         self.leading = False
         self.redis: Redis | None = None
         self.metrics: Any = None
@@ -233,8 +233,8 @@ class Governor:
     # --- dead workers -------------------------------------------------------------------
     async def _recover(self) -> None:
         """Requeue the commands of dead workers; forget their Pushgateway groups."""
-        from worker.events import EventPublisher, poison_event
-        from worker.queue import recover
+        from fleet.events import EventPublisher, poison_event
+        from fleet.recovery import recover
 
         client = self.redis
         assert client is not None
@@ -291,8 +291,8 @@ class Governor:
 
     async def _forget_groups(self, dead: list[str], registered: list[str]) -> None:
         try:
-            from governor.metrics import WORKER_JOB
-            from governor.push import delete_group, reap_dead_groups
+            from fleet.metrics import WORKER_JOB
+            from fleet.push import delete_group, reap_dead_groups
         except ImportError:  # pragma: no cover
             return
         s = self.settings
@@ -337,7 +337,7 @@ class Governor:
             self._log.error(
                 "Redis unreachable for {:.0f}s; exiting", self.settings.redis_max_outage_seconds
             )
-            self.exit_code = EXIT_REDIS_UNAVAILABLE
+            self.exit_code = Exit.REDIS_UNAVAILABLE
             return True
         return False
 
@@ -369,7 +369,8 @@ class Governor:
     # --- metrics (optional: governor.metrics) -------------------------------------------
     def _start_metrics(self) -> None:
         try:
-            from governor.metrics import GOVERNOR_JOB, GovernorMetrics, start_exporters
+            from fleet.metrics import GOVERNOR_JOB, start_exporters
+            from governor.metrics import GovernorMetrics
         except ImportError:  # pragma: no cover
             return
         s = self.settings
@@ -390,7 +391,7 @@ class Governor:
         return self.redis is not None and self._down_since is None and not self.stop.is_set()
 
     def _details(self) -> dict[str, object]:
-        from governor.metrics import health_details, package_version
+        from fleet.metrics import health_details, package_version
 
         return health_details(
             version=package_version(),

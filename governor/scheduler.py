@@ -25,9 +25,9 @@ from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 
-from governor.keys import Keys
-from governor.scripts import lua_source
-from worker.chats import parse_chat
+from fleet.chats import parse_chat
+from fleet.keys import Keys
+from fleet.scripts import scripts_for
 
 #: Markers live long enough to outlast any clock or failover confusion around midnight.
 MARKER_TTL_SECONDS = 3 * 86400
@@ -113,7 +113,7 @@ class Scheduler:
         self.redis = redis
         self.keys = keys
         self.schedule = schedule
-        self._script = redis.register_script(lua_source("schedule"))
+        self._script = scripts_for(redis).schedule
         self._done: set[str] = set()  # command ids this process saw pushed/marked (no call)
 
     async def run_once(self, now: datetime) -> list[dict[str, object]]:

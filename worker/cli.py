@@ -12,29 +12,20 @@ import asyncio
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
-from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from governor.settings import ConfigError, load_settings
+from fleet.exitcodes import Exit
+from fleet.settings import ConfigError, load_settings
+from worker.backend import Backend, backend_for
 from worker.commands import CommandLimits, FetchCommand, parse_command, today_in
 from worker.errors import CommandRejected, FetchError, PermanentError, SessionRevoked
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from governor.metrics import WorkerMetrics
-
-
-class Exit(IntEnum):
-    OK = 0
-    FAILED = 1  # some day did not complete; worth retrying
-    USAGE = 2
-    PERMANENT = 65  # the command can never succeed (bad chat, private chat)
-    REDIS_UNAVAILABLE = 69  # Redis unreachable beyond REDIS_MAX_OUTAGE_SECONDS; restart
-    SESSION_REVOKED = 77  # the session must be recreated by a person; do not restart
-    CONFIG = 78  # a setting is wrong; do not restart
+    from worker.metrics import WorkerMetrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_fetch(settings: WorkerSettings, args: argparse.Namespace) -> int:
-    from governor.metrics import FETCH_JOB, WorkerMetrics, package_version, start_push_only
+    from fleet.metrics import FETCH_JOB, package_version, start_push_only
+    from worker.metrics import WorkerMetrics
 
     # Metrics of a one-shot run: pushed only when a Pushgateway is configured, and its group is
     # kept at exit (delete_group=False) so the last run's values and push time stay visible.
@@ -150,8 +142,11 @@ async def _fetch_once(
 
     now = datetime.now(UTC)
     today = today_in(settings.tz, now)
-    session_name = args.session or settings.telegram_session or _default_session(settings)
-    telegram = TelegramSession(settings, session_name, metrics=metrics)
+    backend = backend_for(settings)
+    session_name = args.session or settings.telegram_session or _default_session(settings, backend)
+    telegram = TelegramSession(
+        settings, session_name, metrics=metrics, client_factory=backend.client_factory
+    )
     started = time.monotonic()
     try:
         await telegram.connect()
@@ -223,7 +218,7 @@ def _count_failure(metrics: WorkerMetrics | None, error_type: str) -> None:
 async def _first_message_day(
     telegram: object, chat_raw: str, settings: WorkerSettings
 ) -> date | None:
-    from worker.chats import parse_chat
+    from fleet.chats import parse_chat
 
     resolved = await telegram.resolve(parse_chat(chat_raw))  # type: ignore[attr-defined]
     epoch = datetime(2013, 8, 1, tzinfo=UTC)  # Telegram launched in August 2013
@@ -236,9 +231,9 @@ async def _first_message_day(
     return None
 
 
-def _default_session(settings: WorkerSettings) -> str:
-    if settings.telegram_backend == "sim":
-        return "sim"
+def _default_session(settings: WorkerSettings, backend: Backend) -> str:
+    if backend.session_names:
+        return backend.session_names[0]
     found = sorted(settings.sessions_dir.glob("*.session"))
     if len(found) == 1:
         return found[0].stem
@@ -304,6 +299,10 @@ def _cmd_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
 
     from worker.telegram import login
 
+    simulated = backend_for(settings).login_name(args.session)
+    if simulated is not None:
+        print(f"session {args.session!r} is logged in as {simulated}")
+        return Exit.OK
     try:
         name = asyncio.run(
             login(settings, args.session, ask=input, ask_secret=lambda p: getpass.getpass(p))

@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from worker.chats import ChatId, parse_chat
+from fleet.chats import ChatId, parse_chat
 from worker.errors import CommandRejected
 
 Mode = Literal["date", "days", "range"]

@@ -35,28 +35,21 @@ from typing import Any
 from loguru import logger
 from redis.asyncio import Redis
 
-from governor.keys import Keys
-from governor.metrics import (
-    WORKER_JOB,
-    Exporters,
-    WorkerMetrics,
-    health_details,
-    package_version,
-    start_exporters,
-)
-from governor.settings import ConfigError
+from fleet.events import EventPublisher, poison_event
+from fleet.exitcodes import Exit
+from fleet.keys import Keys
+from fleet.metrics import WORKER_JOB, Exporters, health_details, package_version, start_exporters
+from fleet.recovery import recover
+from fleet.redisconn import REDIS_DOWN, RedisLink, RedisUnavailable, connect
+from fleet.settings import ConfigError
+from worker.backend import backend_for
 from worker.errors import FetchError, SessionRevoked
-from worker.events import EventPublisher, poison_event
 from worker.executor import CommandExecutor, Running, Tally
 from worker.health import HealthFile
-from worker.queue import REDIS_DOWN, RedisLink, RedisUnavailable, WorkQueue, connect, recover
+from worker.metrics import WorkerMetrics
+from worker.queue import WorkQueue
 from worker.sessions import SessionLeases
 from worker.settings import WorkerSettings
-
-EXIT_OK = 0
-EXIT_LEASE_LOST = 1
-EXIT_REDIS_UNAVAILABLE = 69
-EXIT_SESSION_REVOKED = 77
 
 VERSION = package_version()
 BREAKER = "telegram"  # the breaker_state{component} of the shared Telegram breaker
@@ -71,7 +64,7 @@ class Daemon:
         self.install_signals = install_signals
         self.stop = asyncio.Event()  # stop taking; fetches stop after their page
         self.force = asyncio.Event()  # second signal or grace over: cancel now
-        self.exit_code = EXIT_OK
+        self.exit_code: int = Exit.OK
         self.exit_reason = "signal"
         self.worker_id = settings.worker_id or socket.gethostname().split(".")[0] or "worker"
         self.session_name: str | None = None
@@ -120,7 +113,10 @@ class Daemon:
             s.data_dir,
             s.telegram_backend,
         )
-        sessions = SessionLeases(self.client, self.keys, s, link=self.link)
+        self.backend = backend_for(s)
+        sessions = SessionLeases(
+            self.client, self.keys, s, link=self.link, fixed_names=self.backend.session_names
+        )
         queue: WorkQueue | None = None
         background: list[asyncio.Task[None]] = []
         try:
@@ -181,9 +177,9 @@ class Daemon:
             )
             await self._take_loop(queue, executor)
         except RedisUnavailable as exc:
-            self._begin_stop(EXIT_REDIS_UNAVAILABLE, f"redis unavailable: {exc}")
+            self._begin_stop(Exit.REDIS_UNAVAILABLE, f"redis unavailable: {exc}")
         except SessionRevoked as exc:
-            self._begin_stop(EXIT_SESSION_REVOKED, f"session revoked: {exc}")
+            self._begin_stop(Exit.SESSION_REVOKED, f"session revoked: {exc}")
         finally:
             await self._shutdown(queue, sessions, background)
         return self.exit_code
@@ -198,7 +194,7 @@ class Daemon:
                 sig.name,
                 self.settings.shutdown_grace_seconds,
             )
-            self._begin_stop(EXIT_OK, sig.name)
+            self._begin_stop(Exit.OK, sig.name)
         elif now - self._first_signal_at < 1.0:
             # rq's lesson: process managers and terminals often deliver the same stop twice.
             return
@@ -218,7 +214,7 @@ class Daemon:
 
     def _on_revoked(self, exc: SessionRevoked) -> None:
         """A command's fetch found the session revoked."""
-        self._begin_stop(EXIT_SESSION_REVOKED, f"session revoked: {exc}")
+        self._begin_stop(Exit.SESSION_REVOKED, f"session revoked: {exc}")
 
     def _on_busy(self) -> None:
         """A command's fetch starts."""
@@ -226,7 +222,7 @@ class Daemon:
 
     # --- startup --------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
-        from governor.logs import setup_logging
+        from fleet.logs import setup_logging
 
         self._shipper = setup_logging(self.settings, worker_id=self.worker_id, component="worker")
         self.metrics.watch_log_shipper(self._shipper)
@@ -331,14 +327,14 @@ class Daemon:
         return False
 
     async def _connect_telegram(self, sessions: SessionLeases) -> bool:
-        from worker.storage import DayStore
+        from worker.storage import store_from_settings
         from worker.telegram import TelegramSession
 
         s = self.settings
         gate: Any = None
         if s.rate_limit_strategy != "off":
-            from governor.fleet_gate import FleetGate
-            from worker.clock import SystemClock
+            from fleet.clock import SystemClock
+            from worker.fleet_gate import FleetGate
 
             gate = FleetGate(
                 self._redis,
@@ -350,9 +346,13 @@ class Daemon:
                 metrics=self.metrics,
             )
         self.telegram = TelegramSession(
-            s, self.session_name or "sim", gate=gate, metrics=self.metrics
+            s,
+            self.session_name or "sim",
+            gate=gate,
+            metrics=self.metrics,
+            client_factory=self.backend.client_factory,
         )
-        self.store = DayStore(s.data_dir, schema_version=s.schema_version, timezone=s.day_timezone)
+        self.store = store_from_settings(s)
         attempt = 0
         while not self.stop.is_set():
             try:
@@ -378,7 +378,7 @@ class Daemon:
         return False
 
     async def _session_revoked(self, sessions: SessionLeases, exc: SessionRevoked) -> None:
-        self._begin_stop(EXIT_SESSION_REVOKED, f"session revoked: {exc}")
+        self._begin_stop(Exit.SESSION_REVOKED, f"session revoked: {exc}")
         with contextlib.suppress(*REDIS_DOWN):
             await sessions.mark_bad(str(exc), self.worker_id)
 
@@ -431,7 +431,7 @@ class Daemon:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             if isinstance(exc, RedisUnavailable):
-                self._begin_stop(EXIT_REDIS_UNAVAILABLE, f"redis unavailable: {exc}")
+                self._begin_stop(Exit.REDIS_UNAVAILABLE, f"redis unavailable: {exc}")
             else:
                 logger.opt(exception=exc).error("command task crashed")
 
@@ -448,7 +448,7 @@ class Daemon:
                     got = await queue.claim_lease(info)
                 if got == 0:
                     logger.error("worker lease {} is held by another process", self.worker_id)
-                    self._begin_stop(EXIT_LEASE_LOST, "worker lease taken over")
+                    self._begin_stop(Exit.FAILED, "worker lease taken over")
                 elif got == 2:
                     logger.warning("worker lease had expired (redis outage?); re-claimed it")
                     for running in list(self._running.values()):
@@ -457,14 +457,14 @@ class Daemon:
                             running.stop.set()
                 if not await sessions.refresh():
                     logger.error("session {} is now held by another process", self.session_name)
-                    self._begin_stop(EXIT_LEASE_LOST, "session lease taken over")
+                    self._begin_stop(Exit.FAILED, "session lease taken over")
                 self.metrics.command_queue_length.set(await self._redis.llen(self.keys.commands))
                 self.link.mark_up()
             except REDIS_DOWN as exc:
                 self.link.mark_down(exc)
                 if self.link.exhausted() and not self.stop.is_set():
                     self._begin_stop(
-                        EXIT_REDIS_UNAVAILABLE,
+                        Exit.REDIS_UNAVAILABLE,
                         f"redis unavailable: unreachable for {self.link.outage_seconds():.0f}s",
                     )
             self._write_health()
@@ -588,7 +588,7 @@ class Daemon:
                         lambda: self._redis.hdel(self.keys.workers, self.worker_id), "unregister"
                     )
             with contextlib.suppress(RedisUnavailable):
-                if self.exit_code == EXIT_SESSION_REVOKED:
+                if self.exit_code == Exit.SESSION_REVOKED:
                     await self.link.call(
                         lambda: sessions.mark_bad(self.exit_reason, self.worker_id), "mark bad"
                     )

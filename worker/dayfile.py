@@ -17,7 +17,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from worker.clock import utc_iso
+from fleet.clock import utc_iso
 from worker.errors import StorageError
 
 CHAT_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")

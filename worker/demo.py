@@ -24,8 +24,8 @@ from typing import Any
 
 import redis
 
-from governor.keys import Keys
-from worker.events import parse_event
+from fleet.events import parse_event
+from fleet.keys import Keys
 from worker.ops import format_event
 from worker.settings import WorkerSettings
 

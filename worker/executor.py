@@ -30,7 +30,9 @@ from typing import Any
 
 from loguru import logger
 
-from governor.metrics import WorkerMetrics
+from fleet.deadletters import new_dead_letter
+from fleet.events import EventPublisher, ProgressThrottle, make_event
+from fleet.redisconn import RedisLink
 from worker.commands import CommandLimits, FetchCommand, parse_command, salvage_identity, today_in
 from worker.errors import (
     BreakerOpen,
@@ -41,8 +43,8 @@ from worker.errors import (
     SessionRevoked,
     ShutdownRequested,
 )
-from worker.events import EventPublisher, ProgressThrottle, make_event
-from worker.queue import RedisLink, WorkQueue, new_dead_letter
+from worker.metrics import WorkerMetrics
+from worker.queue import WorkQueue
 from worker.settings import WorkerSettings
 
 

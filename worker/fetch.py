@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo
 
 from loguru import logger
 
-from worker.chats import ChatId
-from worker.clock import Clock, SystemClock
+from fleet.chats import ChatId
+from fleet.clock import Clock, SystemClock
 from worker.commands import FetchCommand, day_bounds
 from worker.errors import (
     FetchError,
@@ -33,7 +33,7 @@ from worker.storage import DayStore, DayWriter
 from worker.telegram import FetchedMessage, ResolvedChat
 
 if TYPE_CHECKING:
-    from governor.metrics import WorkerMetrics
+    from worker.metrics import WorkerMetrics
 
 ProgressCallback = Callable[["FetchOutcome"], Awaitable[None]]
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from worker.clock import utc_iso
+from fleet.clock import utc_iso
 
 UNHEALTHY = frozenset({"redis_down"})
 

@@ -29,19 +29,16 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from governor.keys import Keys
-from governor.scripts import text
+from fleet.deadletters import list_dead_letters, requeue_dead_letter
+from fleet.events import TERMINAL, parse_event
+from fleet.exitcodes import Exit
+from fleet.keys import Keys
+from fleet.redisconn import REDIS_DOWN, connect
+from fleet.scripts import text
 from worker.cli import add_command_arguments, build_fetch_payload
 from worker.commands import CommandLimits, parse_command, today_in
 from worker.errors import CommandRejected
-from worker.events import TERMINAL, parse_event
-from worker.queue import REDIS_DOWN, connect, list_dead_letters, requeue_dead_letter
 from worker.settings import WorkerSettings
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_REDIS = 69
 
 
 def add_parsers(sub: Any) -> None:
@@ -113,7 +110,7 @@ def cmd_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
         parse_command(raw, limits)
     except CommandRejected as exc:
         print(f"invalid command: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return Exit.USAGE
     return _run_redis(settings, lambda client, keys: _send(client, keys, raw, payload, args))
 
 
@@ -128,7 +125,7 @@ async def _send(
     await client.rpush(keys.commands, raw)
     print(cid, flush=True)
     if not args.wait:
-        return EXIT_OK
+        return Exit.OK
     return await _follow(client, keys, start_id, cid, False, True, args.timeout)
 
 
@@ -183,7 +180,7 @@ async def _follow(
                 done = _show(fields, command_id, as_json, until_terminal)
                 if done is not None:
                     return done
-    return EXIT_FAILED if until_terminal else EXIT_OK
+    return Exit.FAILED if until_terminal else Exit.OK
 
 
 def _show(fields: Any, command_id: str | None, as_json: bool, until_terminal: bool) -> int | None:
@@ -195,9 +192,9 @@ def _show(fields: Any, command_id: str | None, as_json: bool, until_terminal: bo
     print(format_event(event, as_json), flush=True)
     if until_terminal and event.get("event") in TERMINAL:
         if event.get("event") == "completed":
-            return EXIT_OK
+            return Exit.OK
         if not event.get("retryable"):
-            return EXIT_FAILED
+            return Exit.FAILED
     return None
 
 
@@ -232,13 +229,13 @@ def cmd_status(settings: WorkerSettings, args: argparse.Namespace) -> int:
         if args.clear_bad:
             removed = await client.hdel(keys.sessions_bad, args.clear_bad)
             print(f"session {args.clear_bad}: bad mark {'cleared' if removed else 'not found'}")
-            return EXIT_OK
+            return Exit.OK
         report = await gather_status(client, keys)
         if args.json:
             print(json.dumps(report, indent=2, ensure_ascii=False))
         else:
             print(_status_text(report))
-        return EXIT_OK
+        return Exit.OK
 
     return _run_redis(settings, go)
 
@@ -320,12 +317,12 @@ def cmd_dead_letters(settings: WorkerSettings, args: argparse.Namespace) -> int:
                 letter = await requeue_dead_letter(client, keys, args.requeue)
             except ValueError as exc:
                 print(str(exc), file=sys.stderr)
-                return EXIT_FAILED
+                return Exit.FAILED
             if letter is None:
                 print(f"no dead letter {args.requeue}", file=sys.stderr)
-                return EXIT_FAILED
+                return Exit.FAILED
             print(f"requeued dead letter {letter.id} (command {letter.command_id or '-'})")
-            return EXIT_OK
+            return Exit.OK
         letters = await list_dead_letters(client, keys, args.limit)
         total = await client.llen(keys.dead_letters)
         for letter in letters:
@@ -356,7 +353,7 @@ def cmd_dead_letters(settings: WorkerSettings, args: argparse.Namespace) -> int:
                 )
         if not args.json:
             print(f"{len(letters)} of {total} dead letters shown", file=sys.stderr)
-        return EXIT_OK
+        return Exit.OK
 
     return _run_redis(settings, go)
 
@@ -369,7 +366,7 @@ def cmd_check(settings: WorkerSettings, args: argparse.Namespace) -> int:
 
     healthy, reason = check(settings.health_file, settings.health_max_age_seconds)
     print(("healthy: " if healthy else "unhealthy: ") + reason, file=sys.stderr)
-    return EXIT_OK if healthy else EXIT_FAILED
+    return Exit.OK if healthy else Exit.FAILED
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -382,7 +379,7 @@ def _run_redis(settings: WorkerSettings, body: Any) -> int:
             return int(await body(client, Keys(settings.redis_key_prefix)))
         except REDIS_DOWN as exc:
             print(f"redis {settings.redis_display()} unreachable: {exc}", file=sys.stderr)
-            return EXIT_REDIS
+            return Exit.REDIS_UNAVAILABLE
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -390,7 +387,7 @@ def _run_redis(settings: WorkerSettings, body: Any) -> int:
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
-        return EXIT_OK
+        return Exit.OK
 
 
 HANDLERS = {

@@ -36,7 +36,7 @@ from typing import Any
 
 from loguru import logger
 
-from worker.clock import Clock, SystemClock, utc_iso
+from fleet.clock import Clock, SystemClock, utc_iso
 from worker.errors import StorageError
 
 PROGRESS_FILE = "progress.json"

@@ -1,4 +1,4 @@
-"""The reliable command queue: take, ack, retry later, dead-letter, release, recover.
+"""The reliable command queue as one worker sees it: take, ack, retry later, dead-letter, release.
 
 A worker takes a command with ``BLMOVE tg_commands processing:<worker_id> LEFT RIGHT`` (a short
 timeout, looped on the stop Event: a blocking pop is never cancelled, because redis-py would drop
@@ -7,19 +7,9 @@ list until its execution ended: :meth:`WorkQueue.ack` after the files, the progr
 terminal event; :meth:`WorkQueue.retry_later` or :meth:`WorkQueue.dead_letter` otherwise. A
 stopping worker hands back what it holds with :meth:`WorkQueue.release_all`.
 
-Each worker holds a lease ``worker:<worker_id>`` (a random token, PX TTL) refreshed by its
-heartbeat. :func:`recover` — run by every worker at start and periodically, and by the governor
-— moves the processing list of every worker whose lease is gone back to the head of
-``tg_commands`` inside ``lua/recover.lua``, which checks the lease atomically, so a live
-worker's commands are never taken from it. A command recovered ``COMMAND_MAX_DELIVERIES``
-times goes to the dead-letter list instead. :func:`recover` also moves due delayed retries
-back to the queue.
-
-Every key is named by :class:`governor.keys.Keys`; every script is a file in ``worker/lua``
-registered through redis-py's ``register_script`` (``EVALSHA`` with a reload on ``NOSCRIPT``,
-so a ``SCRIPT FLUSH`` or a Redis restart is harmless). The dead-letter records are in
-:mod:`worker.deadletters`; the connection and outage handling in :mod:`worker.redislink`
-(both re-exported here, where the queue's users import them from).
+The commands of dead workers are recovered by :func:`fleet.recovery.recover` (run by every
+worker and by the governor). Every key is named by :class:`fleet.keys.Keys`; every script is a
+file in ``fleet/lua`` from the one registry :func:`fleet.scripts.scripts_for`.
 """
 
 from __future__ import annotations
@@ -27,100 +17,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-import weakref
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
-from governor.keys import Keys
-from governor.scripts import as_bytes, lua_source, text
-from worker.clock import utc_iso
-from worker.deadletters import DeadLetter, list_dead_letters, new_dead_letter
-from worker.redislink import REDIS_DOWN, RedisLink, RedisUnavailable, connect
-
-__all__ = [
-    "REDIS_DOWN",
-    "DeadLetter",
-    "RecoveryReport",
-    "RedisLink",
-    "RedisUnavailable",
-    "WorkQueue",
-    "connect",
-    "list_dead_letters",
-    "new_dead_letter",
-    "recover",
-    "requeue_dead_letter",
-    "scripts_for",
-]
-
-T = TypeVar("T")
-
-# --- scripts ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QueueScripts:
-    lease: AsyncScript
-    unlease: AsyncScript
-    replace: AsyncScript
-    ack: AsyncScript
-    dead_letter: AsyncScript
-    retry_later: AsyncScript
-    promote: AsyncScript
-    release: AsyncScript
-    recover: AsyncScript
-    requeue_dead: AsyncScript
-
-    @classmethod
-    def register(cls, client: Redis) -> QueueScripts:
-        names = cls.__dataclass_fields__
-        return cls(**{name: client.register_script(lua_source(name, "worker")) for name in names})
-
-
-_scripts: weakref.WeakKeyDictionary[Redis, QueueScripts] = weakref.WeakKeyDictionary()
-
-
-def scripts_for(client: Redis) -> QueueScripts:
-    """The queue's scripts registered on ``client`` (once per client object)."""
-    found = _scripts.get(client)
-    if found is None:
-        found = _scripts[client] = QueueScripts.register(client)
-    return found
-
-
-# --- dead letters (the records live in worker/deadletters.py) -------------------------
-
-
-async def requeue_dead_letter(client: Redis, keys: Keys, letter_id: str) -> DeadLetter | None:
-    """Put a dead letter's payload back at the tail of ``tg_commands`` (and forget its
-    delivery count, so it gets its full chances again). ``None`` if there is no such entry;
-    ``ValueError`` if its payload was truncated and cannot be requeued."""
-    for entry in await client.lrange(keys.dead_letters, 0, -1):
-        letter = DeadLetter.from_entry(as_bytes(entry))
-        if letter.id != letter_id:
-            continue
-        if letter.truncated or letter.payload is None:
-            raise ValueError(f"dead letter {letter_id}'s payload was truncated; cannot requeue")
-        done = await scripts_for(client).requeue_dead(
-            keys=[
-                keys.dead_letters,
-                keys.commands,
-                keys.deliveries,
-                keys.retries,
-                keys.completed,
-            ],
-            args=[entry, letter.payload, letter.command_id or ""],
-        )
-        if not int(done):
-            return None
-        return letter
-    return None
-
-
-# --- one worker's side of the queue ----------------------------------------------------------
+from fleet.deadletters import DeadLetter
+from fleet.keys import Keys
+from fleet.scripts import as_bytes, scripts_for, text
 
 
 class WorkQueue:
@@ -271,74 +174,3 @@ class WorkQueue:
                 keys=[self.processing, self.keys.commands, self.lease_key], args=[self.token]
             )
         )
-
-
-# --- recovery (workers and governor) ----------------------------------------------------------
-
-
-@dataclass
-class RecoveryReport:
-    recovered: dict[str, int] = field(default_factory=dict)  # worker_id -> commands requeued
-    dead_lettered: list[DeadLetter] = field(default_factory=list)
-    promoted: int = 0  # delayed retries moved back to the queue
-
-    @property
-    def total(self) -> int:
-        return sum(self.recovered.values())
-
-
-async def recover(
-    client: Redis,
-    keys: Keys,
-    *,
-    max_deliveries: int = 3,
-    dead_letters_max: int = 10_000,
-    scan: bool = False,
-    promote_limit: int = 100,
-) -> RecoveryReport:
-    """Requeue the commands of every worker whose lease expired, and the due delayed retries.
-
-    Workers are found in the ``workers`` registry; with ``scan=True`` also by ``SCAN`` over
-    ``processing:*`` (finds lists of workers whose registration was lost; used at start).
-    Safe to run from any number of processes at once: the ownership check and the move are
-    one Lua script per worker.
-    """
-    scripts = scripts_for(client)
-    report = RecoveryReport()
-    report.promoted = int(
-        await scripts.promote(keys=[keys.delayed, keys.commands], args=[promote_limit])
-    )
-    candidates = {text(w) for w in await client.hkeys(keys.workers)}
-    if scan:
-        prefix = keys.processing("")
-        async for key in client.scan_iter(match=keys.processing("*"), count=500):
-            candidates.add(text(key)[len(prefix) :])
-    if not candidates:
-        return report
-    ordered = sorted(candidates)
-    async with client.pipeline(transaction=False) as pipe:
-        for wid in ordered:
-            pipe.exists(keys.worker_lease(wid))
-        alive = await pipe.execute()
-    now_iso = utc_iso(datetime.now(UTC))
-    for wid, is_alive in zip(ordered, alive, strict=True):
-        if is_alive:
-            continue
-        reply = await scripts.recover(
-            keys=[
-                keys.worker_lease(wid),
-                keys.processing(wid),
-                keys.commands,
-                keys.deliveries,
-                keys.dead_letters,
-                keys.workers,
-            ],
-            args=[wid, max_deliveries, dead_letters_max, now_iso, uuid.uuid4().hex[:8]],
-        )
-        moved = int(reply[0])
-        if moved < 0:
-            continue  # came back to life between EXISTS and the script
-        if moved:
-            report.recovered[wid] = moved
-        report.dead_lettered.extend(DeadLetter.from_entry(as_bytes(e)) for e in reply[1:])
-    return report

@@ -33,11 +33,11 @@ from typing import Any
 from loguru import logger
 from redis.asyncio import Redis
 
-from governor.keys import Keys, check_session
-from governor.scripts import text
-from worker.clock import utc_iso
+from fleet.clock import utc_iso
+from fleet.keys import Keys, check_session
+from fleet.redisconn import RedisLink
+from fleet.scripts import scripts_for, text
 from worker.errors import SessionRevoked
-from worker.queue import RedisLink, scripts_for
 from worker.settings import WorkerSettings
 
 
@@ -75,8 +75,10 @@ class SessionLeases:
         settings: WorkerSettings,
         *,
         link: RedisLink | None = None,
+        fixed_names: tuple[str, ...] | None = None,
     ) -> None:
         self.client = client
+        self.fixed_names = fixed_names  # a simulated backend's names instead of session files
         self.keys = keys
         self.settings = settings
         self.link = link
@@ -92,8 +94,8 @@ class SessionLeases:
         s = self.settings
         if s.telegram_session:
             return [s.telegram_session]
-        if s.telegram_backend == "sim" and s.sim_sessions.strip():
-            return [check_session(n.strip()) for n in s.sim_sessions.split(",") if n.strip()]
+        if self.fixed_names:
+            return [check_session(n) for n in self.fixed_names]
         files = sorted(p.stem for p in s.sessions_dir.glob("*.session") if p.is_file())
         names = []
         for name in files:
@@ -101,8 +103,6 @@ class SessionLeases:
                 names.append(check_session(name))
             except ValueError:
                 logger.warning("ignoring session file with an unusable name: {}.session", name)
-        if not names and s.telegram_backend == "sim":
-            return ["sim"]
         return names
 
     def _file_mtime(self, name: str) -> float | None:

@@ -1,4 +1,4 @@
-"""The worker's settings: the fleet-wide keys plus Telegram, storage, commands and simulator.
+"""The worker's settings: the fleet-wide keys plus Telegram, storage and commands.
 
 One :class:`WorkerSettings` is built in ``cli.py`` and passed down; nothing else reads the
 environment.
@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
-from governor.settings import FleetSettings
+from fleet.settings import FleetSettings
 
 
 class WorkerSettings(FleetSettings):
@@ -45,38 +45,17 @@ class WorkerSettings(FleetSettings):
     health_file: Path = Path("/tmp/.fetcher_healthy")
 
     # --- daemon: reliable queue, events, sessions, health (issue 3) ---------------------------
-    worker_lease_seconds: float = Field(10.0, ge=0.5)  # heartbeat every third of it
     recovery_interval_seconds: float = Field(1.0, gt=0)  # requeue dead workers' commands
-    command_max_deliveries: int = Field(3, ge=1)  # recovered this often -> dead letter
     command_retry_max: int = Field(3, ge=0)  # retryable failures before giving up
     command_retry_base_seconds: float = Field(5.0, ge=0)  # delay before the 1st retry
     command_retry_max_seconds: float = Field(300.0, ge=0)  # cap of the doubling delay
     completed_ids_ttl_seconds: float = Field(7 * 86400.0, gt=0)  # idempotency window
-    dead_letters_max: int = Field(10_000, ge=1)
     dead_letter_payload_max_bytes: int = Field(1 << 20, ge=1024)
-    events_stream_maxlen: int = Field(10_000, ge=100)
     event_publish_max_seconds: float = Field(30.0, ge=0)
     progress_event_interval_seconds: float = Field(2.0, ge=0)
     session_lease_seconds: float = Field(30.0, ge=1)
     session_wait_seconds: float = Field(5.0, gt=0)  # poll interval when no session is free
-    sim_sessions: str = ""  # virtual session names for TELEGRAM_BACKEND=sim, comma-separated
     health_max_age_seconds: float = Field(30.0, gt=0)  # `check` fails when older
-
-    # --- simulator (TELEGRAM_BACKEND=sim) -----------------------------------------------------
-    sim_seed: int = 0
-    sim_messages_per_day: int = Field(200, ge=0, le=400_000)
-    sim_empty_day_ratio: float = Field(0.1, ge=0, le=1)
-    sim_history_start: str = "2024-01-01"
-    sim_history_requests: int = Field(30, ge=0)
-    sim_history_window_seconds: float = Field(30.0, gt=0)
-    sim_resolve_requests: int = Field(20, ge=0)
-    sim_resolve_window_seconds: float = Field(60.0, gt=0)
-    sim_fleet_requests: int = Field(0, ge=0)
-    sim_fleet_window_seconds: float = Field(1.0, gt=0)
-    sim_latency_ms: float = Field(0.0, ge=0)
-    sim_fault_rate: float = Field(0.0, ge=0, le=1)
-    sim_faults: str = "timeout,rpc500"
-    sim_request_log: Path | None = None
 
     @field_validator("fetch_strategy", mode="before")
     @classmethod
@@ -88,24 +67,6 @@ class WorkerSettings(FleetSettings):
     def _session_name(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             raise ValueError("session names are 1-64 characters of [A-Za-z0-9_.-]")
-        return value
-
-    @field_validator("sim_faults")
-    @classmethod
-    def _known_faults(cls, value: str) -> str:
-        known = {"timeout", "rpc500", "auth_key_unregistered", "channel_private"}
-        names = {v.strip() for v in value.split(",") if v.strip()}
-        unknown = names - known
-        if unknown:
-            raise ValueError(f"unknown faults {sorted(unknown)}; known: {sorted(known)}")
-        return ",".join(sorted(names))
-
-    @field_validator("sim_history_start")
-    @classmethod
-    def _iso_date(cls, value: str) -> str:
-        from datetime import date
-
-        date.fromisoformat(value)
         return value
 
     def resolved_worker_id(self, session: str | None = None) -> str:

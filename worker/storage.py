@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from worker.clock import Clock, SystemClock, utc_iso
+from fleet.clock import Clock, SystemClock, utc_iso
 from worker.dayfile import (
     FINAL_END,
     ID_PREFIX,

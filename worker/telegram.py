@@ -23,10 +23,11 @@ from telethon import TelegramClient, errors, utils
 from telethon.sessions import SQLiteSession
 from telethon.tl import functions, types
 
-from governor.gate import NullGate, RequestGate
-from governor.settings import ConfigError
-from worker.chats import ChatId
-from worker.clock import Clock, SystemClock
+from fleet.chats import ChatId
+from fleet.clock import Clock, SystemClock
+from fleet.gate import NullGate, RequestGate
+from fleet.retry import OnRetry
+from fleet.settings import ConfigError
 from worker.errors import (
     PermanentError,
     SessionRevoked,
@@ -34,12 +35,11 @@ from worker.errors import (
     TransientError,
 )
 from worker.mapping import message_to_dict
-from worker.retry import OnRetry
 from worker.settings import WorkerSettings
-from worker.tgclient import PAGE_SIZE, GatedClient, translate
+from worker.tgclient import PAGE_SIZE, ClientFactory, GatedClient, translate
 
 if TYPE_CHECKING:
-    from governor.metrics import WorkerMetrics
+    from worker.metrics import WorkerMetrics
 
 OnRateLimit = Callable[[str, str], None]
 """``on_rate_limit(source, reason)``: a FloodWait-class answer from Telegram (metrics hook)."""
@@ -99,9 +99,11 @@ class TelegramSession:
         clock: Clock | None = None,
         on_retry: OnRetry | None = None,
         metrics: WorkerMetrics | None = None,
+        client_factory: ClientFactory | None = None,
     ) -> None:
         self.settings = settings
         self.session_name = session_name
+        self.client_factory = client_factory
         self.gate: RequestGate = gate or NullGate()
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics
@@ -149,15 +151,9 @@ class TelegramSession:
         return client
 
     def _new_client(self) -> GatedClient:
-        if self.settings.telegram_backend == "sim":
-            from worker.sim.client import SimTelegramClient
-
-            return SimTelegramClient(
-                self.settings,
-                self.session_name,
-                gate=self.gate,
-                clock=self.clock,
-                on_retry=self.on_retry,
+        if self.client_factory is not None:
+            return self.client_factory(
+                self.session_name, gate=self.gate, clock=self.clock, on_retry=self.on_retry
             )
         api_id, api_hash = _credentials(self.settings)
         path = session_path(self.settings, self.session_name)
@@ -385,8 +381,6 @@ async def login(
     ``ask`` prompts for plain values (the phone, unless ``TELEGRAM_PHONE`` is set),
     ``ask_secret`` for the login code and the 2FA password; none of them is logged or echoed.
     """
-    if settings.telegram_backend == "sim":
-        return f"Sim {session_name}"
     api_id, api_hash = _credentials(settings)
     path = session_path(settings, session_name)
     client = TelegramClient(

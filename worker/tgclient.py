@@ -1,7 +1,7 @@
 """The Telethon client of one session, gated, and the translation of Telethon's errors.
 
 :class:`GatedClient` is a ``TelegramClient`` whose ``__call__`` is the hook every request passes
-through: it takes a token from the :class:`~governor.gate.RequestGate`, reports the outcome back,
+through: it takes a token from the :class:`~fleet.gate.RequestGate`, reports the outcome back,
 sleeps out FloodWaits up to the cap and retries transient errors, so Telethon's real
 ``iter_messages`` pagination runs unchanged on top of it. :func:`translate` is the one place
 Telethon errors become ``worker.errors`` types:
@@ -21,7 +21,7 @@ RPC 5xx, ``TimedOutError``, timeouts, ``OSError``               retried with bac
 
 Telethon's own defaults would hide the signals the governor lives on, so the client is built
 with ``flood_sleep_threshold=0`` (every FloodWait reaches the hook), ``request_retries=0`` and
-``raise_last_call_error=True`` (we retry ourselves, through :mod:`worker.retry`), a relay
+``raise_last_call_error=True`` (we retry ourselves, through :mod:`fleet.retry`), a relay
 sender that keeps 5xx errors out of Telethon's ``_call`` (which sleeps 2 s on them even when
 it will not retry), and ``wait_time=0`` for ``iter_messages`` (it sleeps 1 s per page when
 ``limit`` is ``None``). Every request first takes a token from the :class:`RequestGate` and
@@ -34,14 +34,15 @@ import asyncio
 import math
 import random
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 from telethon import TelegramClient, errors, utils
 from telethon.tl import functions
 
-from governor.gate import NullGate, RequestClass, RequestGate
-from worker.clock import Clock, SystemClock
+from fleet.clock import Clock, SystemClock
+from fleet.gate import NullGate, RequestClass, RequestGate
+from fleet.retry import OnRetry, Retrier, RetryPolicy
 from worker.errors import (
     PermanentError,
     RateLimited,
@@ -49,7 +50,6 @@ from worker.errors import (
     TelegramError,
     TransientError,
 )
-from worker.retry import OnRetry, Retrier, RetryPolicy
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -168,6 +168,20 @@ class _RelaySender:
             if isinstance(exc, _SERVER_SIDE) or (exc.code or 0) >= 500 or (exc.code or 0) < 0:
                 raise _TransientRpc(exc) from exc
             raise
+
+
+class ClientFactory(Protocol):
+    """Makes the gated client of one session: Telethon over MTProto by default, or what the
+    composition root (:mod:`worker.backend`) injects, e.g. the simulator."""
+
+    def __call__(
+        self,
+        session_name: str,
+        *,
+        gate: RequestGate | None = None,
+        clock: Clock | None = None,
+        on_retry: OnRetry | None = None,
+    ) -> GatedClient: ...
 
 
 class GatedClient(TelegramClient):

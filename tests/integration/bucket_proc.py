@@ -30,11 +30,11 @@ from typing import Any  # noqa: E402
 
 import redis.asyncio as aioredis  # noqa: E402
 
-from governor.bucket import TokenBucket  # noqa: E402
-from governor.fleet_gate import FleetGate  # noqa: E402
-from governor.keys import Keys  # noqa: E402
-from governor.settings import FleetSettings  # noqa: E402
-from worker.clock import SystemClock  # noqa: E402
+from fleet.bucket import TokenBucket  # noqa: E402
+from fleet.clock import SystemClock  # noqa: E402
+from fleet.keys import Keys  # noqa: E402
+from fleet.settings import FleetSettings  # noqa: E402
+from worker.fleet_gate import FleetGate  # noqa: E402
 
 # The "Telegram server" of the test: it stamps each request it receives with its own clock.
 STAMP = "local t = redis.call('TIME') return redis.call('RPUSH', KEYS[1], t[1] * 1000000 + t[2])"

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis as syncredis
 
-from governor.keys import Keys
+from fleet.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
 

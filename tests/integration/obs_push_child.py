@@ -13,9 +13,10 @@ import threading
 
 from loguru import logger
 
-from governor.logs import setup_logging
-from governor.metrics import WORKER_JOB, WorkerMetrics, start_exporters
-from governor.settings import FleetSettings, load_settings
+from fleet.logs import setup_logging
+from fleet.metrics import WORKER_JOB, start_exporters
+from fleet.settings import FleetSettings, load_settings
+from worker.metrics import WorkerMetrics
 
 
 def main() -> int:

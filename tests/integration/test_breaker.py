@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from governor.breaker import BreakerState, CircuitBreaker, Transition
-from governor.bucket import TokenBucket
-from governor.fleet_gate import FleetGate
-from governor.keys import Keys
-from governor.settings import FleetSettings
+from fleet.breaker import BreakerState, CircuitBreaker, Transition
+from fleet.bucket import TokenBucket
+from fleet.clock import SystemClock
+from fleet.keys import Keys
+from fleet.settings import FleetSettings
 from tests.integration.procs import Procs
-from worker.clock import SystemClock
 from worker.errors import BreakerOpen
+from worker.fleet_gate import FleetGate
 
 
 def settings(**overrides: Any) -> FleetSettings:

@@ -13,9 +13,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from governor.bucket import TokenBucket
-from governor.keys import Keys
-from governor.settings import FleetSettings
+from fleet.bucket import TokenBucket
+from fleet.keys import Keys
+from fleet.settings import FleetSettings
 from tests.integration.procs import Procs
 from tests.redis_server import RedisServer
 

@@ -10,10 +10,10 @@ import time
 
 import redis.asyncio as aioredis
 
-from governor.keys import Keys
+from fleet.events import ALWAYS_FIELDS, EventPublisher, ProgressThrottle, make_event
+from fleet.keys import Keys
+from fleet.redisconn import connect
 from tests.redis_server import free_port
-from worker.events import ALWAYS_FIELDS, EventPublisher, ProgressThrottle, make_event
-from worker.queue import connect
 
 KEYS = Keys("")
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")

@@ -14,11 +14,12 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 from telethon import utils
 
-from worker.clock import FakeClock
+from fleet.clock import FakeClock
 from worker.commands import CommandLimits, FetchCommand, day_bounds, parse_command
 from worker.errors import RateLimited
 from worker.fetch import Fetcher, FetchOutcome
-from worker.settings import WorkerSettings
+from worker.sim.client import sim_client_factory
+from worker.sim.settings import SimSettings
 from worker.storage import DayStore
 from worker.telegram import TelegramSession
 
@@ -66,7 +67,10 @@ async def env(clean_env: Path) -> AsyncIterator[Env]:
             "sim_resolve_requests": 0,
         }
         values.update(overrides)
-        session = TelegramSession(WorkerSettings(**values), "acct", clock=clock)
+        settings = SimSettings(**values)
+        session = TelegramSession(
+            settings, "acct", clock=clock, client_factory=sim_client_factory(settings)
+        )
         await session.connect()
         sessions.append(session)
         store = DayStore(clean_env / data, schema_version="1.0.0", timezone="UTC", clock=clock)

@@ -16,14 +16,14 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from governor.fleet_gate import FleetGate
-from governor.gate import RequestGate
-from governor.keys import Keys
-from governor.settings import FleetSettings
+from fleet.clock import FakeClock, SystemClock
+from fleet.gate import RequestGate
+from fleet.keys import Keys
+from fleet.settings import FleetSettings
 from tests.integration.procs import Procs
 from tests.redis_server import RedisServer
-from worker.clock import FakeClock, SystemClock
 from worker.errors import RateLimited
+from worker.fleet_gate import FleetGate
 
 # Commands the Lua scripts run inside Redis (INFO commandstats counts them too).
 SCRIPT_INTERNAL = {"time", "get", "set", "hmget", "hset", "hincrby", "pttl", "del", "xadd"}

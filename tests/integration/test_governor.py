@@ -12,10 +12,10 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis.asyncio as aioredis
 
-from governor.bucket import TokenBucket
+from fleet.bucket import TokenBucket
+from fleet.keys import Keys
 from governor.controller import RateController
 from governor.daemon import LeaderLease
-from governor.keys import Keys
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
 from governor.settings import GovernorSettings
 
@@ -201,7 +201,7 @@ async def test_a_flood_at_a_rate_that_was_safe_climbs_back_step_by_step(
 async def test_the_measured_rate_covers_exactly_the_window_between_samples(
     redis_client: aioredis.Redis,
 ) -> None:
-    from governor.bucket import Counters
+    from fleet.bucket import Counters
     from governor.controller import MEASURE_WINDOW_S
 
     assert MEASURE_WINDOW_S == 2.0

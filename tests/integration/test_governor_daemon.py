@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from governor.keys import Keys
+from fleet.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
 TICK_S = 0.2

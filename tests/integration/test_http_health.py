@@ -14,16 +14,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from governor.metrics import (
-    GOVERNOR_JOB,
-    WORKER_JOB,
-    Exporters,
-    GovernorMetrics,
-    WorkerMetrics,
-    health_details,
-    start_exporters,
-)
-from governor.settings import FleetSettings
+from fleet.metrics import GOVERNOR_JOB, WORKER_JOB, Exporters, health_details, start_exporters
+from fleet.settings import FleetSettings
+from governor.metrics import GovernorMetrics
+from worker.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 

@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from governor.logs import reset_logging, setup_logging
-from governor.metrics import WORKER_JOB, WorkerMetrics, start_exporters
-from governor.push import Pusher, delete_group, list_groups, reap_dead_groups
-from governor.settings import ConfigError, FleetSettings
+from fleet.logs import reset_logging, setup_logging
+from fleet.metrics import WORKER_JOB, start_exporters
+from fleet.push import Pusher, delete_group, list_groups, reap_dead_groups
+from fleet.settings import ConfigError, FleetSettings
 from tests.pushgateway import PUSHGATEWAY, Pushgateway, wait_until
+from worker.metrics import WorkerMetrics
 
 CHILD = Path(__file__).with_name("obs_push_child.py")
 INTERVAL_S = 0.2

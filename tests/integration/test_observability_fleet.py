@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import redis as syncredis
 
-from governor.keys import Keys
-from governor.metrics import FETCH_JOB, GOVERNOR_JOB, WORKER_JOB
+from fleet.keys import Keys
+from fleet.metrics import FETCH_JOB, GOVERNOR_JOB, WORKER_JOB
 from tests.integration.daemon_harness import Fleet, RedisView, base_env, fetch, wait_for
 from tests.integration.obs_harness import (
     GOVERNOR_METRICS,

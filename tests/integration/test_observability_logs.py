@@ -21,7 +21,7 @@ COMMAND_LOGGERS = (
     "worker.executor",
     "worker.storage",
     "worker.progress",
-    "governor.fleet_gate",
+    "worker.fleet_gate",
 )
 
 

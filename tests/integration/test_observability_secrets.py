@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis as syncredis
 
-from governor.keys import Keys
+from fleet.keys import Keys
 from tests.integration.daemon_harness import Fleet, RedisView, all_files, base_env, fetch, wait_for
 from tests.integration.obs_harness import GovernorProc, get, governor_env, wait_leading
 from tests.pushgateway import Pushgateway

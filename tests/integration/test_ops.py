@@ -151,8 +151,8 @@ def test_status_shows_queue_workers_sessions_and_dead_letters(
 
 
 def test_dead_letters_lists_and_requeues(env: dict[str, str], rv: RedisView) -> None:
-    from governor.keys import Keys
-    from worker.queue import new_dead_letter
+    from fleet.deadletters import new_dead_letter
+    from fleet.keys import Keys
 
     letter = new_dead_letter(
         b'{"command":"fetch"}',

@@ -10,18 +10,12 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from governor.keys import Keys
+from fleet.deadletters import list_dead_letters, new_dead_letter, requeue_dead_letter
+from fleet.keys import Keys
+from fleet.recovery import recover
+from fleet.redisconn import RedisLink, RedisUnavailable, connect
 from tests.redis_server import free_port
-from worker.queue import (
-    RedisLink,
-    RedisUnavailable,
-    WorkQueue,
-    connect,
-    list_dead_letters,
-    new_dead_letter,
-    recover,
-    requeue_dead_letter,
-)
+from worker.queue import WorkQueue
 
 KEYS = Keys("")
 

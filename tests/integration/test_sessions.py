@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from loguru import logger
 
-from governor.keys import Keys
+from fleet.keys import Keys
 from worker.errors import SessionRevoked
 from worker.sessions import SessionLeases
 from worker.settings import WorkerSettings
@@ -107,10 +107,16 @@ async def test_pinned_bad_session_is_fatal(redis_client: aioredis.Redis, tmp_pat
         await SessionLeases(redis_client, KEYS, s).claim(asyncio.Event())
 
 
-def test_sim_sessions_are_virtual(tmp_path: Path) -> None:
-    s = _settings(tmp_path, telegram_backend="sim", sim_sessions="sim-1, sim-2")
+def test_sim_sessions_are_virtual(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.backend import backend_for
+
+    _files(tmp_path, "real")  # session files do not count for the simulator
+    s = _settings(tmp_path, telegram_backend="sim")
     leases = SessionLeases.__new__(SessionLeases)
     leases.settings = s
+    monkeypatch.setenv("SIM_SESSIONS", "sim-1, sim-2")
+    leases.fixed_names = backend_for(s).session_names
     assert leases.candidates() == ["sim-1", "sim-2"]
-    leases.settings = _settings(tmp_path, telegram_backend="sim")
+    monkeypatch.delenv("SIM_SESSIONS")
+    leases.fixed_names = backend_for(s).session_names
     assert leases.candidates() == ["sim"]

@@ -12,15 +12,16 @@ import redis.asyncio as aioredis
 from telethon import errors
 from telethon.tl import functions, types
 
-from worker.clock import FakeClock
-from worker.settings import WorkerSettings
+from fleet.clock import FakeClock
+from worker.sim.client import sim_client_factory
 from worker.sim.limits import sim_key
 from worker.sim.server import SimServer
+from worker.sim.settings import SimSettings
 
 NOW = datetime(2025, 11, 9, 12, 0, tzinfo=UTC)
 
 
-def settings(redis_url: str | None, **kw: Any) -> WorkerSettings:
+def settings(redis_url: str | None, **kw: Any) -> SimSettings:
     values: dict[str, Any] = {
         "telegram_backend": "sim",
         "redis_url": redis_url,
@@ -32,7 +33,7 @@ def settings(redis_url: str | None, **kw: Any) -> WorkerSettings:
         "sim_fleet_window_seconds": 30,
     }
     values.update(kw)
-    return WorkerSettings(**values)
+    return SimSettings(**values)
 
 
 def history_request(server: SimServer) -> functions.messages.GetHistoryRequest:
@@ -132,13 +133,14 @@ async def test_request_log_has_one_json_line_per_request(clean_env: Path) -> Non
 async def test_fleet_limit_reaches_a_second_worker_as_rate_limited(
     clean_env: object, redis_url: str
 ) -> None:
-    from worker.chats import parse_chat
+    from fleet.chats import parse_chat
     from worker.errors import RateLimited
     from worker.telegram import TelegramSession
 
     kw: dict[str, Any] = {"sim_fleet_requests": 3, "flood_wait_max_seconds": 0}
-    one = TelegramSession(settings(redis_url, **kw), "w1", clock=FakeClock(NOW))
-    two = TelegramSession(settings(redis_url, **kw), "w2", clock=FakeClock(NOW))
+    s = settings(redis_url, **kw)
+    one = TelegramSession(s, "w1", clock=FakeClock(NOW), client_factory=sim_client_factory(s))
+    two = TelegramSession(s, "w2", clock=FakeClock(NOW), client_factory=sim_client_factory(s))
     async with one, two:
         await one.resolve(parse_chat("@fleet_chat"))  # resolves count too: 1 of 3
         chat = await two.resolve(parse_chat("@fleet_chat"))  # 2 of 3

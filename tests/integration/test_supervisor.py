@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from governor.keys import Keys
+from fleet.keys import Keys
 from tests.integration.daemon_harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

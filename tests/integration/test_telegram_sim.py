@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 from telethon import utils
 
-from governor.gate import Outcome, RequestClass
-from worker.chats import parse_chat
-from worker.clock import FakeClock
+from fleet.chats import parse_chat
+from fleet.clock import FakeClock
+from fleet.gate import Outcome, RequestClass
+from worker.backend import backend_for
 from worker.errors import PermanentError, RateLimited, SessionRevoked, TransientError
 from worker.settings import WorkerSettings
+from worker.sim.client import sim_client_factory
+from worker.sim.settings import SimSettings
 from worker.telegram import FetchedMessage, ResolvedChat, TelegramSession
 
 NOW = datetime(2025, 11, 9, 12, 0, tzinfo=UTC)
@@ -63,8 +66,13 @@ async def make_session(clean_env: object) -> AsyncIterator[SessionFactory]:
             "retry_max_attempts": 3,
         }
         values.update(overrides)
+        settings = SimSettings(**values)
         session = TelegramSession(
-            WorkerSettings(**values), name, gate=gate, clock=clock or FakeClock(NOW)
+            settings,
+            name,
+            gate=gate,
+            clock=clock or FakeClock(NOW),
+            client_factory=sim_client_factory(settings),
         )
         await session.connect()
         opened.append(session)
@@ -353,7 +361,7 @@ async def test_close_is_idempotent_and_not_connected_is_transient(
 
 
 async def test_telethon_backend_needs_credentials(clean_env: object) -> None:
-    from governor.settings import ConfigError
+    from fleet.settings import ConfigError
 
     session = TelegramSession(WorkerSettings(telegram_backend="telethon"), "real")
     with pytest.raises(ConfigError, match="TELEGRAM_API_ID"):
@@ -373,17 +381,16 @@ async def test_telethon_backend_without_session_file_is_revoked(clean_env: Any) 
 
 
 async def test_login_on_the_simulator_needs_no_prompt(clean_env: object) -> None:
-    from worker.telegram import login
 
     def never(prompt: str) -> str:
         raise AssertionError(f"prompted: {prompt}")
 
     settings = WorkerSettings(telegram_backend="sim")
-    assert await login(settings, "acct1", ask=never, ask_secret=never) == "Sim acct1"
+    assert backend_for(settings).login_name("acct1") == "Sim acct1"
 
 
 async def test_login_on_telethon_needs_credentials(clean_env: object) -> None:
-    from governor.settings import ConfigError
+    from fleet.settings import ConfigError
     from worker.telegram import login
 
     with pytest.raises(ConfigError, match="TELEGRAM_API_HASH"):

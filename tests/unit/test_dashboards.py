@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from governor.metrics import GOVERNOR_JOB, WORKER_JOB, GovernorMetrics, WorkerMetrics
+from fleet.metrics import GOVERNOR_JOB, WORKER_JOB
+from governor.metrics import GovernorMetrics
+from worker.metrics import WorkerMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "telegram-fetcher.json"

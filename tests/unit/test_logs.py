@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from loguru import logger
 
-from governor.logs import LogShipper, reset_logging, setup_logging
-from governor.metrics import WorkerMetrics
+from fleet.logs import LogShipper, reset_logging, setup_logging
+from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.usefixtures("clean_env")

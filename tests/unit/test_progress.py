@@ -12,7 +12,7 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 from loguru import logger
 
-from worker.clock import FakeClock
+from fleet.clock import FakeClock
 from worker.errors import StorageError
 from worker.progress import DayProgress, ProgressStore, file_lock
 

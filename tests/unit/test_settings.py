@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from governor.settings import ConfigError, FleetSettings, load_settings
+from fleet.settings import ConfigError, FleetSettings, load_settings
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_wrong_value_names_the_key(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch, key: str, value: str, fragment: str
 ) -> None:
+    from worker.sim.settings import SimSettings
+
     monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError) as info:
-        load_settings(WorkerSettings)
+        load_settings(SimSettings if key.startswith("SIM_") else WorkerSettings)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -95,14 +97,10 @@ def test_every_setting_is_documented_in_env_example() -> None:
 
 
 def _settings_classes() -> list[type]:
-    classes: list[type] = [FleetSettings, WorkerSettings]
-    try:
-        from governor.cli import GovernorSettings  # type: ignore[attr-defined]
+    from governor.settings import GovernorSettings
+    from worker.sim.settings import SimSettings
 
-        classes.append(GovernorSettings)
-    except ImportError:
-        pass
-    return classes
+    return [FleetSettings, WorkerSettings, GovernorSettings, SimSettings]
 
 
 def test_cli_exits_78_with_one_line_on_bad_configuration(tmp_path: Path) -> None:

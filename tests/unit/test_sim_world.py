@@ -11,7 +11,7 @@ import pytest
 from telethon import errors
 from telethon.tl import functions, types
 
-from worker.clock import FakeClock
+from fleet.clock import FakeClock
 from worker.sim.limits import Limits, SlidingWindow
 from worker.sim.server import SimServer
 from worker.sim.world import DAY_S, STRIDE, World
@@ -156,9 +156,9 @@ def test_limits_override_from_a_hash_ignores_bad_values() -> None:
 
 @pytest.fixture
 def server(clean_env: object) -> SimServer:
-    from worker.settings import WorkerSettings
+    from worker.sim.settings import SimSettings
 
-    settings = WorkerSettings(
+    settings = SimSettings(
         telegram_backend="sim",
         sim_messages_per_day=250,
         sim_empty_day_ratio=0.2,

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.clock import FakeClock
+from fleet.clock import FakeClock
 from worker.dayfile import iter_day_messages, validate_chat_key
 from worker.errors import StorageError
 from worker.progress import DayProgress

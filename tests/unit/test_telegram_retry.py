@@ -1,4 +1,4 @@
-"""worker.retry: full-jitter backoff on an injected clock, explicit exception list."""
+"""fleet.retry: full-jitter backoff on an injected clock, explicit exception list."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from worker.clock import FakeClock
-from worker.retry import RetryPolicy, retry_async
+from fleet.clock import FakeClock
+from fleet.retry import RetryPolicy, retry_async
 
 POLICY = RetryPolicy(max_attempts=5, max_elapsed_s=120.0, base_s=0.5, max_s=4.0)
 

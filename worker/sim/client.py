@@ -14,13 +14,13 @@ from typing import Any
 
 from telethon.sessions import MemorySession
 
-from governor.gate import RequestGate
-from worker.clock import Clock, SystemClock
-from worker.retry import OnRetry
-from worker.settings import WorkerSettings
+from fleet.clock import Clock, SystemClock
+from fleet.gate import RequestGate
+from fleet.retry import OnRetry
 from worker.sim.server import SimServer
+from worker.sim.settings import SimSettings
 from worker.sim.world import World
-from worker.tgclient import GatedClient
+from worker.tgclient import ClientFactory, GatedClient
 
 
 class SimSender:
@@ -62,7 +62,7 @@ class SimTelegramClient(GatedClient):
 
     def __init__(
         self,
-        settings: WorkerSettings,
+        settings: SimSettings,
         session_name: str,
         *,
         gate: RequestGate | None = None,
@@ -99,3 +99,20 @@ class SimTelegramClient(GatedClient):
         if sender is not None:
             await sender.disconnect()
         await self.sim.close()
+
+
+def sim_client_factory(settings: SimSettings, *, world: World | None = None) -> ClientFactory:
+    """A :data:`worker.telegram.ClientFactory` answering from the simulator."""
+
+    def make(
+        session_name: str,
+        *,
+        gate: RequestGate | None = None,
+        clock: Clock | None = None,
+        on_retry: OnRetry | None = None,
+    ) -> GatedClient:
+        return SimTelegramClient(
+            settings, session_name, gate=gate, clock=clock, on_retry=on_retry, world=world
+        )
+
+    return make

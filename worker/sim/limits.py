@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from governor.scripts import text
+from fleet.scripts import text
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from worker.clock import Clock
-    from worker.settings import WorkerSettings
+    from fleet.clock import Clock
+    from worker.sim.settings import SimSettings
 
 # KEYS[1] zset of admitted requests (score: Redis time in µs), KEYS[2] member counter.
 # ARGV[1] limit, ARGV[2] window in ms. Returns 0 (admitted) or the whole seconds to wait (>= 1).
@@ -83,7 +83,7 @@ class Limits:
     fleet_window_seconds: float = 1.0
 
     @classmethod
-    def from_settings(cls, settings: WorkerSettings) -> Limits:
+    def from_settings(cls, settings: SimSettings) -> Limits:
         return cls(
             history_requests=settings.sim_history_requests,
             history_window_seconds=settings.sim_history_window_seconds,

@@ -30,8 +30,8 @@ from worker.sim.world import World, _signed64, _u64
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from worker.clock import Clock
-    from worker.settings import WorkerSettings
+    from fleet.clock import Clock
+    from worker.sim.settings import SimSettings
 
 _USERNAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{3,31}")
 _WRAPPERS = (
@@ -56,7 +56,7 @@ class _Answer(Exception):
         self.outcome = outcome or message
 
 
-def make_world(settings: WorkerSettings, clock: Clock) -> World:
+def make_world(settings: SimSettings, clock: Clock) -> World:
     return World(
         seed=settings.sim_seed,
         messages_per_day=settings.sim_messages_per_day,
@@ -81,7 +81,7 @@ class SimServer:
 
     def __init__(
         self,
-        settings: WorkerSettings,
+        settings: SimSettings,
         session_name: str,
         clock: Clock,
         *,
@@ -104,9 +104,9 @@ class SimServer:
     async def open(self) -> None:
         settings = self.settings
         if settings.redis_url is not None and self._redis is None:
-            import redis.asyncio as aioredis
+            from fleet.redisconn import connect
 
-            self._redis = aioredis.Redis.from_url(settings.redis_dsn())
+            self._redis = connect(settings.redis_dsn())
             self.limits = SimLimits(
                 Limits.from_settings(settings),
                 self.clock,

@@ -1,11 +1,11 @@
 """Shipping log records to VictoriaLogs and Loki: bounded queues drained by background threads.
 
-One :class:`LogShipper` per process, built by :func:`governor.logs.setup_logging` when
+One :class:`LogShipper` per process, built by :func:`fleet.logs.setup_logging` when
 ``VICTORIA_LOGS_URL`` and/or ``LOKI_URL`` is set. A record is put on a bounded in-memory queue
 per log server and the caller returns at once; one thread per server sends batches, backs off
 while the server is down, drops (and counts) what does not fit, and flushes with a bounded wait
 at shutdown. Records of this module and of HTTP client libraries are never shipped (see
-``governor.logs.NO_SHIP_LOGGERS``), so shipping cannot feed on itself.
+``fleet.logs.NO_SHIP_LOGGERS``), so shipping cannot feed on itself.
 """
 
 from __future__ import annotations

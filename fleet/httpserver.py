@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 if TYPE_CHECKING:
-    from governor.logs import Scrubber
+    from fleet.logs import Scrubber
 
 __all__ = ["DetailsProvider", "HealthCheck", "MetricsServer"]
 

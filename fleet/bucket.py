@@ -18,10 +18,10 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.typing import EncodableT
 
-from governor.gate import REQUEST_CLASSES, RequestClass
-from governor.keys import Keys, check_class, check_session
-from governor.scripts import Scripts, scripts_for, text
-from governor.settings import FleetSettings
+from fleet.gate import REQUEST_CLASSES, RequestClass
+from fleet.keys import Keys, check_class, check_session
+from fleet.scripts import Scripts, scripts_for, text
+from fleet.settings import FleetSettings
 
 Reason = Literal["ok", "session", "fleet", "paused", "held", "probe", "breaker"]
 

@@ -33,7 +33,7 @@ from prometheus_client.exposition import (
 )
 
 if TYPE_CHECKING:
-    from governor.settings import FleetSettings
+    from fleet.settings import FleetSettings
 
 __all__ = ["PushGroup", "Pusher", "delete_group", "list_groups", "reap_dead_groups", "stale_groups"]
 

@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import re
 
-from governor.gate import REQUEST_CLASSES
+from fleet.gate import REQUEST_CLASSES
 
 HASH_TAG = "{tgf}"
 COMMANDS_QUEUE = "tg_commands"
@@ -207,12 +207,12 @@ class Keys:
 
     def schedule_marker(self, chat_day: str) -> str:
         """String ``schedule:<chat key>:<YYYY-MM-DD>``: that day's command for that chat was
-        pushed (``governor/lua/schedule.lua``, ``SET NX`` with a TTL)."""
+        pushed (``fleet/lua/schedule.lua``, ``SET NX`` with a TTL)."""
         return self._k("schedule", chat_day)
 
     @property
     def deliveries(self) -> str:
-        """Hash ``command_id`` → times recovered from a dead worker (``worker/lua/recover.lua``)."""
+        """Hash ``command_id`` → times recovered from a dead worker (``fleet/lua/recover.lua``)."""
         return self._k("deliveries")
 
     @property

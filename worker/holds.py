@@ -23,8 +23,8 @@ import redis.exceptions
 from loguru import logger
 from redis.asyncio import Redis
 
-from governor.scripts import text
-from worker.clock import Clock
+from fleet.clock import Clock
+from fleet.scripts import text
 
 _DOWN: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,

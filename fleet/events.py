@@ -37,10 +37,10 @@ from tenacity import (
     wait_random,
 )
 
-from governor.keys import Keys
-from worker.clock import utc_iso
-from worker.queue import REDIS_DOWN
-from worker.retry import OnRetry
+from fleet.clock import utc_iso
+from fleet.keys import Keys
+from fleet.redisconn import REDIS_DOWN
+from fleet.retry import OnRetry
 
 SERVICE = "telegram-fetcher"
 EventKind = Literal["started", "progress", "completed", "failed"]
@@ -113,7 +113,7 @@ def make_event(
 
 
 def poison_event(letter: Any, worker_id: str) -> dict[str, Any]:
-    """The ``failed`` event for a command :func:`worker.queue.recover` dead-lettered (it was
+    """The ``failed`` event for a command :func:`fleet.recovery.recover` dead-lettered (it was
     recovered ``COMMAND_MAX_DELIVERIES`` times); whoever ran the recovery publishes it."""
     return make_event(
         "failed",

@@ -3,7 +3,7 @@
 A :class:`DeadLetter` is stored as JSON in the dead-letter list (newest first, capped at
 ``DEAD_LETTERS_MAX``), with the reason, the time, the worker, and the raw payload (base64 if it
 is not UTF-8; truncated above ``DEAD_LETTER_PAYLOAD_MAX_BYTES``, and then not requeueable).
-``python -m worker dead-letters`` lists them; :func:`worker.queue.requeue_dead_letter` puts one
+``python -m worker dead-letters`` lists them; :func:`requeue_dead_letter` puts one
 back on the queue.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from governor.keys import Keys
-from governor.scripts import as_bytes
-from worker.clock import utc_iso
+from fleet.clock import utc_iso
+from fleet.keys import Keys
+from fleet.scripts import as_bytes, scripts_for
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,29 @@ async def list_dead_letters(client: Redis, keys: Keys, limit: int = 100) -> list
     """The newest ``limit`` dead letters (``limit`` ≤ 0: all)."""
     entries = await client.lrange(keys.dead_letters, 0, limit - 1 if limit > 0 else -1)
     return [DeadLetter.from_entry(as_bytes(e)) for e in entries]
+
+
+async def requeue_dead_letter(client: Redis, keys: Keys, letter_id: str) -> DeadLetter | None:
+    """Put a dead letter's payload back at the tail of ``tg_commands`` (and forget its
+    delivery count, so it gets its full chances again). ``None`` if there is no such entry;
+    ``ValueError`` if its payload was truncated and cannot be requeued."""
+    for entry in await client.lrange(keys.dead_letters, 0, -1):
+        letter = DeadLetter.from_entry(as_bytes(entry))
+        if letter.id != letter_id:
+            continue
+        if letter.truncated or letter.payload is None:
+            raise ValueError(f"dead letter {letter_id}'s payload was truncated; cannot requeue")
+        done = await scripts_for(client).requeue_dead(
+            keys=[
+                keys.dead_letters,
+                keys.commands,
+                keys.deliveries,
+                keys.retries,
+                keys.completed,
+            ],
+            args=[entry, letter.payload, letter.command_id or ""],
+        )
+        if not int(done):
+            return None
+        return letter
+    return None

@@ -1,4 +1,4 @@
-"""The fleet gate: the :class:`~governor.gate.RequestGate` a worker's Telegram boundary uses.
+"""The fleet gate: the :class:`~fleet.gate.RequestGate` a worker's Telegram boundary uses.
 
 ``acquire`` is one call of the shared bucket script and at most one sleep on the injected
 clock; it raises :class:`~worker.errors.BreakerOpen` while the fleet's breaker is open and
@@ -29,18 +29,18 @@ import redis.exceptions
 from loguru import logger
 from redis.asyncio import Redis
 
-from governor.breaker import BreakerStatus, CircuitBreaker
-from governor.bucket import AcquireResult, RateDefaults, TokenBucket
-from governor.gate import Outcome, RequestClass
-from governor.holds import HoldListener
-from governor.keys import Keys, check_session
-from governor.scripts import scripts_for
-from governor.settings import FleetSettings
-from worker.clock import Clock
+from fleet.breaker import BreakerStatus, CircuitBreaker
+from fleet.bucket import AcquireResult, RateDefaults, TokenBucket
+from fleet.clock import Clock
+from fleet.gate import Outcome, RequestClass
+from fleet.keys import Keys, check_session
+from fleet.scripts import scripts_for
+from fleet.settings import FleetSettings
 from worker.errors import BreakerOpen, RateLimited
+from worker.holds import HoldListener
 
 if TYPE_CHECKING:
-    from governor.metrics import WorkerMetrics
+    from worker.metrics import WorkerMetrics
 
 #: The ``component`` label of the shared breaker in ``breaker_state`` / ``breaker_open_total``.
 BREAKER_COMPONENT = "telegram"

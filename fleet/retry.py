@@ -5,7 +5,7 @@ One policy for the whole worker (seed 002): at most ``RETRY_MAX_ATTEMPTS`` attem
 ``[0, min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2**(n-1))]`` ("full jitter", so that many
 workers failing together do not retry together). Only the exception types the caller names are
 retried; ``CancelledError`` never is (a stopping worker must stop, tenacity issue seen in the
-wild). Sleeping goes through a :class:`~worker.clock.Clock`, so with a ``FakeClock`` retries are
+wild). Sleeping goes through a :class:`~fleet.clock.Clock`, so with a ``FakeClock`` retries are
 instant and their delays are recorded.
 """
 
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from worker.clock import Clock, SystemClock
+from fleet.clock import Clock, SystemClock
 
 if TYPE_CHECKING:
-    from governor.settings import FleetSettings
+    from fleet.settings import FleetSettings
 
 T = TypeVar("T")
 

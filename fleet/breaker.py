@@ -14,9 +14,9 @@ from enum import StrEnum
 
 from redis.asyncio import Redis
 
-from governor.keys import Keys
-from governor.scripts import Scripts, scripts_for, text
-from governor.settings import FleetSettings
+from fleet.keys import Keys
+from fleet.scripts import Scripts, scripts_for, text
+from fleet.settings import FleetSettings
 
 
 class BreakerState(StrEnum):

@@ -21,7 +21,7 @@ What it installs, in the order a record goes through it:
    and counted (:attr:`LogShipper.dropped`, metric ``log_records_dropped_total{sink}``). At
    shutdown :meth:`LogShipper.close` flushes with a bounded wait (``LOG_FLUSH_TIMEOUT_SECONDS``).
 
-The "no loop" rule (seed 001): records from this module and `governor.logship` (the shipper) and
+The "no loop" rule (seed 001): records from this module and `fleet.logship` (the shipper) and
 from HTTP client libraries (``urllib3``, ``requests``, ``http.client``, ``urllib``, ``httpx``,
 ``httpcore``) go to stderr but are never shipped, so shipping can never feed on itself.
 A record bound with ``_no_ship=True`` stays off the log servers too; extras whose name starts
@@ -45,12 +45,12 @@ from urllib.parse import quote, urlsplit
 
 from loguru import logger
 
-from governor.logship import LogShipper, loki_target, victoria_target
+from fleet.logship import LogShipper, loki_target, victoria_target
 
 if TYPE_CHECKING:
     from loguru import Message, Record
 
-    from governor.settings import FleetSettings
+    from fleet.settings import FleetSettings
 
 __all__ = [
     "NO_SHIP_LOGGERS",
@@ -65,7 +65,7 @@ __all__ = [
 #: Logger-name prefixes whose records are never shipped (the "no loop" filter).
 NO_SHIP_LOGGERS: tuple[str, ...] = (
     __name__,
-    "governor.logship",
+    "fleet.logship",
     "urllib3",
     "requests",
     "http.client",

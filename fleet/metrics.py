@@ -1,0 +1,404 @@
+"""Every Prometheus metric of both programs, and how they leave the process.
+
+Each process builds **one** facade on a private ``CollectorRegistry`` (never the global one):
+:class:`WorkerMetrics` in ``python -m worker``, :class:`GovernorMetrics` in
+``python -m governor``. The metric objects are plain attributes named exactly like the exported
+series (``metrics.retries_total.labels(target="telegram", reason="timeout").inc()``); a few
+helpers apply the label caps. :func:`start_exporters` then serves the registry (when
+``METRICS_PORT`` is set) and pushes it (``METRICS_MODE=push|both``); see
+:mod:`fleet.httpserver` and :mod:`fleet.push`.
+
+Bounded labels (the whole fleet's series count must not grow with the data):
+
+* ``chat`` (``fetch_duration_seconds``, ``fetch_lag_seconds``): the first
+  ``METRICS_CHAT_LABEL_MAX`` (default 50) distinct chats a process sees keep their own label;
+  every later chat is reported as ``chat="other"`` (for the lag gauge the last write wins).
+  Always pass a chat through :meth:`WorkerMetrics.chat_label` or use the helpers.
+* ``session`` (``flood_waits_total``): likewise capped by ``METRICS_SESSION_LABEL_MAX``.
+* ``request_class`` is one of ``history|resolve|other`` (:data:`fleet.gate.REQUEST_CLASSES`);
+  ``target``, ``reason``, ``source``, ``type``, ``component``, ``status``, ``sink`` take values
+  from small fixed sets chosen by the code (error class names, never messages or ids).
+* No label ever carries a command id, a message id, a user id or a secret.
+
+Under Pushgateway the grouping key ``{job, instance=<worker_id>}`` is added to every series.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.process_collector import ProcessCollector
+
+from fleet.httpserver import DetailsProvider, HealthCheck, MetricsServer
+from fleet.push import Pusher, delete_group, list_groups, reap_dead_groups, stale_groups
+from fleet.settings import ConfigError
+
+if TYPE_CHECKING:
+    from fleet.logs import LogShipper
+    from fleet.settings import FleetSettings
+
+__all__ = [
+    "BREAKER_CLOSED",
+    "BREAKER_HALF_OPEN",
+    "BREAKER_OPEN",
+    "FETCH_DURATION_BUCKETS",
+    "FETCH_JOB",
+    "GOVERNOR_JOB",
+    "OVERFLOW_LABEL",
+    "TOKEN_WAIT_BUCKETS",
+    "WORKER_JOB",
+    "CommonMetrics",
+    "Exporters",
+    "LabelCap",
+    "delete_group",
+    "exported_names",
+    "health_details",
+    "list_groups",
+    "package_version",
+    "reap_dead_groups",
+    "stale_groups",
+    "start_exporters",
+    "start_push_only",
+]
+
+#: Pushgateway ``job`` (and Prometheus scrape job names in ``deploy/prometheus``).
+WORKER_JOB = "telegram-fetcher-worker"
+GOVERNOR_JOB = "telegram-fetcher-governor"
+#: One-shot ``python -m worker fetch`` runs (cron): their group is kept after exit, so the last
+#: run's values stay visible, and the governor's reaping (``WORKER_JOB`` only) leaves it alone.
+FETCH_JOB = "telegram-fetcher-fetch"
+
+OVERFLOW_LABEL = "other"
+#: ``commands_total{status}`` and ``deduplicated_messages_total{source}`` values.
+COMMAND_STATUSES = ("ok", "partial", "retrying", "failed", "rejected", "error")
+DEDUP_SOURCES = ("storage", "resume_overlap")
+BREAKER_CLOSED, BREAKER_OPEN, BREAKER_HALF_OPEN = 0, 1, 2
+_BREAKER_VALUES = {"closed": BREAKER_CLOSED, "open": BREAKER_OPEN, "half_open": BREAKER_HALF_OPEN}
+
+#: A fetch is one command (or one day under ``per_day``): from a quiet chat's half second to an
+#: hour-long backfill through flood waits.
+FETCH_DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+#: Waiting for a bucket token: sub-millisecond when the bucket is full, up to a flood pause.
+TOKEN_WAIT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
+
+def package_version() -> str:
+    """The installed ``telegram-fetcher`` version (``0`` when running from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("telegram-fetcher")
+    except PackageNotFoundError:
+        return "0"
+
+
+class LabelCap:
+    """The first ``max_values`` distinct values keep their own label, later ones become
+    ``other``. Thread-safe; what was admitted stays admitted for the life of the process."""
+
+    def __init__(self, max_values: int, overflow: str = OVERFLOW_LABEL) -> None:
+        self._max = max_values
+        self._overflow = overflow
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: object) -> str:
+        text = str(value)
+        if text in self._seen:
+            return text
+        with self._lock:
+            if text in self._seen:
+                return text
+            if len(self._seen) >= self._max:
+                return self._overflow
+            self._seen.add(text)
+            return text
+
+    @property
+    def admitted(self) -> frozenset[str]:
+        return frozenset(self._seen)
+
+
+class CommonMetrics:
+    """Metrics both programs export (seed 002's retry/breaker/rate-limit set, log drops)."""
+
+    component: str
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, version: str = "0") -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.build_info = Gauge(
+            "telegram_fetcher_build_info",
+            "Always 1; the labels say what runs.",
+            ["component", "version"],
+            registry=r,
+        )
+        self.build_info.labels(component=self.component, version=version).set(1)
+        self.retries_total = Counter(
+            "retries_total",
+            "Retries of an operation, by what was retried and why.",
+            ["target", "reason"],
+            registry=r,
+        )
+        self.rate_limit_hits_total = Counter(
+            "rate_limit_hits_total",
+            "Rate-limit signals met (FloodWait, slow mode, an empty bucket), by source and reason.",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.last_retry_delay_seconds = Gauge(
+            "last_retry_delay_seconds",
+            "Delay chosen before the latest retry, per target.",
+            ["target"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+            ["component"],
+            registry=r,
+        )
+        self.breaker_open_total = Counter(
+            "breaker_open_total",
+            "Transitions of the breaker into the open state.",
+            ["component"],
+            registry=r,
+        )
+        self.log_records_dropped_total = Counter(
+            "log_records_dropped_total",
+            "Log records not shipped (queue full while the log server was down, rejected, or "
+            "lost at shutdown), per log server.",
+            ["sink"],
+            registry=r,
+        )
+        ProcessCollector(registry=r)
+        self._breaker_lock = threading.Lock()
+        self._breaker_states: dict[str, int] = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def record_retry(self, target: str, reason: str, delay_s: float) -> None:
+        self.retries_total.labels(target=target, reason=reason).inc()
+        self.last_retry_delay_seconds.labels(target=target).set(delay_s)
+
+    def set_breaker_state(
+        self, component: str, state: str | int, *, count_open: bool = True
+    ) -> None:
+        """``state``: ``closed|open|half_open`` or 0/1/2. Counts a transition into open, unless
+        ``count_open=False``: a shared breaker opened by another process is only *observed*
+        here, and counting it in every worker would multiply the fleet's total."""
+        value = _BREAKER_VALUES[state] if isinstance(state, str) else int(state)
+        with self._breaker_lock:
+            previous = self._breaker_states.get(component)
+            self._breaker_states[component] = value
+        if count_open and value == BREAKER_OPEN and previous != BREAKER_OPEN:
+            self.breaker_open_total.labels(component=component).inc()
+        self.breaker_state.labels(component=component).set(value)
+
+    def breaker_state_of(self, component: str) -> str | None:
+        """The last state set for ``component`` (``closed|open|half_open``), if any."""
+        value = self._breaker_states.get(component)
+        names = {v: k for k, v in _BREAKER_VALUES.items()}
+        return names.get(value) if value is not None else None
+
+    def watch_log_shipper(self, shipper: LogShipper | None) -> None:
+        """Count the shipper's drops in ``log_records_dropped_total{sink}``."""
+        if shipper is not None:
+            shipper.count_drops_in(self.log_records_dropped_total)
+
+    def names(self) -> set[str]:
+        """Every sample name this registry can export (see :func:`exported_names`)."""
+        return exported_names(self.registry)
+
+
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "info": ("_info",),
+    "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+}
+
+
+def exported_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry exports or will export once a label child exists:
+    counters as ``x_total``, histograms as ``x_bucket/_sum/_count``, gauges as themselves."""
+    names: set[str] = set()
+    for family in registry.collect():
+        for suffix in _SUFFIXES.get(family.type, ("",)):
+            names.add(family.name + suffix)
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# exporters
+
+
+@dataclass
+class Exporters:
+    """What :func:`start_exporters` started; :meth:`stop` undoes it, idempotently."""
+
+    mode: str
+    server: MetricsServer | None = None
+    pusher: Pusher | None = None
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def url(self) -> str | None:
+        """``http://host:port`` of the metrics/health server, if one runs."""
+        return self.server.url if self.server is not None else None
+
+    def stop(self, timeout: float = 5.0, *, delete_group: bool = True) -> None:
+        """Last push (then delete the group unless ``delete_group=False``), stop serving.
+
+        Blocking for at most about ``timeout`` seconds; call it last in the shutdown, after
+        the final metric updates (from async code: ``await asyncio.to_thread(ex.stop)``)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.pusher is not None:
+            self.pusher.stop(timeout, delete_group=delete_group)
+        if self.server is not None:
+            self.server.stop()
+
+
+def start_exporters(
+    settings: FleetSettings,
+    registry: CollectorRegistry,
+    *,
+    job: str,
+    instance: str,
+    health: HealthCheck | None = None,
+    details: DetailsProvider | None = None,
+    secrets: Iterable[str] | None = None,
+    port: int | None = None,
+) -> Exporters:
+    """Start the HTTP server and/or the pusher:
+
+    * ``METRICS_PORT`` > 0 (or an explicit ``port``; ``port=0`` binds any free port, for tests
+      and one-shot runs): the HTTP server on ``METRICS_HOST`` serving ``/metrics``,
+      ``/health`` and ``/health/details``, whatever the mode, so health checks always work.
+      ``METRICS_PORT=0`` (the default) means no server; in ``scrape``/``both`` mode that is
+      logged as a warning, since nothing can be scraped.
+    * ``METRICS_MODE`` ``push``/``both`` (``both`` is the production default): a thread
+      pushing to ``PUSHGATEWAY_URL`` every ``PUSH_INTERVAL_SECONDS`` under the grouping key
+      ``{job, instance}``.
+
+    Raises :class:`ConfigError` when push was asked for explicitly without
+    ``PUSHGATEWAY_URL``; when it is only the production default, push is skipped with a
+    warning. ``secrets`` are masked in ``/health/details`` (default: all of the settings')."""
+    from fleet.logs import Scrubber, collect_secrets
+
+    mode = settings.effective_metrics_mode
+    wants_push = mode in ("push", "both")
+    if wants_push and not settings.pushgateway_url:
+        if settings.metrics_mode is not None:
+            raise ConfigError(f"PUSHGATEWAY_URL: required when METRICS_MODE={mode}")
+        logger.warning(
+            "METRICS_MODE defaults to both in production but PUSHGATEWAY_URL is not set; "
+            "metrics are not pushed",
+            event="metrics_push_disabled",
+        )
+        wants_push = False
+    exporters = Exporters(mode=mode)
+    scrubber = Scrubber(collect_secrets(settings) if secrets is None else secrets)
+    bind_port = settings.metrics_port if port is None else port
+    if port is not None or settings.metrics_port > 0:
+        exporters.server = MetricsServer(
+            registry,
+            host=settings.metrics_host,
+            port=bind_port,
+            health=health,
+            details=details,
+            scrubber=scrubber,
+        ).start()
+        logger.info(
+            "metrics and health served on {url}",
+            url=exporters.server.url,
+            event="metrics_server_started",
+            mode=mode,
+        )
+    elif mode in ("scrape", "both"):
+        logger.warning(
+            "METRICS_MODE={mode} but METRICS_PORT=0: no /metrics or /health is served",
+            mode=mode,
+            event="metrics_server_disabled",
+        )
+    if wants_push:
+        assert settings.pushgateway_url is not None
+        password = settings.pushgateway_password
+        exporters.pusher = Pusher(
+            url=settings.pushgateway_url,
+            job=job,
+            instance=instance,
+            registry=registry,
+            interval_s=settings.push_interval_seconds,
+            username=settings.pushgateway_username,
+            password=password.get_secret_value() if password is not None else None,
+        ).start()
+    return exporters
+
+
+def start_push_only(
+    settings: FleetSettings, registry: CollectorRegistry, *, job: str, instance: str
+) -> Exporters | None:
+    """For one-shot runs (``python -m worker fetch``): push only, and only when it is configured
+    (``PUSHGATEWAY_URL`` set and ``METRICS_MODE`` push/both); never a server, never an error.
+    Stop it with ``exporters.stop(delete_group=False)`` so the run's last values stay."""
+    if settings.effective_metrics_mode not in ("push", "both") or not settings.pushgateway_url:
+        return None
+    password = settings.pushgateway_password
+    pusher = Pusher(
+        url=settings.pushgateway_url,
+        job=job,
+        instance=instance,
+        registry=registry,
+        interval_s=settings.push_interval_seconds,
+        username=settings.pushgateway_username,
+        password=password.get_secret_value() if password is not None else None,
+    ).start()
+    return Exporters(mode="push", pusher=pusher)
+
+
+def health_details(
+    *,
+    version: str,
+    telegram_connected: bool | None = None,
+    session: str | None = None,
+    redis_ok: bool | None = None,
+    breaker: str | None = None,
+    current_command: Mapping[str, object] | None = None,
+    last_success: str | None = None,
+    **more: object,
+) -> dict[str, object]:
+    """The ``/health/details`` document (seed 003's fields) in one consistent shape."""
+    return {
+        "version": version,
+        "telegram": {"connected": telegram_connected, "session": session},
+        "redis": {"ok": redis_ok},
+        "breaker": breaker,
+        "current_command": dict(current_command) if current_command is not None else None,
+        "last_success": last_success,
+        **more,
+    }

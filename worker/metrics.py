@@ -1,0 +1,97 @@
+"""The worker's metrics: fetch, queue and request-gate series on top of the fleet's common ones.
+
+The label caps, exporters and Pushgateway handling are in :mod:`fleet.metrics`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fleet.gate import REQUEST_CLASSES
+from fleet.metrics import (
+    COMMAND_STATUSES,
+    DEDUP_SOURCES,
+    FETCH_DURATION_BUCKETS,
+    TOKEN_WAIT_BUCKETS,
+    CommonMetrics,
+    LabelCap,
+)
+
+
+class WorkerMetrics(CommonMetrics):
+    """The worker's registry: fetch, queue and request-gate metrics (seeds 002 and 004)."""
+
+    component = "worker"
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        version: str = "0",
+        chat_label_max: int = 50,
+    ) -> None:
+        super().__init__(registry, version=version)
+        r = self.registry
+        self.chat_label = LabelCap(chat_label_max)
+        self.fetch_duration_seconds = Histogram(
+            "fetch_duration_seconds",
+            "Wall time of one fetch (a command, or a day per_day).",
+            ["chat"],
+            buckets=FETCH_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.fetch_lag_seconds = Gauge(
+            "fetch_lag_seconds",
+            "Now minus the date of the newest message stored for the chat.",
+            ["chat"],
+            registry=r,
+        )
+        self.deduplicated_messages_total = Counter(
+            "deduplicated_messages_total",
+            "Messages dropped as duplicates before writing.",
+            ["source"],
+            registry=r,
+        )
+        self.messages_fetched_total = Counter(
+            "messages_fetched_total",
+            "Messages fetched from Telegram and stored.",
+            registry=r,
+        )
+        self.fetch_errors_total = Counter(
+            "fetch_errors_total",
+            "Fetches that ended in an error, by error class.",
+            ["type"],
+            registry=r,
+        )
+        self.command_queue_length = Gauge(
+            "command_queue_length",
+            "Commands waiting in tg_commands (as last seen).",
+            registry=r,
+        )
+        self.commands_total = Counter(
+            "commands_total",
+            "Command executions finished, by status: ok, partial, retrying (failed, retry "
+            "scheduled), failed, rejected (invalid), error (internal error).",
+            ["status"],
+            registry=r,
+        )
+        self.token_wait_seconds = Histogram(
+            "token_wait_seconds",
+            "Time a request waited for a token of the shared bucket, per request class.",
+            ["request_class"],
+            buckets=TOKEN_WAIT_BUCKETS,
+            registry=r,
+        )
+        for request_class in REQUEST_CLASSES:
+            self.token_wait_seconds.labels(request_class=request_class)
+        # Known label values start at 0, so rate() and increase() see the first event.
+        for status in COMMAND_STATUSES:
+            self.commands_total.labels(status=status)
+        for source in DEDUP_SOURCES:
+            self.deduplicated_messages_total.labels(source=source)
+
+    def observe_fetch(self, chat: str, seconds: float) -> None:
+        self.fetch_duration_seconds.labels(chat=self.chat_label(chat)).observe(seconds)
+
+    def set_fetch_lag(self, chat: str, seconds: float) -> None:
+        self.fetch_lag_seconds.labels(chat=self.chat_label(chat)).set(seconds)
