@@ -31,7 +31,15 @@ class CommandRejected(FetchError):
 
 
 class TelegramError(FetchError):
-    """An error reported by the Telegram boundary."""
+    """An error reported by the Telegram boundary.
+
+    ``rpc_error`` is the RPC string Telegram answered with (``USERNAME_NOT_OCCUPIED``,
+    ``FLOOD_WAIT_31``), or the network condition (``TIMEOUT``), when there was one.
+    """
+
+    def __init__(self, message: str, *, rpc_error: str | None = None) -> None:
+        super().__init__(message)
+        self.rpc_error = rpc_error
 
 
 class RateLimited(TelegramError):
@@ -39,8 +47,14 @@ class RateLimited(TelegramError):
 
     retryable = True
 
-    def __init__(self, message: str, retry_after: float, request_class: str = "other") -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        retry_after: float,
+        request_class: str = "other",
+        rpc_error: str | None = None,
+    ) -> None:
+        super().__init__(message, rpc_error=rpc_error)
         self.retry_after = retry_after
         self.request_class = request_class
 

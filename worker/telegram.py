@@ -261,7 +261,7 @@ class TelegramSession:
         try:
             result = await client(functions.contacts.ResolveUsernameRequest(username=username))
         except PermanentError as exc:
-            raise PermanentError(f"{chat.display}: {exc}") from exc
+            raise PermanentError(f"{chat.display}: {exc}", rpc_error=exc.rpc_error) from exc
         entity = _entity_for(result.peer, result.chats, result.users)
         return self._from_entity(chat, entity)
 
@@ -289,7 +289,8 @@ class TelegramSession:
         except PermanentError as exc:
             raise PermanentError(
                 f"{chat.display}: unknown to this account ({exc}); use the @username once so "
-                "the session learns the chat, or check the id"
+                "the session learns the chat, or check the id",
+                rpc_error=exc.rpc_error,
             ) from exc
         if not result.chats:
             raise PermanentError(f"{chat.display}: no such chat")
@@ -398,14 +399,12 @@ async def login(
         me = await client.get_me()
     except TelegramError:
         raise
-    except (errors.PhoneCodeInvalidError, errors.PhoneCodeExpiredError) as exc:
-        raise PermanentError("the login code was wrong or expired; run login again") from exc
-    except errors.PasswordHashInvalidError as exc:
-        raise PermanentError("the 2FA password was wrong; run login again") from exc
     except errors.PhoneNumberInvalidError as exc:
-        raise ConfigError("TELEGRAM_PHONE: not a valid phone number") from exc
+        raise ConfigError("TELEGRAM_PHONE: PHONE_NUMBER_INVALID: not a valid phone number") from exc
     except (errors.RPCError, OSError) as exc:
-        raise translate(exc) from exc
+        # translate() names each sign-in refusal (PHONE_NUMBER_UNOCCUPIED: no Telegram account
+        # uses this phone number; PHONE_CODE_EXPIRED; PASSWORD_HASH_INVALID …).
+        raise login_error(exc) from exc
     finally:
         await _quiet_disconnect(client)
         _protect(path)
@@ -413,6 +412,14 @@ async def login(
         raise SessionRevoked("login did not complete")
     name = " ".join(p for p in (me.first_name, me.last_name) if p) or "(no name)"
     return f"{name} (@{me.username})" if me.username else name
+
+
+def login_error(exc: BaseException) -> TelegramError:
+    """What a failed login tells the user: the RPC name and what to do about it."""
+    error = translate(exc)
+    if isinstance(error, PermanentError):
+        return PermanentError(f"{error}; run login again", rpc_error=error.rpc_error)
+    return error
 
 
 async def _sign_in(

@@ -33,11 +33,13 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 from telethon import TelegramClient, errors, utils
+from telethon.errors import rpcerrorlist
 from telethon.tl import functions
 
 from fleet.clock import Clock, SystemClock
@@ -69,13 +71,6 @@ _FLOOD = (
     errors.SlowModeWaitError,
     errors.FloodTestPhoneWaitError,
 )
-#: ``rate_limit_hits_total{source="telegram", reason=…}``: a small fixed set of reasons.
-_FLOOD_REASONS: dict[type[Exception], str] = {
-    errors.FloodWaitError: "flood_wait",
-    errors.FloodPremiumWaitError: "flood_premium_wait",
-    errors.SlowModeWaitError: "slow_mode_wait",
-    errors.FloodTestPhoneWaitError: "flood_test_phone_wait",
-}
 _HISTORY = (functions.messages.GetHistoryRequest,)
 _RESOLVE = (functions.contacts.ResolveUsernameRequest, functions.channels.GetChannelsRequest)
 
@@ -101,52 +96,113 @@ def classify(request: Any) -> RequestClass:
     return "other"
 
 
-def _rpc_name(exc: BaseException) -> str:
+# Telethon's known error classes keep only their base class's generic text in ``.message``
+# (``USERNAME_NOT_OCCUPIED`` says ``BAD_REQUEST``, ``FLOOD_WAIT_31`` says ``FLOOD``): the RPC
+# string is recovered from the tables Telethon built the class from.
+_NAME_OF: dict[type[BaseException], str] = {}
+for _name, _cls in rpcerrorlist.rpc_errors_dict.items():
+    _NAME_OF.setdefault(_cls, _name)
+_PATTERN_OF: dict[type[BaseException], str] = {
+    _cls: _pattern for _pattern, _cls in rpcerrorlist.rpc_errors_re
+}
+_CAPTURE = re.compile(r"\(\\d\+\)")
+
+
+def _capture(exc: BaseException) -> int | None:
+    """The number a pattern error (``FLOOD_WAIT_31``) was made with; Telethon names its
+    attribute per class (``seconds``, ``new_dc``, ``which``…), so take the one int it set."""
+    for key, value in vars(exc).items():
+        if key != "code" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def rpc_string(exc: BaseException) -> str:
+    """The RPC error as Telegram sent it (``FLOOD_WAIT_31``, ``USERNAME_NOT_OCCUPIED``)."""
+    name = _NAME_OF.get(type(exc))
+    if name is not None:
+        return name
+    pattern = _PATTERN_OF.get(type(exc))
+    if pattern is not None:
+        number = _capture(exc)
+        return _CAPTURE.sub(str(number) if number is not None else "N", pattern)
     return getattr(exc, "message", None) or type(exc).__name__
 
 
+def rpc_reason(exc: BaseException) -> str:
+    """The RPC error without its number (``FLOOD_WAIT``): a bounded metrics label."""
+    pattern = _PATTERN_OF.get(type(exc))
+    if pattern is not None:
+        return _CAPTURE.sub("", pattern).replace("__", "_").strip("_")
+    return re.sub(r"_?\d+$", "", rpc_string(exc)) or rpc_string(exc)
+
+
 def translate(exc: BaseException, request_class: RequestClass = "other") -> TelegramError:
-    """The ``worker.errors`` form of an error raised by Telethon (or the network under it)."""
+    """The ``worker.errors`` form of an error raised by Telethon (or the network under it).
+
+    Every message starts with the RPC string Telegram sent (``USERNAME_NOT_OCCUPIED: …``) and
+    the error keeps it as ``rpc_error``, so logs, events and metrics name the real error.
+    """
     if isinstance(exc, TelegramError):
         return exc
     if isinstance(exc, _TransientRpc):
-        return TransientError(f"Telegram server error {_rpc_name(exc.error)} on {request_class}")
+        exc = exc.error
     if isinstance(exc, TimeoutError):
-        return TransientError(f"{request_class} request timed out")
+        return TransientError(f"{request_class} request timed out", rpc_error="TIMEOUT")
     if isinstance(exc, OSError):
-        return TransientError(f"connection problem on {request_class}: {type(exc).__name__}")
+        return TransientError(
+            f"connection problem on {request_class}: {type(exc).__name__}",
+            rpc_error=type(exc).__name__,
+        )
+    if not isinstance(exc, errors.RPCError):
+        if isinstance(exc, ValueError):
+            return PermanentError(f"chat not found: {exc}")
+        return TransientError(f"unexpected {type(exc).__name__} on {request_class}")
+    name = rpc_string(exc)
+
+    def said(text: str) -> str:
+        return f"{name}: {text}"
+
     if isinstance(exc, _FLOOD):
         seconds = float(getattr(exc, "seconds", 0) or 0)
         return RateLimited(
-            f"{_rpc_name(exc)} on {request_class}", retry_after=seconds, request_class=request_class
+            said(f"Telegram asks to wait {seconds:.0f}s before the next {request_class} request"),
+            retry_after=seconds,
+            request_class=request_class,
+            rpc_error=name,
         )
     if isinstance(exc, errors.FloodError):  # 420 without a number (e.g. FROZEN_METHOD_INVALID)
-        return RateLimited(f"{_rpc_name(exc)} on {request_class}", 60.0, request_class)
+        return RateLimited(said(f"rate limited on {request_class}"), 60.0, request_class, name)
     if isinstance(exc, errors.AuthKeyError | errors.UnauthorizedError):
         return SessionRevoked(
-            f"the Telegram session is no longer valid ({_rpc_name(exc)}); log in again with "
-            "`python -m worker login --session NAME`"
+            said(
+                "the Telegram session is no longer valid; log in again with "
+                "`python -m worker login --session NAME`"
+            ),
+            rpc_error=name,
         )
-    if isinstance(exc, errors.ChannelPrivateError):
-        return PermanentError("the chat is private or this account was banned from it")
-    if isinstance(exc, errors.UsernameNotOccupiedError):
-        return PermanentError("no chat has this username")
-    if isinstance(exc, errors.UsernameInvalidError):
-        return PermanentError("the username is invalid")
-    if isinstance(exc, errors.ChannelInvalidError | errors.PeerIdInvalidError):
-        return PermanentError("no chat with this id is known to this account")
-    if isinstance(exc, errors.ChatForbiddenError | errors.ChannelBannedError):
-        return PermanentError("this account may not read the chat")
-    if isinstance(exc, _SERVER_SIDE):
-        return TransientError(f"Telegram server error {_rpc_name(exc)} on {request_class}")
-    if isinstance(exc, errors.RPCError):
-        code = exc.code or 0
-        if code >= 500 or code < 0:
-            return TransientError(f"Telegram error {_rpc_name(exc)} on {request_class}")
-        return PermanentError(f"Telegram refused the request: {_rpc_name(exc)}")
-    if isinstance(exc, ValueError):
-        return PermanentError(f"chat not found: {exc}")
-    return TransientError(f"unexpected {type(exc).__name__} on {request_class}")
+    permanent = {
+        errors.ChannelPrivateError: "the chat is private or this account was banned from it",
+        errors.UsernameNotOccupiedError: "no chat has this username",
+        errors.UsernameInvalidError: "the username is invalid",
+        errors.ChannelInvalidError: "no chat with this id is known to this account",
+        errors.PeerIdInvalidError: "no chat with this id is known to this account",
+        errors.ChatForbiddenError: "this account may not read the chat",
+        errors.ChannelBannedError: "this account may not read the chat",
+        errors.PhoneNumberUnoccupiedError: "no Telegram account uses this phone number",
+        errors.PhoneNumberInvalidError: "not a valid phone number",
+        errors.PhoneNumberBannedError: "this phone number is banned from Telegram",
+        errors.PhoneCodeInvalidError: "the login code was wrong",
+        errors.PhoneCodeExpiredError: "the login code expired; ask for a new one",
+        errors.PasswordHashInvalidError: "the two-step verification password was wrong",
+    }
+    for cls, text in permanent.items():
+        if isinstance(exc, cls):
+            return PermanentError(said(text), rpc_error=name)
+    code = exc.code or 0
+    if isinstance(exc, _SERVER_SIDE) or code >= 500 or code < 0:
+        return TransientError(said(f"Telegram server error on {request_class}"), rpc_error=name)
+    return PermanentError(said("Telegram refused the request"), rpc_error=name)
 
 
 class _RelaySender:
@@ -215,8 +271,14 @@ class GatedClient(TelegramClient):
         self._tf_timeout_s = settings.telegram_request_timeout_seconds
         self._tf_flood_cap_s = settings.flood_wait_max_seconds
         self._tf_rng = rng or random.Random()
+        # The retrier names a retry by the exception's class; a relayed 5xx would show as
+        # ``_TransientRpc``, so the hook is told the RPC reason (``INTERNAL``) instead.
+        self._tf_last_reason = "unknown"
+        self._tf_on_retry = on_retry
         self._tf_retrier = Retrier(
-            RetryPolicy.from_settings(settings), clock=self._tf_clock, on_retry=on_retry
+            RetryPolicy.from_settings(settings),
+            clock=self._tf_clock,
+            on_retry=self._named_retry if on_retry is not None else None,
         )
         self.flood_sleeps: list[float] = []  # seconds slept on FloodWaits, for tests and stats
         # Set by TelegramSession after construction (so the simulator's subclass needs no
@@ -239,6 +301,10 @@ class GatedClient(TelegramClient):
         except (errors.RPCError, *TRANSIENT_ERRORS) as exc:
             raise translate(exc, request_class) from exc
 
+    def _named_retry(self, target: str, reason: str, delay_s: float) -> None:
+        if self._tf_on_retry is not None:
+            self._tf_on_retry(target, self._tf_last_reason, delay_s)
+
     async def _send_once(self, request: Any, request_class: RequestClass, ordered: bool) -> Any:
         """One attempt, FloodWaits under the cap slept out in place (the request is re-sent)."""
         gate = self._tf_gate
@@ -254,7 +320,7 @@ class GatedClient(TelegramClient):
             except _FLOOD as exc:
                 seconds = float(exc.seconds or 1)
                 if self.on_rate_limit is not None:
-                    self.on_rate_limit("telegram", _FLOOD_REASONS.get(type(exc), "flood_wait"))
+                    self.on_rate_limit("telegram", rpc_reason(exc))
                 await gate.report(request_class, "flood", flood_wait_s=seconds)
                 floods += 1
                 until = self._tf_clock.monotonic() + seconds
@@ -262,13 +328,18 @@ class GatedClient(TelegramClient):
                     self._tf_flood_until[r.CONSTRUCTOR_ID] = until
                 if seconds > self._tf_flood_cap_s or floods > MAX_FLOOD_RETRIES:
                     raise RateLimited(
-                        f"{_rpc_name(exc)} on {request_class}",
+                        f"{rpc_string(exc)}: Telegram asks to wait {seconds:.0f}s before the "
+                        f"next {request_class} request",
                         retry_after=seconds,
                         request_class=request_class,
+                        rpc_error=rpc_string(exc),
                     ) from exc
                 await self._flood_sleep(seconds, request_class)
                 continue
-            except TRANSIENT_ERRORS:
+            except TRANSIENT_ERRORS as exc:
+                self._tf_last_reason = (
+                    rpc_reason(exc.error) if isinstance(exc, _TransientRpc) else type(exc).__name__
+                )
                 await gate.report(request_class, "transient")
                 raise
             except (errors.AuthKeyError, errors.UnauthorizedError):

@@ -395,3 +395,62 @@ async def test_login_on_telethon_needs_credentials(clean_env: object) -> None:
 
     with pytest.raises(ConfigError, match="TELEGRAM_API_HASH"):
         await login(WorkerSettings(), "acct1", ask=input, ask_secret=input)
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "name", "label"),
+    [
+        ("flood_wait", RateLimited, "FLOOD_WAIT_31", ("rate_limit", "FLOOD_WAIT")),
+        ("username_not_occupied", PermanentError, "USERNAME_NOT_OCCUPIED", None),
+        ("auth_key_unregistered", SessionRevoked, "AUTH_KEY_UNREGISTERED", None),
+        ("rpc500", TransientError, "INTERNAL", ("retry", "INTERNAL")),
+    ],
+)
+async def test_real_error_names_reach_the_error_and_the_metrics_labels(
+    clean_env: object,
+    fault: str,
+    error: type[Exception],
+    name: str,
+    label: tuple[str, str] | None,
+) -> None:
+    from worker.metrics import WorkerMetrics
+
+    settings = SimSettings(
+        telegram_backend="sim",
+        sim_history_start="2025-09-01",
+        sim_history_requests=0,
+        sim_resolve_requests=0,
+        sim_faults=fault,
+        retry_max_attempts=2,
+        flood_wait_max_seconds=5,
+    )
+    metrics = WorkerMetrics()
+    session = TelegramSession(
+        settings,
+        "acct1",
+        clock=FakeClock(NOW),
+        metrics=metrics,
+        client_factory=sim_client_factory(settings),
+    )
+    await session.connect()
+    try:
+        chat = await session.resolve(parse_chat("@named_errors"))
+        session.client.sim.fault_rate = 1.0
+        start, end = bounds(date(2025, 11, 1))
+        with pytest.raises(error) as info:
+            await collect(session, chat, start, end)
+    finally:
+        await session.close()
+    assert name in str(info.value)
+    assert getattr(info.value, "rpc_error", None) == name
+    if label is not None:
+        kind, reason = label
+        if kind == "rate_limit":
+            value = metrics.registry.get_sample_value(
+                "rate_limit_hits_total", {"source": "telegram", "reason": reason}
+            )
+        else:
+            value = metrics.registry.get_sample_value(
+                "retries_total", {"target": "telegram_history", "reason": reason}
+            )
+        assert value is not None and value >= 1

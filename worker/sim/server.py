@@ -43,6 +43,8 @@ _FAULT_ERRORS = {
     "rpc500": (500, "INTERNAL"),
     "auth_key_unregistered": (401, "AUTH_KEY_UNREGISTERED"),
     "channel_private": (400, "CHANNEL_PRIVATE"),
+    "flood_wait": (420, "FLOOD_WAIT_31"),
+    "username_not_occupied": (400, "USERNAME_NOT_OCCUPIED"),
 }
 
 

@@ -14,7 +14,16 @@ from pydantic import Field, field_validator
 
 from worker.settings import WorkerSettings
 
-KNOWN_FAULTS = frozenset({"timeout", "rpc500", "auth_key_unregistered", "channel_private"})
+KNOWN_FAULTS = frozenset(
+    {
+        "timeout",
+        "rpc500",
+        "auth_key_unregistered",
+        "channel_private",
+        "flood_wait",
+        "username_not_occupied",
+    }
+)
 
 
 class SimSettings(WorkerSettings):
