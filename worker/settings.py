@@ -15,6 +15,12 @@ from pydantic import Field, SecretStr, field_validator
 
 from fleet.settings import FleetSettings
 
+DC_PATTERN = re.compile(
+    r"(?P<id>[1-9][0-9]{0,2})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:@\s\[\]]+):(?P<port>[0-9]{1,5})"
+)
+#: Telegram's test environment, DC 2 (https://core.telegram.org/api/auth#test-accounts).
+TEST_DC = (2, "149.154.167.40", 443)
+
 
 class WorkerSettings(FleetSettings):
     # --- Telegram ----------------------------------------------------------------------------
@@ -24,6 +30,14 @@ class WorkerSettings(FleetSettings):
     telegram_backend: Literal["telethon", "sim"] = "telethon"
     telegram_session: str | None = None
     telegram_request_timeout_seconds: float = Field(30.0, gt=0)
+    #: Bound on connect + the authorisation check (0: TELEGRAM_REQUEST_TIMEOUT_SECONDS).
+    telegram_connect_timeout_seconds: float = Field(0.0, ge=0)
+    #: ``ID@HOST:PORT`` of the MTProto endpoint to use instead of Telegram's production DC.
+    telegram_dc: str | None = None
+    #: PEM (PKCS#1) file of the endpoint's RSA public key, when Telethon does not know it.
+    telegram_dc_public_key_file: Path | None = None
+    #: Telegram's test environment (DC 2 of the test servers unless TELEGRAM_DC says otherwise).
+    telegram_test_servers: bool = False
     sessions_dir: Path = Path("sessions")
 
     # --- worker identity and concurrency -------------------------------------------------------
@@ -61,6 +75,39 @@ class WorkerSettings(FleetSettings):
     @classmethod
     def _legacy_strategy(cls, value: object) -> object:
         return {"auto": "batch", "sequential": "per_day"}.get(str(value), value)
+
+    @field_validator("telegram_dc", mode="before")
+    @classmethod
+    def _dc(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        text = str(value).strip()
+        if not DC_PATTERN.fullmatch(text):
+            raise ValueError(
+                f"{text!r} is not ID@HOST:PORT (e.g. 2@149.154.167.40:443 or 1@[::1]:4430)"
+            )
+        return text
+
+    @field_validator("telegram_dc_public_key_file")
+    @classmethod
+    def _key_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @property
+    def connect_timeout_s(self) -> float:
+        return self.telegram_connect_timeout_seconds or self.telegram_request_timeout_seconds
+
+    def telegram_endpoint(self) -> tuple[int, str, int] | None:
+        """``(dc_id, host, port)`` the client must use, ``None`` for Telethon's default."""
+        if self.telegram_dc is not None:
+            match = DC_PATTERN.fullmatch(self.telegram_dc)
+            assert match is not None  # checked by the validator
+            return int(match["id"]), match["host"].strip("[]"), int(match["port"])
+        if self.telegram_test_servers:
+            return TEST_DC
+        return None
 
     @field_validator("telegram_session")
     @classmethod

@@ -10,6 +10,7 @@ module and :mod:`worker.tgclient`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +37,14 @@ from worker.errors import (
 )
 from worker.mapping import message_to_dict
 from worker.settings import WorkerSettings
-from worker.tgclient import PAGE_SIZE, ClientFactory, GatedClient, translate
+from worker.tgclient import (
+    PAGE_SIZE,
+    ClientFactory,
+    GatedClient,
+    apply_endpoint,
+    translate,
+    uses_ipv6,
+)
 
 if TYPE_CHECKING:
     from worker.metrics import WorkerMetrics
@@ -187,13 +195,24 @@ class TelegramSession:
             event="telegram_connect",
         )
         client = self._make_client()
+        bound = self.settings.connect_timeout_s
         try:
-            await client.connect()
-            authorized = await client.is_user_authorized()
+            # One deadline for connect + the authorisation check: Telethon's connect has none
+            # of its own while it waits for the handshake (a server that accepts and never
+            # answers would hold it forever), and its retries would multiply any per-step one.
+            authorized = await asyncio.wait_for(_connect_and_check(client), bound)
         except TelegramError:
             await _quiet_disconnect(client)
             raise
-        except (errors.RPCError, OSError) as exc:
+        except TimeoutError as exc:
+            await _quiet_disconnect(client)
+            raise TransientError(
+                f"TIMEOUT: no answer from Telegram within {bound:g}s while connecting "
+                f"(session {self.session_name})",
+                rpc_error="TIMEOUT",
+            ) from exc
+        except (errors.RPCError, OSError, EOFError) as exc:
+            # EOFError: asyncio's IncompleteReadError, the server closing mid-handshake.
             await _quiet_disconnect(client)
             raise translate(exc) from exc
         if not authorized:
@@ -360,9 +379,18 @@ def _entity_for(peer: Any, chats: list[Any], users: list[Any]) -> Any:
     raise PermanentError("Telegram resolved the name to nothing usable")
 
 
+async def _connect_and_check(client: Any) -> bool:
+    await client.connect()
+    return bool(await client.is_user_authorized())
+
+
+DISCONNECT_TIMEOUT_S = 5.0
+
+
 async def _quiet_disconnect(client: Any) -> None:
     try:
-        await client.disconnect()
+        # Bounded: a hung server must not hold the close either.
+        await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT_S)
     except Exception as exc:  # closing must never mask the error that made us close
         logger.debug("telegram disconnect failed: {}", type(exc).__name__)
 
@@ -390,18 +418,29 @@ async def login(
         api_hash,
         flood_sleep_threshold=0,
         receive_updates=False,
+        timeout=int(max(1, settings.telegram_request_timeout_seconds)),
+        connection_retries=2,
+        use_ipv6=uses_ipv6(settings),
     )
+    apply_endpoint(client, settings)
     _protect(path)
+    bound = settings.connect_timeout_s
     try:
-        await client.connect()
-        if not await client.is_user_authorized():
+        try:
+            authorized = await asyncio.wait_for(_connect_and_check(client), bound)
+        except TimeoutError as exc:
+            raise TransientError(
+                f"TIMEOUT: no answer from Telegram within {bound:g}s while connecting",
+                rpc_error="TIMEOUT",
+            ) from exc
+        if not authorized:
             await _sign_in(client, settings, ask=ask, ask_secret=ask_secret)
         me = await client.get_me()
     except TelegramError:
         raise
     except errors.PhoneNumberInvalidError as exc:
         raise ConfigError("TELEGRAM_PHONE: PHONE_NUMBER_INVALID: not a valid phone number") from exc
-    except (errors.RPCError, OSError) as exc:
+    except (errors.RPCError, OSError, EOFError) as exc:
         # translate() names each sign-in refusal (PHONE_NUMBER_UNOCCUPIED: no Telegram account
         # uses this phone number; PHONE_CODE_EXPIRED; PASSWORD_HASH_INVALID …).
         raise login_error(exc) from exc

@@ -39,12 +39,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 from telethon import TelegramClient, errors, utils
+from telethon.crypto import rsa
 from telethon.errors import rpcerrorlist
 from telethon.tl import functions
 
 from fleet.clock import Clock, SystemClock
 from fleet.gate import NullGate, RequestClass, RequestGate
 from fleet.retry import OnRetry, Retrier, RetryPolicy
+from fleet.settings import ConfigError
 from worker.errors import (
     PermanentError,
     RateLimited,
@@ -149,6 +151,10 @@ def translate(exc: BaseException, request_class: RequestClass = "other") -> Tele
         exc = exc.error
     if isinstance(exc, TimeoutError):
         return TransientError(f"{request_class} request timed out", rpc_error="TIMEOUT")
+    if isinstance(exc, EOFError):  # asyncio.IncompleteReadError: closed mid-answer
+        return TransientError(
+            f"the server closed the connection on {request_class}", rpc_error="CONNECTION_CLOSED"
+        )
     if isinstance(exc, OSError):
         return TransientError(
             f"connection problem on {request_class}: {type(exc).__name__}",
@@ -265,7 +271,13 @@ class GatedClient(TelegramClient):
             receive_updates=False,
             timeout=int(max(1, settings.telegram_request_timeout_seconds)),
             entity_cache_limit=5000,
+            # Telethon's own reconnect loop retries 5 times by default (and forever with None);
+            # our requests are bounded by wait_for, and a lost connection is retried by us.
+            connection_retries=2,
+            retry_delay=1,
+            use_ipv6=uses_ipv6(settings),
         )
+        apply_endpoint(self, settings)
         self._tf_gate: RequestGate = gate or NullGate()
         self._tf_clock: Clock = clock or SystemClock()
         self._tf_timeout_s = settings.telegram_request_timeout_seconds
@@ -387,6 +399,40 @@ class GatedClient(TelegramClient):
         )
         self.flood_sleeps.append(delay)
         await self._tf_clock.sleep(delay)
+
+
+def uses_ipv6(settings: WorkerSettings) -> bool:
+    """Whether the configured endpoint is an IPv6 address (Telethon must be told, or its
+    ``connect`` replaces the address with its default DC)."""
+    endpoint = settings.telegram_endpoint()
+    return endpoint is not None and ":" in endpoint[1]
+
+
+def apply_endpoint(client: TelegramClient, settings: WorkerSettings) -> None:
+    """Point a client's session at ``TELEGRAM_DC`` / ``TELEGRAM_TEST_SERVERS`` (before
+    ``connect``), and teach Telethon the endpoint's public key if a file names one."""
+    key_file = settings.telegram_dc_public_key_file
+    if key_file is not None:
+        try:
+            rsa.add_key(key_file.read_text(encoding="ascii"), old=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"TELEGRAM_DC_PUBLIC_KEY_FILE: {key_file} is not a PEM RSA public key "
+                f"({type(exc).__name__})"
+            ) from exc
+    endpoint = settings.telegram_endpoint()
+    if endpoint is None:
+        return
+    dc_id, host, port = endpoint
+    session = client.session
+    if session.auth_key is not None and session.dc_id not in (0, dc_id):
+        # Logged in, and Telegram moved the account to its home DC (an address the endpoint
+        # itself gave during login): the key belongs there, so that is where to connect.
+        logger.info("session is on DC {} of the configured endpoint; keeping it", session.dc_id)
+        return
+    if (session.dc_id, session.server_address, session.port) != (dc_id, host, port):
+        session.set_dc(dc_id, host, port)
+        session.save()
 
 
 def _unwrapped(request: Any) -> list[Any]:

@@ -454,3 +454,22 @@ async def test_real_error_names_reach_the_error_and_the_metrics_labels(
                 "retries_total", {"target": "telegram_history", "reason": reason}
             )
         assert value is not None and value >= 1
+
+
+async def test_connect_to_a_server_that_never_answers_fails_within_the_bound(
+    clean_env: object,
+) -> None:
+    settings = SimSettings(
+        telegram_backend="sim",
+        sim_hang_after_requests=0,
+        telegram_request_timeout_seconds=5,
+        telegram_connect_timeout_seconds=0.3,
+    )
+    session = TelegramSession(settings, "acct1", client_factory=sim_client_factory(settings))
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="TIMEOUT") as info:
+        await session.connect()
+    assert time.monotonic() - started < 0.6
+    assert info.value.retryable
+    assert not session.connected
+    await session.close()

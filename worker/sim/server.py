@@ -102,6 +102,8 @@ class SimServer:
         self._redis: aioredis.Redis | None = None
         self._log: TextIO | None = None
         self._self_id = 700_000_000 + _u64("self", session_name) % 1_000_000_000
+        self.hang_after = settings.sim_hang_after_requests  # public: tests change it mid-run
+        self.served = 0
 
     async def open(self) -> None:
         settings = self.settings
@@ -134,6 +136,11 @@ class SimServer:
             request = request.query
         method = _method_name(request)
         self.requests[method] = self.requests.get(method, 0) + 1
+        self.served += 1
+        if 0 <= self.hang_after < self.served:
+            # A stuck DC or a black-holing proxy: the request is taken and never answered.
+            self._write_log(method, "hang", 0)
+            await asyncio.Event().wait()
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
         cls = request_class(request)

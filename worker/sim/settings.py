@@ -44,6 +44,9 @@ class SimSettings(WorkerSettings):
     sim_fault_rate: float = Field(0.0, ge=0, le=1)
     sim_faults: str = "timeout,rpc500"
     sim_request_log: Path | None = None
+    #: A server that stops answering: requests after the first N are never answered (-1: off;
+    #: 0: not even the authorisation check at connect).
+    sim_hang_after_requests: int = Field(-1, ge=-1)
 
     @field_validator("sim_faults")
     @classmethod
