@@ -40,13 +40,13 @@ CHAT = "@bench_chat"
 PIPELINES = ("naive", "fetcher")
 
 
-def _settings(data_dir: Path) -> Any:
+def _settings(data_dir: Path, per_day: int = MESSAGES_PER_DAY) -> Any:
     from worker.sim.settings import SimSettings
 
     start = (datetime.now(UTC) - timedelta(days=400)).date()
     return SimSettings(
         telegram_backend="sim",
-        sim_messages_per_day=MESSAGES_PER_DAY,
+        sim_messages_per_day=per_day,
         sim_empty_day_ratio=0.0,
         sim_history_start=start.isoformat(),
         sim_history_requests=0,
@@ -73,13 +73,15 @@ async def _days_for(session: Any, size: int) -> tuple[date, date]:
     return first, first + timedelta(days=day - 1)
 
 
-async def _child(pipeline: str, size: int, data_dir: Path) -> dict[str, Any]:
+async def _child(
+    pipeline: str, size: int, data_dir: Path, per_day: int = MESSAGES_PER_DAY
+) -> dict[str, Any]:
     from zoneinfo import ZoneInfo
 
     from worker.sim.client import sim_client_factory
     from worker.telegram import TelegramSession
 
-    settings = _settings(data_dir)
+    settings = _settings(data_dir, per_day)
     session = TelegramSession(settings, "bench", client_factory=sim_client_factory(settings))
     await session.connect()
     try:
@@ -90,6 +92,8 @@ async def _child(pipeline: str, size: int, data_dir: Path) -> dict[str, Any]:
         else:
             count = await _run_naive(session, settings, first, last, ZoneInfo("UTC"))
         seconds = time.perf_counter() - started
+        # Every getHistory the simulator answered: paging plus the per-day completeness proof.
+        history = int(session.client.sim.requests.get("messages.GetHistory", 0))
     finally:
         await session.close()
     files = list(data_dir.rglob("discussions_*.json"))  # noqa: ASYNC240 (after the timing)
@@ -98,6 +102,8 @@ async def _child(pipeline: str, size: int, data_dir: Path) -> dict[str, Any]:
         "size": size,
         "messages": count,
         "days": (last - first).days + 1,
+        "history_requests": history,
+        "requests_per_day": history / ((last - first).days + 1),
         "files": len(files),
         "bytes": sum(p.stat().st_size for p in files),
         "seconds": seconds,
@@ -147,10 +153,11 @@ async def _run_naive(session: Any, settings: Any, first: date, last: date, tz: A
     return len(messages)
 
 
-def _run_child(pipeline: str, size: int) -> dict[str, Any]:
+def _run_child(pipeline: str, size: int, per_day: int = MESSAGES_PER_DAY) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--child", pipeline, "--size", str(size)]
+        cmd += ["--messages-per-day", str(per_day)]
         cmd += ["--data-dir", str(Path(tmp) / "data"), "--out", str(out)]
         proc = subprocess.Popen(cmd, cwd=tmp)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -166,6 +173,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/pipeline.json")
+    parser.add_argument("--messages-per-day", type=int, default=MESSAGES_PER_DAY)
     parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -175,19 +183,19 @@ def main() -> int:
         from loguru import logger
 
         logger.remove()
-        result = asyncio.run(_child(args.child, args.size, args.data_dir))
+        result = asyncio.run(_child(args.child, args.size, args.data_dir, args.messages_per_day))
         args.out.write_text(json.dumps(result))
         return 0
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    rows = [_run_child(p, n) for n in sizes for p in PIPELINES]
+    rows = [_run_child(p, n, args.messages_per_day) for n in sizes for p in PIPELINES]
     _print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "pipeline",
         "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "messages_per_day": MESSAGES_PER_DAY,
+        "messages_per_day": args.messages_per_day,
         "results": rows,
         "self_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -197,13 +205,15 @@ def main() -> int:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'pipeline':<9} {'messages':>9} {'days':>5} {'seconds':>8} {'msgs/s':>9} "
+    head = f"{'pipeline':<9} {'messages':>9} {'days':>5} {'req/day':>7} {'seconds':>8} "
+    head += f"{'msgs/s':>9} "
     head += f"{'us/msg':>7} {'peak RSS MB':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['pipeline']:<9} {r['messages']:>9} {r['days']:>5} {r['seconds']:>8.2f} "
+            f"{r['pipeline']:<9} {r['messages']:>9} {r['days']:>5} "
+            f"{r.get('requests_per_day', 0):>7.1f} {r['seconds']:>8.2f} "
             f"{r['msgs_per_s']:>9.0f} {r['us_per_msg']:>7.1f} {r['peak_rss_mb']:>11.1f}"
         )
 

@@ -6,6 +6,7 @@ FetchError
 ├── TelegramError          anything the Telegram boundary reports
 │   ├── RateLimited        FloodWait and friends; ``retry_after`` seconds
 │   ├── TransientError     timeouts, RPC 5xx, connection errors; retried with backoff
+│   │   └── GapDetected    a day's end could not be proven; the day stays incomplete
 │   ├── PermanentError     chat not found, private, banned; not retried
 │   └── SessionRevoked     the session is unusable (auth key revoked, not logged in); fatal
 ├── BreakerOpen            the shared circuit breaker refuses requests for now
@@ -63,6 +64,11 @@ class TransientError(TelegramError):
     """A timeout, an RPC 5xx or a dropped connection: worth retrying later."""
 
     retryable = True
+
+
+class GapDetected(TransientError):
+    """The server contradicts a day's end (it names a message we never received) even after
+    resuming: the day stays incomplete and the command is retried later."""
 
 
 class PermanentError(TelegramError):

@@ -25,12 +25,13 @@ from fleet.clock import Clock, SystemClock
 from worker.commands import FetchCommand, day_bounds
 from worker.errors import (
     FetchError,
+    GapDetected,
     PermanentError,
     SessionRevoked,
     ShutdownRequested,
 )
 from worker.storage import DayStore, DayWriter
-from worker.telegram import FetchedMessage, ResolvedChat
+from worker.telegram import FetchedMessage, Landmark, ResolvedChat
 
 if TYPE_CHECKING:
     from worker.metrics import WorkerMetrics
@@ -47,6 +48,37 @@ class HistorySource(Protocol):
         self, chat: ResolvedChat, start: datetime, end: datetime, after_id: int = 0
     ) -> AsyncIterator[list[FetchedMessage]]: ...
 
+    async def newest_before(
+        self, chat: ResolvedChat, *, before: datetime | None = None, before_id: int = 0
+    ) -> Landmark | None: ...
+
+
+#: How many times a day whose end the server contradicts is resumed before giving up on it.
+PROOF_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """How a day was proven complete (recorded in its file as ``completeness``).
+
+    ``method``: ``next_message`` (the server's message just before the first message of the
+    next day is ours), ``day_end`` (the server's newest message before the day's end is ours),
+    ``no_messages`` (the server has nothing before the day's end); ``server_last_id``: the id
+    the server named (0 for none); ``resumed``: how many times the day had to be resumed
+    because the server named a newer message than the last one written.
+    """
+
+    method: str
+    server_last_id: int
+    resumed: int = 0
+
+    def header(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "server_last_id": self.server_last_id,
+            "resumed": self.resumed,
+        }
+
 
 @dataclass
 class FetchOutcome:
@@ -60,6 +92,7 @@ class FetchOutcome:
     days_skipped: list[date] = field(default_factory=list)
     days_partial: list[date] = field(default_factory=list)  # written but not over/limited
     days_failed: dict[date, FetchError] = field(default_factory=dict)
+    proof_requests: int = 0  # history requests spent proving days complete
     #: The chat's stored data is current up to here: the newest message written, or the end of
     #: the last complete day (``fetch_lag_seconds`` is now minus this).
     fresh_until: datetime | None = None
@@ -188,7 +221,17 @@ class Fetcher:
             async for page in pages:
                 for day, part in self._split_by_day(page):
                     while day > pending[0]:
-                        await self._finish(cmd, writer, pending.pop(0), outcome, now)
+                        # part[0] is the first message after the day: the proof starts there.
+                        await self._finish(
+                            cmd,
+                            writer,
+                            pending.pop(0),
+                            outcome,
+                            now,
+                            chat=chat,
+                            budget=budget,
+                            boundary_id=part[0].id,
+                        )
                         writer = await self._open(cmd, pending[0])
                     if day < pending[0]:
                         # before the interval (resume overlap); already written
@@ -204,14 +247,18 @@ class Fetcher:
                             self.metrics.messages_fetched_total.inc(new)
                         self._deduplicated("storage", len(part) - new)
                     if budget.exhausted:
-                        await self._finish(cmd, writer, pending[0], outcome, now, limited=True)
+                        await self._finish(
+                            cmd, writer, pending[0], outcome, now, chat=chat, limited=True
+                        )
                         writer = None  # type: ignore[assignment]
                         await progress.report(force=True)
                         raise _LimitReached
                 await progress.report()
                 self._check_stop()
             while pending:
-                await self._finish(cmd, writer, pending.pop(0), outcome, now)
+                await self._finish(
+                    cmd, writer, pending.pop(0), outcome, now, chat=chat, budget=budget
+                )
                 if pending:
                     writer = await self._open(cmd, pending[0])
             writer = None  # type: ignore[assignment]
@@ -250,14 +297,27 @@ class Fetcher:
         outcome: FetchOutcome,
         now: datetime,
         *,
+        chat: ResolvedChat,
         limited: bool = False,
+        budget: _Budget | None = None,
+        boundary_id: int = 0,
     ) -> None:
         _, end = day_bounds(day, self.tz)
         complete = not limited and end <= now
+        proof: Proof | None = None
+        if complete:
+            # A day is complete only once the server confirms its end: paging alone can stop
+            # short (a shifted window, a server ignoring offset_date) and look finished.
+            proof = await self._prove(cmd, chat, writer, day, outcome, budget, boundary_id)
+            if budget is not None and budget.exhausted:
+                complete, limited = False, True
+        header: dict[str, object] = {"chat_id": chat.peer_id}
+        if proof is not None and complete:
+            header["completeness"] = proof.header()
 
         def finish_and_close() -> None:
             try:
-                writer.finish(complete=complete)
+                writer.finish(complete=complete, header=header)
             finally:
                 writer.close()
 
@@ -266,7 +326,7 @@ class Fetcher:
         logger.debug(
             "day {} written ({}) in {:.2f} ms",
             day,
-            "complete" if complete else "partial",
+            f"complete, {proof.method}" if complete and proof else "partial",
             (time.perf_counter() - started) * 1000,
             event="day_written",
             day=day.isoformat(),
@@ -275,6 +335,90 @@ class Fetcher:
         (outcome.days_completed if complete else outcome.days_partial).append(day)
         if complete:
             outcome.fresh_to(end)
+
+    async def _prove(
+        self,
+        cmd: FetchCommand,
+        chat: ResolvedChat,
+        writer: DayWriter,
+        day: date,
+        outcome: FetchOutcome,
+        budget: _Budget | None,
+        boundary_id: int,
+    ) -> Proof:
+        """Ask the server where the day ends; resume while it names a message newer than the
+        last one written; ``GapDetected`` (retryable) after ``PROOF_ATTEMPTS`` resumes."""
+        start, end = day_bounds(day, self.tz)
+        resumed = 0
+        while True:
+            last = writer.last_id
+            if boundary_id:
+                mark = await self.telegram.newest_before(chat, before_id=boundary_id)
+                method = "next_message"
+            else:
+                mark = await self.telegram.newest_before(chat, before=end)
+                method = "day_end"
+            outcome.proof_requests += 1
+            if mark is None:
+                return Proof("no_messages", 0, resumed)
+            if mark.date < end and (mark.date < start or mark.id <= last):
+                return Proof(method, mark.id, resumed)
+            if mark.date >= end:
+                gap = (
+                    f"the server answered the day's end with message {mark.id} of "
+                    f"{mark.date.isoformat()}, after the day (offset ignored?)"
+                )
+            else:
+                gap = (
+                    f"the server has message {mark.id} before the day's end but the last "
+                    f"written is {last}"
+                )
+            if resumed >= PROOF_ATTEMPTS:
+                logger.bind(command_id=cmd.command_id, chat=cmd.chat.display).warning(
+                    "day {} not proven complete: {}", day, gap, event="day_gap", day=day.isoformat()
+                )
+                raise GapDetected(
+                    f"GAP: day {day.isoformat()} of {cmd.chat.display} left incomplete: {gap} "
+                    f"(after {resumed} resumes)",
+                    rpc_error="GAP",
+                )
+            resumed += 1
+            logger.bind(command_id=cmd.command_id, chat=cmd.chat.display).info(
+                "day {}: {}; resuming after {}",
+                day,
+                gap,
+                last,
+                event="day_resumed",
+                day=day.isoformat(),
+            )
+            await self._resume_day(chat, writer, start, end, outcome, budget)
+            if budget is not None and budget.exhausted:
+                return Proof(method, mark.id, resumed)
+            boundary_id = 0  # the resumed pages ended the day on their own: ask by date
+
+    async def _resume_day(
+        self,
+        chat: ResolvedChat,
+        writer: DayWriter,
+        start: datetime,
+        end: datetime,
+        outcome: FetchOutcome,
+        budget: _Budget | None,
+    ) -> None:
+        pages = self.telegram.iter_history(chat, start, end, after_id=writer.last_id)
+        async for page in pages:
+            part = budget.take(page) if budget is not None else page
+            if part:
+                new = await asyncio.to_thread(writer.append_page, [m.data for m in part])
+                outcome.processed += new
+                outcome.fetched += len(part)
+                outcome.fresh_to(max(m.date for m in part))
+                if self.metrics is not None:
+                    self.metrics.messages_fetched_total.inc(new)
+                self._deduplicated("storage", len(part) - new)
+            if budget is not None and budget.exhausted:
+                return
+            self._check_stop()
 
     def _split_by_day(self, page: list[FetchedMessage]) -> list[tuple[date, list[FetchedMessage]]]:
         parts: list[tuple[date, list[FetchedMessage]]] = []

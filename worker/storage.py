@@ -283,12 +283,16 @@ class DayWriter:
             self._checkpoint()
         return len(ids)
 
-    def finish(self, *, complete: bool = True) -> Path:
+    def finish(self, *, complete: bool = True, header: Mapping[str, Any] | None = None) -> Path:
         """Write the day file once (merge of the old file and the journal) and record it.
 
         ``complete=False`` is for a day that is not over yet or was cut by a ``limit``: the file
         is written all the same, but the day stays incomplete in ``progress.json`` and the
         journal is kept, so the next run resumes after its last id and merges again.
+
+        ``header`` adds fields to the file's header (CONTRACT §5 allows additions): the
+        fetcher's ``chat_id`` and ``completeness``; the latter gets ``missing_ids``, the ids
+        absent inside the day's id range (deleted messages, normally).
         """
         if self._lock_fd is None:
             raise RuntimeError("the day writer is closed")
@@ -300,15 +304,19 @@ class DayWriter:
         old = self._old_messages()
         try:
             try:
-                count, max_id = self._count(old)
+                count, max_id, min_id = self._count(old)
             except NotStreamable:
                 self._log.warning("{} is not in the streaming layout; merging in memory", self.path)
                 loaded = load_foreign(self.path)
                 old = lambda: iter(loaded)  # noqa: E731
-                count, max_id = self._count(old)
+                count, max_id, min_id = self._count(old)
         except OSError as exc:
             raise _os_error("read", self.path, exc) from exc
-        size = self._write_final(count, merge(old(), self._journal_lines()))
+        extra = dict(header or {})
+        if isinstance(extra.get("completeness"), Mapping):
+            missing = max_id - min_id + 1 - count if count else 0
+            extra["completeness"] = {**extra["completeness"], "missing_ids": missing}
+        size = self._write_final(count, merge(old(), self._journal_lines()), extra)
         if not complete and self._fd is not None:
             try:
                 os.fsync(self._fd)  # the journal outlives this run: make it as durable as the file
@@ -340,13 +348,15 @@ class DayWriter:
         )
         return self.path
 
-    def _count(self, old: Callable[[], Iterator[tuple[int, bytes]]]) -> tuple[int, int]:
-        """First pass of the merge: how many messages, and the highest id."""
-        count, max_id = 0, 0
+    def _count(self, old: Callable[[], Iterator[tuple[int, bytes]]]) -> tuple[int, int, int]:
+        """First pass of the merge: how many messages, the highest and the lowest id."""
+        count, max_id, min_id = 0, 0, 0
         for msg_id, _ in merge(old(), self._journal_lines()):
+            if not count:
+                min_id = msg_id
             count += 1
             max_id = msg_id
-        return count, max_id
+        return count, max_id, min_id
 
     # --- journal -------------------------------------------------------------------------------
 
@@ -483,7 +493,12 @@ class DayWriter:
             return lambda: iter(())
         return lambda: stream_final(self.path)
 
-    def _write_final(self, count: int, lines: Iterator[tuple[int, bytes]]) -> int:
+    def _write_final(
+        self,
+        count: int,
+        lines: Iterator[tuple[int, bytes]],
+        extra: Mapping[str, Any] | None = None,
+    ) -> int:
         header = {
             "schema_version": self.store.schema_version,
             "timezone": self.store.timezone,
@@ -491,6 +506,7 @@ class DayWriter:
             "date": self.day.isoformat(),
             "message_count": count,
             "fetched_at": utc_iso(self.store.clock.now()),
+            **(extra or {}),
         }
         head = json.dumps(header, ensure_ascii=False, separators=(",", ":"))[:-1]
         written = 0

@@ -71,6 +71,14 @@ class FetchedMessage:
     data: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Landmark:
+    """The one message a ``limit=1`` history request named (for completeness proofs)."""
+
+    id: int
+    date: datetime
+
+
 def _credentials(settings: WorkerSettings) -> tuple[int, str]:
     api_hash = settings.telegram_api_hash.get_secret_value() if settings.telegram_api_hash else ""
     if not settings.telegram_api_id or not api_hash:
@@ -333,6 +341,33 @@ class TelegramSession:
 
     # --- history ----------------------------------------------------------------------------
 
+    async def newest_before(
+        self, chat: ResolvedChat, *, before: datetime | None = None, before_id: int = 0
+    ) -> Landmark | None:
+        """The newest message older than ``before_id`` (or, without it, dated before
+        ``before``): one ``messages.getHistory`` with ``limit=1``. ``None``: none at all.
+
+        A server may ignore ``offset_date``; the caller checks the answer's date.
+        """
+        client = self.client
+        request = functions.messages.GetHistoryRequest(
+            peer=chat.input_peer,
+            offset_id=before_id,
+            offset_date=None if before_id else before,
+            add_offset=0,
+            limit=1,
+            max_id=0,
+            min_id=0,
+            hash=0,
+        )
+        try:
+            result = await client(request)
+        except TelegramError:
+            raise
+        except (errors.RPCError, OSError, ValueError) as exc:
+            raise translate(exc, "history") from exc
+        return _landmark(list(getattr(result, "messages", [])))
+
     async def iter_history(
         self, chat: ResolvedChat, start: datetime, end: datetime, after_id: int = 0
     ) -> AsyncIterator[list[FetchedMessage]]:
@@ -369,6 +404,14 @@ class TelegramSession:
             raise translate(exc, "history") from exc
         if page:
             yield page
+
+
+def _landmark(messages: list[Any]) -> Landmark | None:
+    real = [m for m in messages if not isinstance(m, types.MessageEmpty) and m.date is not None]
+    if not real:
+        return None
+    newest = max(real, key=lambda m: m.id)
+    return Landmark(newest.id, newest.date)
 
 
 def _entity_for(peer: Any, chats: list[Any], users: list[Any]) -> Any:

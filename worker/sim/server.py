@@ -65,6 +65,7 @@ def make_world(settings: SimSettings, clock: Clock) -> World:
         empty_day_ratio=settings.sim_empty_day_ratio,
         history_start=date.fromisoformat(settings.sim_history_start),
         now=clock.now,
+        moved_usernames=[n for n in settings.sim_moved_usernames.split(",") if n.strip()],
     )
 
 
@@ -250,12 +251,17 @@ class SimServer:
         # is outside (min_id, max_id).
         if request.offset_id:
             start = total - world.count_id_below(chat.id, request.offset_id)
-        elif request.offset_date:
+        elif request.offset_date and not self.settings.sim_ignore_offset_date:
             start = total - world.count_date_below(chat.id, _unix(request.offset_date))
         else:
             start = 0
+        limit = max(0, min(request.limit or 0, 100))
         first = start + (request.add_offset or 0)
-        last = min(total, first + max(0, min(request.limit or 0, 100)))
+        if first < 0 and self.settings.sim_shifted_window:
+            # The hostile shape: the window is moved back inside the history, so the page holds
+            # the newer messages *and* older ones already seen (SIM_SHIFTED_WINDOW).
+            first = 0
+        last = min(total, first + limit)
         first = max(0, first)
         messages = world.history_slice(chat, total - last, total - first) if last > first else []
         if request.min_id or request.max_id:

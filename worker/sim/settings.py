@@ -47,6 +47,13 @@ class SimSettings(WorkerSettings):
     #: A server that stops answering: requests after the first N are never answered (-1: off;
     #: 0: not even the authorisation check at connect).
     sim_hang_after_requests: int = Field(-1, ge=-1)
+    #: Reverse pages reaching past the newest message are shifted (newer plus older messages)
+    #: instead of cut, as some MTProto servers do.
+    sim_shifted_window: bool = False
+    #: ``offset_date`` is ignored (counted from the newest message), as some servers do.
+    sim_ignore_offset_date: bool = False
+    #: Usernames (comma-separated) that now belong to another chat than the one they named.
+    sim_moved_usernames: str = ""
 
     @field_validator("sim_faults")
     @classmethod

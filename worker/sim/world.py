@@ -129,6 +129,7 @@ class World:
         empty_day_ratio: float,
         history_start: date,
         now: Callable[[], datetime],
+        moved_usernames: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.seed = seed
         self.messages_per_day = messages_per_day
@@ -143,6 +144,20 @@ class World:
         self._days: OrderedDict[tuple[int, int], _Day] = OrderedDict()
         self._users: dict[int, list[types.User]] = {}
         self._channels: dict[int, types.Channel] = {}
+        self._moved: set[str] = set()  # usernames now held by another chat
+        for name in moved_usernames:
+            self.move_username(name.strip())
+
+    def move_username(self, username: str) -> None:
+        """The username is released by its chat and taken by another (Telegram lets names be
+        reclaimed and sold): it resolves to a new chat, the old chat has no username."""
+        name = username.lower()
+        self._moved.add(name)
+        old_id = chat_id_for(name)
+        old = self._chats_by_id.get(old_id) or self.chat_by_id(old_id)
+        if old is not None:
+            self._chats_by_id[old_id] = SimChat(old.id, old.access_hash, old.title, None)
+            self._channels.pop(old_id, None)
 
     # --- chats ------------------------------------------------------------------------------
 
@@ -151,7 +166,7 @@ class World:
         name = username.lower()
         if name.startswith(("missing", "nonexist")):
             return None
-        chat_id = chat_id_for(name)
+        chat_id = chat_id_for(name + "#moved") if name in self._moved else chat_id_for(name)
         chat = self._chats_by_id.get(chat_id)
         if chat is None or chat.username is None:
             chat = SimChat(
