@@ -6,7 +6,8 @@ FetchError
 ├── TelegramError          anything the Telegram boundary reports
 │   ├── RateLimited        FloodWait and friends; ``retry_after`` seconds
 │   ├── TransientError     timeouts, RPC 5xx, connection errors; retried with backoff
-│   │   └── GapDetected    a day's end could not be proven; the day stays incomplete
+│   │   ├── GapDetected    a day's end could not be proven; the day stays incomplete
+│   │   └── ChatMoved      a cached username names another chat now; nothing written
 │   ├── PermanentError     chat not found, private, banned; not retried
 │   └── SessionRevoked     the session is unusable (auth key revoked, not logged in); fatal
 ├── BreakerOpen            the shared circuit breaker refuses requests for now
@@ -73,6 +74,11 @@ class GapDetected(TransientError):
 
 class PermanentError(TelegramError):
     """The chat cannot be read with this account (not found, private, banned)."""
+
+
+class ChatMoved(TransientError):
+    """A cached username now names another chat: nothing was written; a retry resolves the
+    name afresh (and the day files' ``chat_id`` then decides whether it may be written)."""
 
 
 class SessionRevoked(TelegramError):

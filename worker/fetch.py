@@ -23,7 +23,9 @@ from loguru import logger
 from fleet.chats import ChatId
 from fleet.clock import Clock, SystemClock
 from worker.commands import FetchCommand, day_bounds
+from worker.dayfile import read_final_header
 from worker.errors import (
+    ChatMoved,
     FetchError,
     GapDetected,
     PermanentError,
@@ -140,6 +142,7 @@ class Fetcher:
         outcome = FetchOutcome()
         log = logger.bind(command_id=cmd.command_id, chat=cmd.chat.display, mode=cmd.mode)
         chat = await self.telegram.resolve(cmd.chat)
+        await self._check_same_chat(cmd, chat)
         todo: list[date] = []
         for day in cmd.days:
             if not cmd.force and await asyncio.to_thread(self.store.is_complete, cmd.chat.key, day):
@@ -180,7 +183,13 @@ class Fetcher:
                 self._check_stop()
                 try:
                     await self._batch(cmd, chat, [day], outcome, budget, progress)
-                except (SessionRevoked, ShutdownRequested, PermanentError, _LimitReached):
+                except (
+                    SessionRevoked,
+                    ShutdownRequested,
+                    PermanentError,
+                    ChatMoved,
+                    _LimitReached,
+                ):
                     raise
                 except FetchError as exc:
                     outcome.errors += 1
@@ -268,6 +277,43 @@ class Fetcher:
                 await asyncio.to_thread(writer.close)
 
     # --- helpers --------------------------------------------------------------------------
+
+    async def _check_same_chat(self, cmd: FetchCommand, chat: ResolvedChat) -> None:
+        """Refuse to write a chat into a directory that holds another chat's days (the name
+        moved to another chat since they were written): two chats must never be merged."""
+        recorded = await asyncio.to_thread(self._recorded_chat_id, cmd.chat.key)
+        if recorded is None or recorded == chat.peer_id:
+            return
+        raise PermanentError(
+            f"CHAT_ID_CHANGED: {cmd.chat.display} is chat {chat.peer_id} now, but "
+            f"{self.store.data_dir / cmd.chat.key} holds chat {recorded}'s days (the name "
+            "moved to another chat); refusing to merge two chats: move that directory away, "
+            "or fetch the old chat by its id",
+            rpc_error="CHAT_ID_CHANGED",
+        )
+
+    def _recorded_chat_id(self, chat_key: str) -> int | None:
+        """The ``chat_id`` of the newest day file of the chat's directory that records one
+        (files written before ids were recorded have none); a few files at most are read."""
+        root = self.store.data_dir / chat_key
+        try:
+            years = sorted((p for p in root.iterdir() if p.is_dir()), reverse=True)
+        except FileNotFoundError:
+            return None
+        looked = 0
+        for year in years:
+            for path in sorted(year.glob("discussions_*.json"), reverse=True):
+                try:
+                    header = read_final_header(path)
+                except OSError:
+                    continue
+                chat_id = (header or {}).get("chat_id")
+                if isinstance(chat_id, int):
+                    return chat_id
+                looked += 1
+                if looked >= 3:
+                    return None
+        return None
 
     def _deduplicated(self, source: str, count: int) -> None:
         """Messages dropped as already written (``deduplicated_messages_total{source}``)."""

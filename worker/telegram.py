@@ -14,7 +14,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from fleet.gate import NullGate, RequestGate
 from fleet.retry import OnRetry
 from fleet.settings import ConfigError
 from worker.errors import (
+    ChatMoved,
     PermanentError,
     SessionRevoked,
     TelegramError,
@@ -62,6 +63,9 @@ class ResolvedChat:
     title: str
     username: str | None
     input_peer: Any = field(repr=False, compare=False)  # opaque; only this module reads it
+    #: Taken from a cache (the session file's entities): trusted only once a history answer
+    #: shows the chat still has this username (usernames are released and reclaimed).
+    cached: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +267,8 @@ class TelegramSession:
         key: str | int = chat.lookup.lower() if isinstance(chat.lookup, str) else chat.lookup
         cached = self._resolved.get(key)
         if cached is not None:
-            return cached
+            # A name resolved earlier may have moved since: checked on the next answer.
+            return replace(cached, cached=isinstance(chat.lookup, str))
         client = self.client
         try:
             if isinstance(chat.lookup, str):
@@ -277,14 +282,20 @@ class TelegramSession:
         self._resolved[key] = resolved
         return resolved
 
-    async def _resolve_username(self, client: GatedClient, chat: ChatId) -> ResolvedChat:
+    async def _resolve_username(
+        self, client: GatedClient, chat: ChatId, *, network: bool = False
+    ) -> ResolvedChat:
         username = str(chat.lookup)
-        try:  # the session's own entity cache (persisted by SQLiteSession): no request
-            peer = client.session.get_input_entity(username)
-        except (ValueError, TypeError):
-            peer = None
+        peer = None
+        if not network:
+            try:  # the session's own entity cache (persisted by SQLiteSession): no request
+                peer = client.session.get_input_entity(username)
+            except (ValueError, TypeError):
+                peer = None
         if isinstance(peer, types.InputPeerChannel | types.InputPeerChat):
-            return ResolvedChat(chat, utils.get_peer_id(peer), chat.display, username, peer)
+            return ResolvedChat(
+                chat, utils.get_peer_id(peer), chat.display, username, peer, cached=True
+            )
         try:
             result = await client(functions.contacts.ResolveUsernameRequest(username=username))
         except PermanentError as exc:
@@ -339,6 +350,46 @@ class TelegramSession:
             input_peer=utils.get_input_peer(entity),
         )
 
+    # --- identity -------------------------------------------------------------------------
+
+    async def confirm(self, chat: ResolvedChat, entity: Any) -> None:
+        """Check a history answer's chat against what was resolved from a cache.
+
+        The answer's chat must be the resolved one and still carry the username the command
+        named. If not, the username moved: the cache entry is dropped, the name re-resolved
+        over the network, and ``ChatMoved`` raised before anything is written.
+        """
+        if not chat.cached or entity is None or not isinstance(chat.chat.lookup, str):
+            return
+        wanted = str(chat.chat.lookup).lower()
+        names = _usernames(entity)
+        if utils.get_peer_id(entity) == chat.peer_id and wanted in names:
+            return
+        key = wanted
+        self._resolved.pop(key, None)
+        try:
+            fresh = await self._resolve_username(self.client, chat.chat, network=True)
+        except PermanentError as exc:
+            fresh_text = f"it names no chat now ({exc})"
+        else:
+            self._resolved[key] = fresh
+            fresh_text = f"it now names chat {fresh.peer_id}"
+        now = ", ".join(f"@{n}" for n in sorted(names)) or "no username"
+        logger.warning(
+            "{}: cached chat {} has {} now; {}",
+            chat.chat.display,
+            chat.peer_id,
+            now,
+            fresh_text,
+            event="chat_moved",
+        )
+        raise ChatMoved(
+            f"USERNAME_MOVED: {chat.chat.display} was cached as chat {chat.peer_id}, which has "
+            f"{now} now; {fresh_text}. Nothing was written under the old chat; a retry fetches "
+            "the chat the name names now",
+            rpc_error="USERNAME_MOVED",
+        )
+
     # --- history ----------------------------------------------------------------------------
 
     async def newest_before(
@@ -366,6 +417,8 @@ class TelegramSession:
             raise
         except (errors.RPCError, OSError, ValueError) as exc:
             raise translate(exc, "history") from exc
+        if chat.cached:
+            await self.confirm(chat, _chat_in(result, chat.peer_id))
         return _landmark(list(getattr(result, "messages", [])))
 
     async def iter_history(
@@ -384,10 +437,14 @@ class TelegramSession:
         display = chat.chat.display
         page: list[FetchedMessage] = []
         messages = client.iter_messages(chat.input_peer, **kwargs)
+        checked = not chat.cached
         try:
             async for msg in messages:
                 if isinstance(msg, types.MessageEmpty):
                     continue
+                if not checked:  # the first answer says whose history this is
+                    await self.confirm(chat, msg.chat)
+                    checked = True
                 date = msg.date
                 if date >= end:
                     break
@@ -404,6 +461,24 @@ class TelegramSession:
             raise translate(exc, "history") from exc
         if page:
             yield page
+
+
+def _usernames(entity: Any) -> set[str]:
+    """Every username a chat has now (its main one and any collectible ones), lower-cased."""
+    names = {str(entity.username).lower()} if getattr(entity, "username", None) else set()
+    for extra in getattr(entity, "usernames", None) or []:
+        if getattr(extra, "active", True) and getattr(extra, "username", None):
+            names.add(str(extra.username).lower())
+    return names
+
+
+def _chat_in(result: Any, peer_id: int) -> Any:
+    """The answer's chat: the one with the asked peer id (or, failing that, the first)."""
+    chats = list(getattr(result, "chats", []) or [])
+    for entity in chats:
+        if utils.get_peer_id(entity) == peer_id:
+            return entity
+    return chats[0] if chats else None
 
 
 def _landmark(messages: list[Any]) -> Landmark | None:
