@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from fleet.clock import FakeClock
+from tests.integration.daemon_harness import Fleet, RedisView, fetch, wait_for
 from tests.integration.test_fetch import (  # noqa: F401 - env is a fixture
     SCHEMA,
     Env,
@@ -123,3 +124,38 @@ async def test_an_empty_day_is_proven_by_the_message_before_it(
     assert doc["message_count"] == 0
     assert doc["completeness"]["method"] == "no_messages"
     assert doc["completeness"]["missing_ids"] == 0
+
+
+async def test_messages_deleted_while_a_day_is_fetched_never_cost_a_message_still_there(
+    env: Env,  # noqa: F811
+) -> None:
+    fetcher, session, store, _ = await env(
+        sim_empty_day_ratio=0.0, sim_delete_every_history_requests=2
+    )
+    cmd = command(mode="range", strategy="batch", **{"from": "2025-11-05", "to": "2025-11-07"})
+    chat = await session.resolve(cmd.chat)
+    outcome = await fetcher.run(cmd)
+    deleted = set(session.client.sim.deleted)
+    assert deleted  # the server did delete messages during the fetch
+    assert outcome.days_completed == list(cmd.days)
+    for day in cmd.days:
+        written = set(written_ids(store, day))
+        now_there = set(truth(session, chat.peer_id, day))
+        assert now_there <= written, day  # nothing still on the server is missing
+        assert written - now_there <= deleted  # extra ones were deleted after being written
+        doc = read(store.day_path("ru_python", day))
+        ids = sorted(written)
+        assert doc["completeness"]["missing_ids"] == ids[-1] - ids[0] + 1 - len(ids)
+
+
+def test_daemon_reports_an_unprovable_day_as_a_retryable_failure_naming_the_gap(
+    fleet: Fleet, rv: RedisView
+) -> None:
+    fleet.start(1, SIM_IGNORE_OFFSET_DATE="true", COMMAND_RETRY_MAX=1)
+    rv.push(fetch("@ru_python", "2025-03-01", command_id="c-gap"))
+    failed = wait_for(
+        lambda: [e for e in rv.events() if e["event"] == "failed"], 30, "a failed event"
+    )
+    assert failed[0]["retryable"] is True
+    assert failed[0]["error"]["type"] == "GapDetected"
+    assert "GAP: day 2025-03-01" in failed[0]["error"]["message"]

@@ -105,6 +105,8 @@ class SimServer:
         self._self_id = 700_000_000 + _u64("self", session_name) % 1_000_000_000
         self.hang_after = settings.sim_hang_after_requests  # public: tests change it mid-run
         self.served = 0
+        self.history_served = 0
+        self.deleted: list[int] = []  # ids deleted by SIM_DELETE_EVERY_HISTORY_REQUESTS
 
     async def open(self) -> None:
         settings = self.settings
@@ -232,6 +234,12 @@ class SimServer:
             chats.append(self.world.channel(chat))
         return types.messages.Chats(chats=chats)
 
+    def _delete_while_paging(self, chat_id: int, request: Any) -> None:
+        """A message of the day this request pages through is deleted (SIM_DELETE_…)."""
+        day = _day_of(self.world, request)
+        if day >= 0:
+            self.deleted += self.world.change_day(chat_id, day, delete=1)["deleted"]
+
     def _history(self, request: Any) -> Any:
         peer = request.peer
         if not isinstance(peer, types.InputPeerChannel):
@@ -242,6 +250,10 @@ class SimServer:
             raise _Answer(400, "CHANNEL_INVALID")
         if chat.private:
             raise _Answer(400, "CHANNEL_PRIVATE")
+        self.history_served += 1
+        every = self.settings.sim_delete_every_history_requests
+        if every and self.history_served % every == 0:
+            self._delete_while_paging(chat.id, request)
         total = world.total(chat.id)
         # Telegram's getHistory: positions count from the newest message (0). Start at the
         # first message older than offset_id / offset_date, move add_offset (negative: newer),
@@ -281,6 +293,14 @@ class SimServer:
             chats=[world.channel(chat)],
             users=list(wanted.values()),
         )
+
+
+def _day_of(world: World, request: Any) -> int:
+    if request.offset_id:
+        return world.day_index(request.offset_id)
+    if request.offset_date:
+        return (_unix(request.offset_date) - world.start_ts) // 86_400
+    return (world.now_ts() - world.start_ts) // 86_400
 
 
 def _open_log(path: Path) -> TextIO:

@@ -52,6 +52,9 @@ class SimSettings(WorkerSettings):
     sim_shifted_window: bool = False
     #: ``offset_date`` is ignored (counted from the newest message), as some servers do.
     sim_ignore_offset_date: bool = False
+    #: Every Nth getHistory deletes a message of the day it pages through (0: never), so
+    #: messages vanish while a day is being fetched.
+    sim_delete_every_history_requests: int = Field(0, ge=0)
     #: Usernames (comma-separated) that now belong to another chat than the one they named.
     sim_moved_usernames: str = ""
 

@@ -145,6 +145,10 @@ class World:
         self._users: dict[int, list[types.User]] = {}
         self._channels: dict[int, types.Channel] = {}
         self._moved: set[str] = set()  # usernames now held by another chat
+        # Days changed after they were generated (deleted, added, edited messages): kept out
+        # of the LRU so a change is never forgotten.
+        self._changed: dict[tuple[int, int], _Day] = {}
+        self._edited: dict[tuple[int, int], int] = {}  # (chat id, message id) → edit unix ts
         for name in moved_usernames:
             self.move_username(name.strip())
 
@@ -237,6 +241,9 @@ class World:
 
     def day_count(self, chat_id: int, day: int) -> int:
         """How many messages day ``day`` has in full (today's may not all be visible yet)."""
+        changed = self._changed.get((chat_id, day))
+        if changed is not None:
+            return len(changed.ids)
         if day < 0 or day > MAX_DAY or self.messages_per_day == 0:
             return 0
         if _unit("empty", self.seed, chat_id, day) < self.empty_day_ratio:
@@ -261,6 +268,9 @@ class World:
     def day(self, chat_id: int, day: int) -> _Day:
         """The full (not clipped to now) compact data of one day; cached LRU."""
         key = (chat_id, day)
+        changed = self._changed.get(key)
+        if changed is not None:
+            return changed
         cached = self._days.get(key)
         if cached is not None:
             self._days.move_to_end(key)
@@ -281,6 +291,45 @@ class World:
         if len(self._days) > _DAY_CACHE:
             self._days.popitem(last=False)
         return built
+
+    def change_day(
+        self, chat_id: int, day: int, *, delete: int = 0, add: int = 0, edit: int = 0
+    ) -> dict[str, list[int]]:
+        """Change a day behind the fetcher's back: delete ``delete`` messages, add ``add`` in
+        the day's id gaps (dated like their predecessor, so ids still grow with time), edit
+        ``edit`` (new text, ``edit_date`` = now). Returns the ids touched, by kind."""
+        built = self.day(chat_id, day)
+        ids, ts, bits = list(built.ids), list(built.ts), list(built.bits)
+        deleted: list[int] = []
+        for _ in range(min(delete, len(ids))):
+            k = len(ids) // 2
+            deleted.append(ids[k])
+            del ids[k], ts[k], bits[k]
+        added: list[int] = []
+        taken = set(ids) | set(deleted)
+        gaps = [i for i in range(ids[0] + 1, ids[-1]) if i not in taken] if ids else []
+        for msg_id in gaps[:add]:
+            k = bisect_left(ids, msg_id)
+            ids.insert(k, msg_id)
+            ts.insert(k, ts[k - 1])
+            bits.insert(k, _u64("added", self.seed, chat_id, msg_id))
+            added.append(msg_id)
+        # Service messages have no text to edit: pick among the others, spread over the day.
+        texts = [k for k in range(len(ids)) if (bits[k] >> 8) & 0xFF >= 4]
+        step = max(1, len(texts) // max(1, edit))
+        edited = [ids[k] for k in texts[::step]][:edit]
+        for msg_id in edited:
+            self._edited[(chat_id, msg_id)] = self.now_ts()
+        cum = self._cumulative(chat_id, day)
+        self._changed[(chat_id, day)] = _Day(ids, ts, bits)
+        delta = len(ids) - len(built.ids)
+        for d in range(day + 1, len(cum)):
+            cum[d] += delta
+        return {"deleted": deleted, "added": added, "edited": edited}
+
+    def day_index(self, msg_id: int) -> int:
+        """The day slot a message id belongs to."""
+        return (msg_id - 1) // STRIDE
 
     def _visible(self, chat_id: int) -> tuple[int, int, list[int], int]:
         """``(today, visible_today, cum, total)`` as of now."""
@@ -393,6 +442,10 @@ class World:
         if 4 <= kind < 24:  # ~8%: media
             media = _media(kind, msg_id, when)
         edit_date = when + timedelta(seconds=30 + (r >> 20) % 3600) if kind >= 236 else None
+        edited_at = self._edited.get((peer.channel_id, msg_id))
+        if edited_at is not None:
+            text = f"{text} (edited)"
+            edit_date = datetime.fromtimestamp(edited_at, UTC)
         replies = None
         if (r >> 56) & 7 == 0:
             replies = types.MessageReplies(replies=(r >> 24) % 12, replies_pts=0)
