@@ -78,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     add_command_arguments(fetch, one_shot=True)
     fetch.add_argument("--session", help="session name under SESSIONS_DIR")
 
+    verify = sub.add_parser(
+        "verify", help="re-check written days against Telegram (and --repair changed ones)"
+    )
+    verify.add_argument("--chat", required=True, help="@username, t.me link or numeric id")
+    verify.add_argument("--from", dest="from_", metavar="FROM", help="first day (YYYY-MM-DD)")
+    verify.add_argument("--to", help="last day (YYYY-MM-DD)")
+    verify.add_argument("--repair", action="store_true", help="refetch the days that changed")
+    verify.add_argument("--session", help="session name under SESSIONS_DIR")
+
     login = sub.add_parser("login", help="create a Telegram session interactively")
     login.add_argument("--session", required=True, help="session name under SESSIONS_DIR")
 
@@ -291,6 +300,70 @@ def _print_summary(cmd: FetchCommand, outcome: object, seconds: float) -> None:
         print(f"  {path}")
 
 
+# --- verify ------------------------------------------------------------------------------------
+
+
+def _cmd_verify(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    return asyncio.run(_verify(settings, args))
+
+
+async def _verify(settings: WorkerSettings, args: argparse.Namespace) -> int:
+    from fleet.chats import parse_chat
+    from worker.fetch import Fetcher
+    from worker.storage import store_from_settings
+    from worker.telegram import TelegramSession
+    from worker.verify import Verifier, written_days
+
+    try:
+        chat = parse_chat(args.chat)
+        first = date.fromisoformat(args.from_) if args.from_ else None
+        last = date.fromisoformat(args.to) if args.to else None
+    except ValueError as exc:
+        print(f"invalid request: {exc}", file=sys.stderr)
+        return Exit.USAGE
+    store = store_from_settings(settings)
+    days = [
+        d
+        for d in written_days(store, chat.key)
+        if (first is None or d >= first) and (last is None or d <= last)
+    ]
+    if not days:
+        print(f"{args.chat}: no written days to verify")
+        return Exit.OK
+    backend = backend_for(settings)
+    session_name = args.session or settings.telegram_session or _default_session(settings, backend)
+    telegram = TelegramSession(settings, session_name, client_factory=backend.client_factory)
+    verifier = Verifier(telegram, store, tz=settings.tz)
+    try:
+        await telegram.connect()
+        checks = await verifier.check(chat, days)
+        if args.repair:
+            fetcher = Fetcher(telegram, store, tz=settings.tz)
+            today = today_in(settings.tz, datetime.now(UTC))
+            await verifier.repair(chat, checks, fetcher, today=today)
+    except SessionRevoked as exc:
+        print(f"session {session_name!r} cannot be used: {exc}", file=sys.stderr)
+        return Exit.SESSION_REVOKED
+    except PermanentError as exc:
+        print(f"{args.chat}: {exc}", file=sys.stderr)
+        return Exit.PERMANENT
+    except FetchError as exc:
+        print(f"{args.chat}: {exc.type_name}: {exc}", file=sys.stderr)
+        return Exit.FAILED
+    finally:
+        await telegram.close()
+    for check in checks:
+        print(check.describe())
+    changed = [c for c in checks if c.changed]
+    left = [c for c in changed if not c.repaired]
+    pages = sum(c.pages for c in checks)
+    print(
+        f"verified {len(checks)} days ({pages} history pages): {len(changed)} changed"
+        + (f", {len(changed) - len(left)} repaired" if args.repair else "")
+    )
+    return Exit.FAILED if left else Exit.OK
+
+
 # --- login -------------------------------------------------------------------------------------
 
 
@@ -333,7 +406,12 @@ def _setup_console_logging(settings: WorkerSettings) -> None:
     logger.add(sys.stderr, level="WARNING" if settings.log_level == "INFO" else settings.log_level)
 
 
-_HANDLERS = {"fetch": _cmd_fetch, "login": _cmd_login, "demo": _cmd_demo}
+_HANDLERS = {
+    "fetch": _cmd_fetch,
+    "login": _cmd_login,
+    "demo": _cmd_demo,
+    "verify": _cmd_verify,
+}
 
 
 def _ops_handlers() -> dict[str, object]:

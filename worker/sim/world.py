@@ -110,12 +110,23 @@ def chat_id_for(username: str) -> int:
 class _Day:
     """The compact form of one day of one chat."""
 
-    __slots__ = ("bits", "ids", "ts")
+    __slots__ = ("bits", "ids", "origin", "pos", "ts")
 
-    def __init__(self, ids: list[int], ts: list[int], bits: list[int]) -> None:
+    def __init__(
+        self,
+        ids: list[int],
+        ts: list[int],
+        bits: list[int],
+        origin: _Day | None = None,
+        pos: list[int] | None = None,
+    ) -> None:
         self.ids = ids
         self.ts = ts
         self.bits = bits
+        # A changed day keeps the day it was generated as, and each message's position there
+        # (-1: added), so that the messages left unchanged are built exactly as before.
+        self.origin = origin
+        self.pos = pos
 
 
 class World:
@@ -299,20 +310,25 @@ class World:
         the day's id gaps (dated like their predecessor, so ids still grow with time), edit
         ``edit`` (new text, ``edit_date`` = now). Returns the ids touched, by kind."""
         built = self.day(chat_id, day)
+        origin = built.origin or built
         ids, ts, bits = list(built.ids), list(built.ts), list(built.bits)
+        pos = list(built.pos) if built.pos is not None else list(range(len(ids)))
         deleted: list[int] = []
         for _ in range(min(delete, len(ids))):
             k = len(ids) // 2
             deleted.append(ids[k])
-            del ids[k], ts[k], bits[k]
+            del ids[k], ts[k], bits[k], pos[k]
         added: list[int] = []
         taken = set(ids) | set(deleted)
         gaps = [i for i in range(ids[0] + 1, ids[-1]) if i not in taken] if ids else []
+        if ids:  # then after the day's last id, inside its id slot
+            gaps += range(ids[-1] + 1, min(ids[-1] + 1 + add, (day + 1) * STRIDE + 1))
         for msg_id in gaps[:add]:
             k = bisect_left(ids, msg_id)
             ids.insert(k, msg_id)
             ts.insert(k, ts[k - 1])
             bits.insert(k, _u64("added", self.seed, chat_id, msg_id))
+            pos.insert(k, -1)
             added.append(msg_id)
         # Service messages have no text to edit: pick among the others, spread over the day.
         texts = [k for k in range(len(ids)) if (bits[k] >> 8) & 0xFF >= 4]
@@ -321,7 +337,7 @@ class World:
         for msg_id in edited:
             self._edited[(chat_id, msg_id)] = self.now_ts()
         cum = self._cumulative(chat_id, day)
-        self._changed[(chat_id, day)] = _Day(ids, ts, bits)
+        self._changed[(chat_id, day)] = _Day(ids, ts, bits, origin, pos)
         delta = len(ids) - len(built.ids)
         for d in range(day + 1, len(cum)):
             cum[d] += delta
@@ -435,9 +451,12 @@ class World:
         if (r >> 51) & 7 == 1:  # 1/8: bold first word
             entities.insert(0, types.MessageEntityBold(offset=0, length=len(words[0])))
         reply_to = None
-        if k > 0 and (r >> 54) & 3 == 0:  # 1/4: replies to an earlier message of the day
-            back = 1 + (r >> 12) % min(k, 50)
-            reply_to = types.MessageReplyHeader(reply_to_msg_id=day.ids[k - back])
+        ids_of, at = day.ids, k
+        if day.origin is not None and day.pos is not None:
+            ids_of, at = day.origin.ids, day.pos[k]  # as generated (-1: added, no reply)
+        if at > 0 and (r >> 54) & 3 == 0:  # 1/4: replies to an earlier message of the day
+            back = 1 + (r >> 12) % min(at, 50)
+            reply_to = types.MessageReplyHeader(reply_to_msg_id=ids_of[at - back])
         media: Any = None
         if 4 <= kind < 24:  # ~8%: media
             media = _media(kind, msg_id, when)
