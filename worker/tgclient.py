@@ -19,6 +19,12 @@ RPC 5xx, ``TimedOutError``, timeouts, ``OSError``               retried with bac
 4xx, unknown chats
 =============================================================  ===================================
 
+Every translated error names the RPC string Telegram sent (``USERNAME_NOT_OCCUPIED: …``, kept as
+``rpc_error``): Telethon's known error classes carry only their base class's generic text in
+``.message`` (``BAD_REQUEST``, ``FLOOD``), so :func:`rpc_string` recovers the name from the
+tables Telethon built the classes from, and :func:`rpc_reason` drops the number for metrics
+labels (``FLOOD_WAIT_31`` → ``FLOOD_WAIT``).
+
 Telethon's own defaults would hide the signals the governor lives on, so the client is built
 with ``flood_sleep_threshold=0`` (every FloodWait reaches the hook), ``request_retries=0`` and
 ``raise_last_call_error=True`` (we retry ourselves, through :mod:`fleet.retry`), a relay
