@@ -29,6 +29,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from fleet.clock import utc_iso
 from fleet.deadletters import list_dead_letters, requeue_dead_letter
 from fleet.events import TERMINAL, parse_event
 from fleet.exitcodes import Exit
@@ -92,7 +93,7 @@ def build_send_payload(args: argparse.Namespace, today: Any) -> dict[str, Any]:
     payload["command_id"] = args.command_id or str(uuid.uuid4())
     if args.requested_by:
         payload["requested_by"] = args.requested_by
-    payload["timestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    payload["timestamp"] = utc_iso(datetime.now(UTC))
     return payload
 
 
