@@ -20,6 +20,7 @@ from loguru import logger
 from fleet.exitcodes import Exit
 from fleet.settings import ConfigError, load_settings
 from worker.backend import Backend, backend_for
+from worker.cmdline import add_command_arguments, build_fetch_payload
 from worker.commands import CommandLimits, FetchCommand, parse_command, today_in
 from worker.errors import CommandRejected, FetchError, PermanentError, SessionRevoked
 from worker.settings import WorkerSettings
@@ -50,24 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.CONFIG
     except KeyboardInterrupt:
         return 130
-
-
-def add_command_arguments(parser: argparse.ArgumentParser, *, one_shot: bool) -> None:
-    """The options that make a fetch command (``fetch`` runs it, ``send`` queues it); the
-    one-shot ``fetch`` also takes ``--yesterday`` and ``--full``."""
-    parser.add_argument("--chat", required=True, help="@username, t.me link or numeric id")
-    when = parser.add_mutually_exclusive_group()
-    when.add_argument("--date", help="one day, YYYY-MM-DD")
-    when.add_argument("--days", type=int, help="the N whole days before today (default 1)")
-    if one_shot:
-        when.add_argument("--yesterday", action="store_true", help="yesterday (the default)")
-    when.add_argument("--from", dest="from_", metavar="FROM", help="first day of a range")
-    if one_shot:
-        when.add_argument("--full", action="store_true", help="the whole history up to yesterday")
-    parser.add_argument("--to", help="last day of a range (with --from; default yesterday)")
-    parser.add_argument("--strategy", choices=["batch", "per_day", "auto", "sequential"])
-    parser.add_argument("--limit", type=int, help="at most this many messages in total")
-    parser.add_argument("--force", action="store_true", help="re-fetch days already complete")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,27 +91,6 @@ def _cmd_fetch(settings: WorkerSettings, args: argparse.Namespace) -> int:
     finally:
         if exporters is not None:
             exporters.stop(delete_group=False)
-
-
-def build_fetch_payload(args: argparse.Namespace, today: date) -> dict[str, object]:
-    """The command a ``fetch`` invocation means, in CONTRACT §3 form."""
-    payload: dict[str, object] = {"command": "fetch", "chat": args.chat}
-    if args.date:
-        payload.update(mode="date", date=args.date)
-    elif args.days:
-        payload.update(mode="days", days=args.days)
-    elif args.from_:
-        to = args.to or (today - timedelta(days=1)).isoformat()
-        payload.update({"mode": "range", "from": args.from_, "to": to})
-    else:
-        payload.update(mode="days", days=1)
-    if args.strategy:
-        payload["strategy"] = args.strategy
-    if args.limit is not None:
-        payload["limit"] = args.limit
-    if args.force:
-        payload["options"] = {"force": True}
-    return payload
 
 
 async def _fetch_once(

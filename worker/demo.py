@@ -27,7 +27,7 @@ import redis
 from fleet.events import parse_event
 from fleet.keys import Keys
 from fleet.redisconn import connect_sync
-from worker.ops import format_event
+from worker.cmdline import format_event
 from worker.settings import WorkerSettings
 
 WORKERS = 3
