@@ -55,10 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(settings: GovernorSettings) -> None:
-    try:
-        from fleet.logs import setup_logging
-    except ImportError:  # pragma: no cover - the observability module is optional
-        return
+    from fleet.logs import setup_logging
+
     setup_logging(settings, worker_id=settings.resolved_governor_id(), component="governor")
 
 

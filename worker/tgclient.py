@@ -34,7 +34,7 @@ import asyncio
 import math
 import random
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 from telethon import TelegramClient, errors, utils
@@ -51,9 +51,6 @@ from worker.errors import (
     TransientError,
 )
 from worker.settings import WorkerSettings
-
-if TYPE_CHECKING:
-    pass
 
 OnRateLimit = Callable[[str, str], None]
 """``on_rate_limit(source, reason)``: a FloodWait-class answer from Telegram (metrics hook)."""
