@@ -114,7 +114,7 @@ async def _fetch_once(
         await telegram.connect()
         payload = build_fetch_payload(args, today)
         max_days = settings.max_range_days
-        if args.full:
+        if _wants_full(settings, args):
             first = await _first_message_day(telegram, args.chat, settings)
             yesterday = today - timedelta(days=1)
             if first is None or first > yesterday:
@@ -175,6 +175,15 @@ def _count_failure(metrics: WorkerMetrics | None, error_type: str) -> None:
     if metrics is not None:
         metrics.fetch_errors_total.labels(type=error_type).inc()
         metrics.commands_total.labels(status="failed").inc()
+
+
+def _wants_full(settings: WorkerSettings, args: argparse.Namespace) -> bool:
+    """``--full``, or no interval on the command line and ``FETCH_MODE=full`` (the seed's way of
+    running the whole history from cron or compose); an interval given always wins."""
+    if args.full:
+        return True
+    named = args.date or args.days or args.yesterday or args.from_ or args.to
+    return settings.fetch_mode == "full" and not named
 
 
 async def _first_message_day(

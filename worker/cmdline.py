@@ -25,7 +25,9 @@ def add_command_arguments(parser: argparse.ArgumentParser, *, one_shot: bool) ->
     when.add_argument("--date", help="one day, YYYY-MM-DD")
     when.add_argument("--days", type=int, help="the N whole days before today (default 1)")
     if one_shot:
-        when.add_argument("--yesterday", action="store_true", help="yesterday (the default)")
+        when.add_argument(
+            "--yesterday", action="store_true", help="yesterday (default unless FETCH_MODE=full)"
+        )
     when.add_argument("--from", dest="from_", metavar="FROM", help="first day of a range")
     if one_shot:
         when.add_argument("--full", action="store_true", help="the whole history up to yesterday")
