@@ -104,7 +104,12 @@ def _settings_classes() -> list[type]:
 
 
 def test_cli_exits_78_with_one_line_on_bad_configuration(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "PARALLELISM_MAX": "lots", "HOME": str(tmp_path)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PARALLELISM_MAX": "lots",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "worker", "fetch", "--chat", "@ru_python"],
         cwd=ROOT,
