@@ -1,4 +1,4 @@
-"""All time the worker reads goes through a :class:`Clock`, so tests can move time instead of
+"""All time a fleet process reads goes through a :class:`Clock`, so tests can move time instead of
 sleeping. ``SystemClock`` is the real one; ``FakeClock`` advances only when slept on."""
 
 from __future__ import annotations

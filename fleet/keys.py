@@ -151,10 +151,6 @@ class Keys:
         return self._k("hold", check_class(request_class))
 
     @property
-    def hold_pattern(self) -> str:
-        return self._k("hold", "*")
-
-    @property
     def holds_channel(self) -> str:
         """Pub/sub channel: flood.lua announces each new fleet hold (``<cls> <ms>``)."""
         return self._k("holds")

@@ -34,6 +34,7 @@ from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.process_collector import ProcessCollector
 
+from fleet.gate import REQUEST_CLASSES
 from fleet.httpserver import DetailsProvider, HealthCheck, MetricsServer
 from fleet.push import Pusher, delete_group, list_groups, reap_dead_groups, stale_groups
 from fleet.settings import ConfigError
@@ -50,6 +51,8 @@ __all__ = [
     "FETCH_JOB",
     "GOVERNOR_JOB",
     "OVERFLOW_LABEL",
+    "RATE_LIMIT_HITS",
+    "RETRIES",
     "TOKEN_WAIT_BUCKETS",
     "WORKER_JOB",
     "CommonMetrics",
@@ -77,6 +80,27 @@ OVERFLOW_LABEL = "other"
 #: ``commands_total{status}`` and ``deduplicated_messages_total{source}`` values.
 COMMAND_STATUSES = ("ok", "partial", "retrying", "failed", "rejected", "error")
 DEDUP_SOURCES = ("storage", "resume_overlap")
+#: ``rate_limit_hits_total{source, reason}`` children known in advance: Telegram's flood errors
+#: (``worker.tgclient``) and the shared bucket's refusals (:data:`fleet.bucket.Reason` without
+#: the admitting ones) plus the gate's local pause while Redis is down.
+RATE_LIMIT_HITS: tuple[tuple[str, str], ...] = (
+    *(
+        ("telegram", r)
+        for r in ("flood_wait", "flood_premium_wait", "slow_mode_wait", "flood_test_phone_wait")
+    ),
+    *(("bucket", r) for r in ("session", "fleet", "paused", "held", "local_pause")),
+)
+#: ``retries_total{target, reason}`` children known in advance: a Telegram request per class
+#: (a 5xx answer is ``_TransientRpc``; a lost or slow connection) and an event publish while
+#: Redis is away. ``reason`` is the error's class name, so rarer ones appear when they happen.
+RETRIES: tuple[tuple[str, str], ...] = (
+    *(
+        (f"telegram_{c}", r)
+        for c in REQUEST_CLASSES
+        for r in ("_TransientRpc", "TimeoutError", "ConnectionError")
+    ),
+    *(("redis_publish", r) for r in ("ConnectionError", "TimeoutError")),
+)
 BREAKER_CLOSED, BREAKER_OPEN, BREAKER_HALF_OPEN = 0, 1, 2
 _BREAKER_VALUES = {"closed": BREAKER_CLOSED, "open": BREAKER_OPEN, "half_open": BREAKER_HALF_OPEN}
 
@@ -333,9 +357,11 @@ def start_exporters(
             details=details,
             scrubber=scrubber,
         ).start()
+        # The address the socket is really bound on (0.0.0.0 means every interface), not a
+        # loopback URL: an operator reading this must know what is exposed.
         logger.info(
-            "metrics and health served on {url}",
-            url=exporters.server.url,
+            "metrics and health served on {address}",
+            address=exporters.server.bound,
             event="metrics_server_started",
             mode=mode,
         )

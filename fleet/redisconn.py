@@ -1,10 +1,24 @@
-"""The worker's Redis connection: which errors mean "Redis is down", and riding out outages.
+"""The fleet's one Redis client factory, its one "Redis is down", and its one outage tracker.
 
-:func:`connect` builds a client with a socket timeout above the pop timeout and no hidden
-retries (redis-py's default would retry every command ten times and hide an outage).
-:class:`RedisLink` wraps calls: errors in :data:`REDIS_DOWN` are retried with exponential
-backoff and jitter, one log line per state change (down, back), and after
-``REDIS_MAX_OUTAGE_SECONDS`` it gives up with :class:`RedisUnavailable` so the worker shuts
+Every process and CLI (worker, governor, ops and governor CLIs, demo, simulator) builds its
+client with :func:`connect` (or :func:`connect_sync` for the synchronous demo), so they share
+one option set:
+
+- ``socket_timeout``: the longest server-side block the caller issues (``BLMOVE``,
+  ``XREAD BLOCK``) plus :data:`SOCKET_SLACK_S`, so a blocking read never times out early but
+  a dead server is noticed within seconds;
+- ``socket_connect_timeout``: :data:`CONNECT_TIMEOUT_S` (a caller may lower it, never raise it);
+- ``health_check_interval``: :data:`HEALTH_CHECK_INTERVAL_S`: a pooled connection idle that
+  long is PINGed before use, so a half-open socket fails fast instead of hanging;
+- no hidden retries (redis-py's default retries every command with backoff, which would hide
+  an outage and stall a stopping process): callers retry in one place, :class:`RedisLink`;
+- TLS with a ``rediss://`` URL and ACL/AUTH with ``redis://user:password@…`` (both from
+  ``REDIS_URL`` or ``REDIS_USERNAME``/``REDIS_PASSWORD``), nothing else to configure.
+
+:data:`REDIS_DOWN` is what "Redis cannot be reached now" means everywhere. :class:`RedisLink`
+tracks outages (one log line per state change: down, back) and wraps calls: errors in
+:data:`REDIS_DOWN` are retried with exponential backoff and jitter, and after
+``REDIS_MAX_OUTAGE_SECONDS`` it gives up with :class:`RedisUnavailable` so the process shuts
 down gracefully instead of crash-looping.
 """
 
@@ -14,11 +28,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import redis
 import redis.exceptions
 from loguru import logger
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.retry import Retry as SyncRetry
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -42,29 +60,51 @@ class RedisUnavailable(Exception):
     """Redis stayed unreachable longer than ``REDIS_MAX_OUTAGE_SECONDS`` (or we are stopping)."""
 
 
-def connect(dsn: str, *, pop_timeout_s: float = 1.0) -> Redis:
-    """A client for the worker: socket timeout above the pop timeout, no hidden retries.
+#: Added to the caller's longest server-side block to get the socket (read) timeout.
+SOCKET_SLACK_S = 5.0
+#: The longest a TCP (and TLS) connect may take.
+CONNECT_TIMEOUT_S = 5.0
+#: Idle seconds after which a pooled connection is PINGed before it is used again.
+HEALTH_CHECK_INTERVAL_S = 15
 
-    redis-py's default retries every command up to 10 times with backoff, which would hide an
-    outage from :class:`RedisLink` (and stall a stopping worker); we retry in one place.
-    ``rediss://`` URLs give TLS, ``redis://user:password@…`` gives ACL/AUTH.
+
+def _options(block_s: float, connect_timeout_s: float) -> dict[str, Any]:
+    return {
+        "socket_timeout": max(0.0, block_s) + SOCKET_SLACK_S,
+        "socket_connect_timeout": min(CONNECT_TIMEOUT_S, connect_timeout_s),
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+    }
+
+
+def connect(
+    dsn: str, *, pop_timeout_s: float = 1.0, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> Redis:
+    """The asyncio client every fleet process uses (see the module docstring for the options).
+
+    ``pop_timeout_s`` is the longest server-side block this caller issues (the worker's
+    ``COMMAND_POP_TIMEOUT_SECONDS``, the governor's tick for ``XREAD BLOCK``).
     """
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
     return Redis.from_url(
-        dsn,
-        socket_timeout=pop_timeout_s + 5.0,
-        socket_connect_timeout=5.0,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=15,
+        dsn, retry=Retry(NoBackoff(), 0), **_options(pop_timeout_s, connect_timeout_s)
+    )
+
+
+def connect_sync(
+    dsn: str, *, pop_timeout_s: float = 1.0, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> redis.Redis:
+    """The same client, synchronous (for ``python -m worker demo``, which runs no event loop)."""
+    return redis.Redis.from_url(
+        dsn, retry=SyncRetry(NoBackoff(), 0), **_options(pop_timeout_s, connect_timeout_s)
     )
 
 
 class RedisLink:
-    """Runs Redis operations, riding out outages: exponential backoff with jitter, one log line
-    when Redis goes away and one when it is back, and :class:`RedisUnavailable` once the outage
-    has lasted ``max_outage_s`` (the caller then shuts down) or ``abort`` is set."""
+    """The one outage tracker: runs Redis operations, riding out outages (exponential backoff
+    with jitter), one log line when Redis goes away and one when it is back, and
+    :class:`RedisUnavailable` once the outage has lasted ``max_outage_s`` (the caller then
+    shuts down) or ``abort`` is set. A loop that cannot be wrapped in :meth:`call` (the
+    governor's tick) reports to it with :meth:`mark_down` / :meth:`mark_up` and asks
+    :meth:`exhausted`."""
 
     def __init__(
         self,

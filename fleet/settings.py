@@ -50,7 +50,7 @@ class FleetSettings(BaseSettings):
     push_interval_seconds: float = Field(15.0, gt=0)
     victoria_logs_url: str | None = None
     loki_url: str | None = None
-    # Observability knobs (governor/logs.py, governor/metrics.py); documented in .env.example.
+    # Observability knobs (fleet/logs.py, fleet/metrics.py); documented in .env.example.
     log_queue_max_records: int = Field(10_000, ge=100)
     log_batch_max_records: int = Field(500, ge=1)
     log_batch_max_seconds: float = Field(1.0, gt=0)

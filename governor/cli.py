@@ -55,10 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(settings: GovernorSettings) -> None:
-    try:
-        from fleet.logs import setup_logging
-    except ImportError:  # pragma: no cover - the observability module is optional
-        return
+    from fleet.logs import setup_logging
+
     setup_logging(settings, worker_id=settings.resolved_governor_id(), component="governor")
 
 
@@ -67,15 +65,14 @@ def _setup_logging(settings: GovernorSettings) -> None:
 
 async def gather_status(settings: GovernorSettings) -> dict[str, Any]:
     """Everything ``status`` prints, as a dict."""
-    from redis.asyncio import Redis
-
     from fleet.breaker import CircuitBreaker
     from fleet.bucket import TokenBucket
     from fleet.keys import Keys
+    from fleet.redisconn import connect
     from fleet.scripts import text
 
     keys = Keys(settings.redis_key_prefix)
-    client = Redis.from_url(settings.redis_dsn(), socket_timeout=5, socket_connect_timeout=5)
+    client = connect(settings.redis_dsn())
     try:
         bucket = TokenBucket(client, keys, settings)
         snapshot = await bucket.snapshot()
@@ -157,11 +154,11 @@ def status_text(r: dict[str, Any]) -> str:
 
 
 def _status(settings: GovernorSettings, *, as_json: bool) -> int:
-    import redis.exceptions
+    from fleet.redisconn import REDIS_DOWN
 
     try:
         report = asyncio.run(gather_status(settings))
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+    except REDIS_DOWN as exc:
         print(
             f"redis unavailable at {settings.redis_display()}: {type(exc).__name__}",
             file=sys.stderr,

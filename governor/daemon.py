@@ -41,25 +41,24 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import redis.exceptions
 from loguru import logger
 from redis.asyncio import Redis
 
 from fleet.bucket import TokenBucket
+from fleet.clock import utc_iso
+from fleet.events import EventPublisher, poison_event
 from fleet.exitcodes import Exit
 from fleet.gate import REQUEST_CLASSES
 from fleet.keys import Keys
+from fleet.metrics import GOVERNOR_JOB, WORKER_JOB, health_details, package_version, start_exporters
+from fleet.push import delete_group, reap_dead_groups
+from fleet.recovery import recover
+from fleet.redisconn import REDIS_DOWN, RedisLink, connect
 from fleet.scripts import scripts_for, text
 from governor.controller import COUNTER_SAMPLE_S, RateController
+from governor.metrics import GovernorMetrics
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
 from governor.settings import GovernorSettings
-
-REDIS_DOWN: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    ConnectionError,
-    TimeoutError,
-)
 
 GAUGE_SAMPLE_S = 5.0  # how often the leader samples bucket tokens and pauses for its gauges
 LEASE_EXPIRY_SLACK_S = 0.005  # wake just after a lease's expiry, when Redis has dropped it
@@ -106,8 +105,12 @@ class Governor:
         self.redis: Redis | None = None
         self.metrics: Any = None
         self._exporters: Any = None
-        self._first_signal_at: float | None = None
-        self._down_since: float | None = None
+        self.link = RedisLink(
+            settings.redis_display(),
+            max_outage_s=settings.redis_max_outage_seconds,
+            abort=self.stop,
+            on_state=self._on_redis_state,
+        )
         self._back_at = -math.inf  # when Redis came back after an outage (monotonic)
         self._last_sample = -math.inf
         self._next_lease_expiry = math.inf  # monotonic time the earliest worker lease ends
@@ -126,11 +129,9 @@ class Governor:
                 loop.add_signal_handler(sig, self._on_signal, sig)
         self._start_metrics()
         tick = s.governor_tick_seconds
-        self.redis = Redis.from_url(
-            s.redis_dsn(),
-            socket_timeout=tick + 5.0,
-            socket_connect_timeout=min(5.0, s.governor_lease_seconds),
-            health_check_interval=30,
+        # XREAD BLOCK on the flood stream waits up to a tick; a connect must not outlast a lease.
+        self.redis = connect(
+            s.redis_dsn(), pop_timeout_s=tick, connect_timeout_s=s.governor_lease_seconds
         )
         bucket = TokenBucket(self.redis, self.keys, s, worker_id=self.governor_id)
         lease = LeaderLease(self.redis, self.keys, self.governor_id, s.governor_lease_seconds)
@@ -149,12 +150,19 @@ class Governor:
             if schedule.enabled
             else "off",
         )
+        failures = 0
         try:
             while not self.stop.is_set():
                 try:
                     await self._step(lease, bucket, controller, scheduler)
-                    self._redis_up()
+                    failures = 0
+                    self.link.mark_up()
                 except REDIS_DOWN as exc:
+                    failures += 1
+                    if failures == 1 and self.link.up:
+                        # After a Redis restart every pooled connection fails once (the client
+                        # retries nothing itself): try again at once before calling it an outage.
+                        continue
                     if self._redis_down(exc):
                         break
                     await self._sleep(min(tick, s.governor_lease_seconds / 3))
@@ -172,6 +180,7 @@ class Governor:
         s = self.settings
         poll = min(s.governor_tick_seconds, s.governor_lease_seconds / 3)
         holds = await lease.hold()
+        self.link.mark_up()  # Redis answered: an outage is over even if the tick fails later
         if holds and not self.leading:
             self.leading = True
             controller.reset()
@@ -198,7 +207,7 @@ class Governor:
                 )
         await self._recover()
         await self._sample_bucket(bucket)
-        self._last_tick_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._last_tick_at = utc_iso(datetime.now(UTC))
         if scheduler is not None:
             for cmd in await scheduler.run_once(datetime.now(UTC)):
                 self._log.info("scheduled fetch of {} pushed ({})", cmd["chat"], cmd["command_id"])
@@ -233,9 +242,6 @@ class Governor:
     # --- dead workers -------------------------------------------------------------------
     async def _recover(self) -> None:
         """Requeue the commands of dead workers; forget their Pushgateway groups."""
-        from fleet.events import EventPublisher, poison_event
-        from fleet.recovery import recover
-
         client = self.redis
         assert client is not None
         s = self.settings
@@ -290,11 +296,6 @@ class Governor:
             await self._forget_groups(dead + gone, registered)
 
     async def _forget_groups(self, dead: list[str], registered: list[str]) -> None:
-        try:
-            from fleet.metrics import WORKER_JOB
-            from fleet.push import delete_group, reap_dead_groups
-        except ImportError:  # pragma: no cover
-            return
         s = self.settings
         for wid in dead:
             if await asyncio.to_thread(delete_group, s, WORKER_JOB, wid, timeout=2.0):
@@ -317,35 +318,29 @@ class Governor:
 
     # --- signals, outages, shutdown -----------------------------------------------------
     def _on_signal(self, sig: signal.Signals) -> None:
-        now = time.monotonic()
-        if self._first_signal_at is None:
-            self._first_signal_at = now
+        if not self.stop.is_set():
             self._log.info("{} received: stopping", sig.name)
         self.stop.set()
 
     def _redis_down(self, exc: BaseException) -> bool:
-        """Log once; True when the outage outlasted REDIS_MAX_OUTAGE_SECONDS (exit 69)."""
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            self._log.error("Redis unavailable ({}); retrying", type(exc).__name__)
+        """Report to the outage tracker; True when the outage outlasted
+        REDIS_MAX_OUTAGE_SECONDS (exit 69)."""
+        self.link.mark_down(exc)
         if self.leading:
             # Our lease may expire meanwhile; a new term starts from a fresh reading.
             self.leading = False
             self._set_gauge("governor_leader", 0)
-        if now - self._down_since > self.settings.redis_max_outage_seconds:
+        if self.link.exhausted():
             self._log.error(
-                "Redis unreachable for {:.0f}s; exiting", self.settings.redis_max_outage_seconds
+                "redis unavailable for {:.0f}s; exiting", self.settings.redis_max_outage_seconds
             )
             self.exit_code = Exit.REDIS_UNAVAILABLE
             return True
         return False
 
-    def _redis_up(self) -> None:
-        if self._down_since is not None:
-            self._down_since = None
+    def _on_redis_state(self, up: bool) -> None:
+        if up:
             self._back_at = time.monotonic()
-            self._log.warning("Redis is back")
 
     async def _shutdown(self, lease: LeaderLease) -> None:
         grace = self.settings.shutdown_grace_seconds
@@ -366,13 +361,8 @@ class Governor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), max(0.0, seconds))
 
-    # --- metrics (optional: governor.metrics) -------------------------------------------
+    # --- metrics ------------------------------------------------------------------------
     def _start_metrics(self) -> None:
-        try:
-            from fleet.metrics import GOVERNOR_JOB, start_exporters
-            from governor.metrics import GovernorMetrics
-        except ImportError:  # pragma: no cover
-            return
         s = self.settings
         self.metrics = GovernorMetrics(session_label_max=s.metrics_session_label_max)
         if s.effective_metrics_mode == "off":
@@ -388,14 +378,12 @@ class Governor:
 
     def _healthy(self) -> bool:
         """``/health``: 200 while running with Redis reachable (leading or standing by)."""
-        return self.redis is not None and self._down_since is None and not self.stop.is_set()
+        return self.redis is not None and self.link.up and not self.stop.is_set()
 
     def _details(self) -> dict[str, object]:
-        from fleet.metrics import health_details, package_version
-
         return health_details(
             version=package_version(),
-            redis_ok=self.redis is not None and self._down_since is None,
+            redis_ok=self.redis is not None and self.link.up,
             governor_id=self.governor_id,
             leading=self.leading,
             last_tick=self._last_tick_at,

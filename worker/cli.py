@@ -20,6 +20,7 @@ from loguru import logger
 from fleet.exitcodes import Exit
 from fleet.settings import ConfigError, load_settings
 from worker.backend import Backend, backend_for
+from worker.cmdline import add_command_arguments, build_fetch_payload
 from worker.commands import CommandLimits, FetchCommand, parse_command, today_in
 from worker.errors import CommandRejected, FetchError, PermanentError, SessionRevoked
 from worker.settings import WorkerSettings
@@ -50,24 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.CONFIG
     except KeyboardInterrupt:
         return 130
-
-
-def add_command_arguments(parser: argparse.ArgumentParser, *, one_shot: bool) -> None:
-    """The options that make a fetch command (``fetch`` runs it, ``send`` queues it); the
-    one-shot ``fetch`` also takes ``--yesterday`` and ``--full``."""
-    parser.add_argument("--chat", required=True, help="@username, t.me link or numeric id")
-    when = parser.add_mutually_exclusive_group()
-    when.add_argument("--date", help="one day, YYYY-MM-DD")
-    when.add_argument("--days", type=int, help="the N whole days before today (default 1)")
-    if one_shot:
-        when.add_argument("--yesterday", action="store_true", help="yesterday (the default)")
-    when.add_argument("--from", dest="from_", metavar="FROM", help="first day of a range")
-    if one_shot:
-        when.add_argument("--full", action="store_true", help="the whole history up to yesterday")
-    parser.add_argument("--to", help="last day of a range (with --from; default yesterday)")
-    parser.add_argument("--strategy", choices=["batch", "per_day", "auto", "sequential"])
-    parser.add_argument("--limit", type=int, help="at most this many messages in total")
-    parser.add_argument("--force", action="store_true", help="re-fetch days already complete")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,27 +102,6 @@ def _cmd_fetch(settings: WorkerSettings, args: argparse.Namespace) -> int:
             exporters.stop(delete_group=False)
 
 
-def build_fetch_payload(args: argparse.Namespace, today: date) -> dict[str, object]:
-    """The command a ``fetch`` invocation means, in CONTRACT §3 form."""
-    payload: dict[str, object] = {"command": "fetch", "chat": args.chat}
-    if args.date:
-        payload.update(mode="date", date=args.date)
-    elif args.days:
-        payload.update(mode="days", days=args.days)
-    elif args.from_:
-        to = args.to or (today - timedelta(days=1)).isoformat()
-        payload.update({"mode": "range", "from": args.from_, "to": to})
-    else:
-        payload.update(mode="days", days=1)
-    if args.strategy:
-        payload["strategy"] = args.strategy
-    if args.limit is not None:
-        payload["limit"] = args.limit
-    if args.force:
-        payload["options"] = {"force": True}
-    return payload
-
-
 async def _fetch_once(
     settings: WorkerSettings, args: argparse.Namespace, metrics: WorkerMetrics | None = None
 ) -> int:
@@ -161,7 +123,7 @@ async def _fetch_once(
         await telegram.connect()
         payload = build_fetch_payload(args, today)
         max_days = settings.max_range_days
-        if args.full:
+        if _wants_full(settings, args):
             first = await _first_message_day(telegram, args.chat, settings)
             yesterday = today - timedelta(days=1)
             if first is None or first > yesterday:
@@ -222,6 +184,15 @@ def _count_failure(metrics: WorkerMetrics | None, error_type: str) -> None:
     if metrics is not None:
         metrics.fetch_errors_total.labels(type=error_type).inc()
         metrics.commands_total.labels(status="failed").inc()
+
+
+def _wants_full(settings: WorkerSettings, args: argparse.Namespace) -> bool:
+    """``--full``, or no interval on the command line and ``FETCH_MODE=full`` (the seed's way of
+    running the whole history from cron or compose); an interval given always wins."""
+    if args.full:
+        return True
+    named = args.date or args.days or args.yesterday or args.from_ or args.to
+    return settings.fetch_mode == "full" and not named
 
 
 async def _first_message_day(

@@ -1,7 +1,9 @@
 """Fetch commands (CONTRACT §3): parsing, validation, and the concrete list of days they name.
 
 Pure logic, no I/O. :func:`parse_command` turns the raw bytes popped from ``tg_commands`` into a
-:class:`FetchCommand` or raises :class:`~worker.errors.CommandRejected` with a readable reason.
+:class:`FetchCommand` or raises :class:`~worker.errors.CommandRejected` with a readable reason:
+size and nesting are checked before the JSON parser and the model see the payload (they protect
+the parser), then the pydantic model :class:`_Command` checks the fields.
 Both the seed-001 form (``mode`` = ``date`` | ``days`` | ``range``) and the legacy seed-004 form
 (``days_back``) are accepted. Days are calendar days in ``DAY_TIMEZONE``.
 """
@@ -13,8 +15,19 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from zoneinfo import ZoneInfo
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from fleet.chats import ChatId, parse_chat
 from worker.errors import CommandRejected
@@ -116,139 +129,255 @@ def _depth(value: object, level: int = 0) -> int:
     return level
 
 
-def _validate(data: dict[str, Any], limits: CommandLimits) -> FetchCommand:
-    command = data.get("command")
-    if command != "fetch":
-        raise CommandRejected(f"unknown command {_show(command)}; the only command is 'fetch'")
-    chat_raw = data.get("chat")
-    if not isinstance(chat_raw, str):
-        raise CommandRejected("'chat' is required and must be a string")
-    try:
-        chat = parse_chat(chat_raw)
-    except ValueError as exc:
-        raise CommandRejected(f"invalid chat: {exc}") from None
+class _Missing:
+    """A key absent from the command (``null`` is a value: ``"strategy": null`` is rejected)."""
 
-    mode = data.get("mode")
-    if mode is None and "days_back" in data:  # legacy seed-004 form
-        mode = "days"
-        days_value = data["days_back"]
-        params: dict[str, Any] = {"days": days_value}
-    elif mode is None:
-        raise CommandRejected("'mode' is required: one of date, days, range")
-    else:
-        days_value = data.get("days")
-        params = {}
-    if mode not in ("date", "days", "range"):
-        raise CommandRejected(f"unknown mode {_show(mode)}; use date, days or range")
+    def __repr__(self) -> str:
+        return "<missing>"
 
-    if mode == "date":
-        day = _parse_date(data.get("date"), "date")
-        _not_future(day, limits.today, "date")
-        days: tuple[date, ...] = (day,)
-        params = {"date": day.isoformat()}
-    elif mode == "days":
-        n = _positive_int(days_value, "days_back" if "days_back" in data else "days")
-        if n > limits.max_range_days:
-            raise CommandRejected(f"days={n} is more than MAX_RANGE_DAYS={limits.max_range_days}")
-        days = tuple(limits.today - timedelta(days=i) for i in range(n, 0, -1))
-        params = {"days": n}
-    else:
-        first = _parse_date(data.get("from"), "from")
-        last = _parse_date(data.get("to"), "to")
+
+_MISSING: Any = _Missing()
+
+
+def _rejected(reason: str) -> PydanticCustomError:
+    return PydanticCustomError("rejected", "{reason}", {"reason": reason})
+
+
+class _Command(BaseModel):
+    """The fields of a fetch command, checked in this order; the first failing check is the
+    reason given (fields after a failed one that depend on it skip their checks).
+
+    Every field takes any JSON value and its validator says, in words, what is wrong: the
+    reasons are part of the contract (the ``failed`` event shows them to whoever sent the
+    command), so they are ours rather than pydantic's. ``limits`` arrive as the validation
+    context.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, validate_default=True)
+
+    command: Any = None
+    chat: Any = None
+    mode: Any = None
+    days_key: str = "days"  # "days_back" in the legacy seed-004 form (names it in reasons)
+    date: Any = None
+    days: Any = None
+    from_: Any = Field(None, alias="from")
+    to: Any = None
+    strategy: Any = _MISSING
+    limit: Any = None
+    options: Any = None
+    command_id: Any = None
+    requested_by: Any = None
+    timestamp: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_form(cls, data: Any) -> Any:
+        # Seed 004 sent {"days_back": N} and no mode: that is mode "days".
+        if not isinstance(data, dict) or "days_back" not in data:
+            return data
+        data = {**data, "days_key": "days_back"}
+        if data.get("mode") is None:
+            data.update(mode="days", days=data["days_back"])
+        return data
+
+    @field_validator("command")
+    @classmethod
+    def _is_fetch(cls, value: Any) -> str:
+        if value != "fetch":
+            raise _rejected(f"unknown command {_show(value)}; the only command is 'fetch'")
+        return "fetch"
+
+    @field_validator("chat")
+    @classmethod
+    def _chat(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise _rejected("'chat' is required and must be a string")
+        try:
+            parse_chat(value)
+        except ValueError as exc:
+            raise _rejected(f"invalid chat: {exc}") from None
+        return value
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: Any) -> Mode:
+        if value is None:
+            raise _rejected("'mode' is required: one of date, days, range")
+        if value not in ("date", "days", "range"):
+            raise _rejected(f"unknown mode {_show(value)}; use date, days or range")
+        return cast(Mode, value)
+
+    @field_validator("date")
+    @classmethod
+    def _date(cls, value: Any, info: ValidationInfo) -> date | None:
+        if info.data.get("mode") != "date":
+            return None
+        day = _parse_date(value, "date")
+        _not_future(day, _limits(info).today, "date")
+        return day
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, value: Any, info: ValidationInfo) -> int | None:
+        if info.data.get("mode") != "days":
+            return None
+        n = _positive_int(value, info.data.get("days_key", "days"))
+        max_days = _limits(info).max_range_days
+        if n > max_days:
+            raise _rejected(f"days={n} is more than MAX_RANGE_DAYS={max_days}")
+        return n
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, value: Any, info: ValidationInfo) -> date | None:
+        return _parse_date(value, "from") if info.data.get("mode") == "range" else None
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, value: Any, info: ValidationInfo) -> date | None:
+        if info.data.get("mode") != "range":
+            return None
+        last = _parse_date(value, "to")
+        first = info.data.get("from_")
+        if first is None:  # 'from' was rejected: that is the reason given
+            return last
+        limits = _limits(info)
         if first > last:
-            raise CommandRejected(f"'from' {first} is after 'to' {last}")
+            raise _rejected(f"'from' {first} is after 'to' {last}")
         _not_future(last, limits.today, "to")
         count = (last - first).days + 1
         if count > limits.max_range_days:
-            raise CommandRejected(
+            raise _rejected(
                 f"range covers {count} days, more than MAX_RANGE_DAYS={limits.max_range_days}"
             )
-        days = tuple(first + timedelta(days=i) for i in range(count))
-        params = {"from": first.isoformat(), "to": last.isoformat()}
+        return last
 
-    strategy_raw = data.get("strategy", limits.default_strategy)
-    if not isinstance(strategy_raw, str) or strategy_raw not in _STRATEGIES:
-        raise CommandRejected(
-            f"unknown strategy {_show(strategy_raw)}; use batch or per_day (auto, sequential)"
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: Any, info: ValidationInfo) -> Strategy:
+        if value is _MISSING:
+            value = _limits(info).default_strategy
+        if not isinstance(value, str) or value not in _STRATEGIES:
+            raise _rejected(
+                f"unknown strategy {_show(value)}; use batch or per_day (auto, sequential)"
+            )
+        return cast(Strategy, _STRATEGIES[value])
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: Any) -> int | None:
+        return None if value is None else _positive_int(value, "limit")
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: Any) -> bool:
+        """The ``force`` option (the only one)."""
+        if value is None:
+            return False
+        if not isinstance(value, dict):
+            raise _rejected("'options' must be an object")
+        force = value.get("force", False)
+        if not isinstance(force, bool):
+            raise _rejected("'options.force' must be true or false")
+        return force
+
+    @field_validator("command_id")
+    @classmethod
+    def _command_id(cls, value: Any) -> str:
+        if value is None:
+            return str(uuid.uuid4())
+        if not isinstance(value, str) or not _COMMAND_ID.fullmatch(value):
+            raise _rejected("'command_id' must be a uuid or up to 64 characters of [A-Za-z0-9_.:-]")
+        return value
+
+    @field_validator("requested_by", "timestamp")
+    @classmethod
+    def _optional_text(cls, value: Any, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or len(value) > 256:
+            raise _rejected(f"'{info.field_name}' must be a string of at most 256 characters")
+        return value
+
+    def to_command(self, limits: CommandLimits) -> FetchCommand:
+        """The validated fields as a :class:`FetchCommand`: the days named, and the command
+        normalised for requeueing (``raw``)."""
+        params: dict[str, Any]
+        if self.mode == "date":
+            assert self.date is not None
+            days: tuple[date, ...] = (self.date,)
+            params = {"date": self.date.isoformat()}
+        elif self.mode == "days":
+            days = tuple(limits.today - timedelta(days=i) for i in range(self.days, 0, -1))
+            params = {"days": self.days}
+        else:
+            first, last = self.from_, self.to
+            days = tuple(first + timedelta(days=i) for i in range((last - first).days + 1))
+            params = {"from": first.isoformat(), "to": last.isoformat()}
+        raw: dict[str, Any] = {"command": "fetch", "chat": self.chat, "mode": self.mode, **params}
+        raw.update({"strategy": self.strategy, "command_id": self.command_id})
+        if self.limit is not None:
+            raw["limit"] = self.limit
+        if self.options:
+            raw["options"] = {"force": True}
+        if self.requested_by is not None:
+            raw["requested_by"] = self.requested_by
+        if self.timestamp is not None:
+            raw["timestamp"] = self.timestamp
+        return FetchCommand(
+            chat=parse_chat(self.chat),
+            mode=self.mode,
+            days=days,
+            strategy=self.strategy,
+            command_id=self.command_id,
+            limit=self.limit,
+            force=self.options,
+            requested_by=self.requested_by,
+            timestamp=self.timestamp,
+            params=params,
+            raw=raw,
         )
-    strategy: Strategy = _STRATEGIES[strategy_raw]  # type: ignore[assignment]
 
-    limit = data.get("limit")
-    if limit is not None:
-        limit = _positive_int(limit, "limit")
 
-    options = data.get("options", {})
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise CommandRejected("'options' must be an object")
-    force = options.get("force", False)
-    if not isinstance(force, bool):
-        raise CommandRejected("'options.force' must be true or false")
+def _validate(data: dict[str, Any], limits: CommandLimits) -> FetchCommand:
+    try:
+        model = _Command.model_validate(data, context={"limits": limits})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]  # in field order: the first check that failed
+        if first["type"] == "rejected":
+            raise CommandRejected(first["msg"]) from None
+        where = ".".join(str(part) for part in first["loc"]) or "command"
+        raise CommandRejected(f"invalid {where}: {first['msg']}") from None
+    return model.to_command(limits)
 
-    cid = data.get("command_id")
-    if cid is None:
-        cid = str(uuid.uuid4())
-    elif not isinstance(cid, str) or not _COMMAND_ID.fullmatch(cid):
-        raise CommandRejected(
-            "'command_id' must be a uuid or up to 64 characters of [A-Za-z0-9_.:-]"
-        )
 
-    requested_by = _optional_text(data.get("requested_by"), "requested_by")
-    timestamp = _optional_text(data.get("timestamp"), "timestamp")
-
-    raw: dict[str, Any] = {"command": "fetch", "chat": chat_raw, "mode": mode, **params}
-    raw.update({"strategy": strategy, "command_id": cid})
-    if limit is not None:
-        raw["limit"] = limit
-    if force:
-        raw["options"] = {"force": True}
-    if requested_by is not None:
-        raw["requested_by"] = requested_by
-    if timestamp is not None:
-        raw["timestamp"] = timestamp
-    return FetchCommand(
-        chat=chat,
-        mode=mode,  # type: ignore[arg-type]  # checked against the three modes above
-        days=days,
-        strategy=strategy,
-        command_id=cid,
-        limit=limit,
-        force=force,
-        requested_by=requested_by,
-        timestamp=timestamp,
-        params=params,
-        raw=raw,
-    )
+def _limits(info: ValidationInfo) -> CommandLimits:
+    assert isinstance(info.context, dict)
+    limits = info.context["limits"]
+    assert isinstance(limits, CommandLimits)
+    return limits
 
 
 def _parse_date(value: object, name: str) -> date:
     if not isinstance(value, str) or not _DATE.fullmatch(value):
-        raise CommandRejected(f"'{name}' must be a date YYYY-MM-DD, got {_show(value)}")
+        raise _rejected(f"'{name}' must be a date YYYY-MM-DD, got {_show(value)}")
     try:
         return date.fromisoformat(value)
     except ValueError:
-        raise CommandRejected(f"'{name}' is not a real date: {value}") from None
+        raise _rejected(f"'{name}' is not a real date: {value}") from None
 
 
 def _not_future(day: date, today: date, name: str) -> None:
     if day > today:
-        raise CommandRejected(f"'{name}' {day} is in the future (today is {today})")
+        raise _rejected(f"'{name}' {day} is in the future (today is {today})")
 
 
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise CommandRejected(f"'{name}' must be a whole number, got {_show(value)}")
+        raise _rejected(f"'{name}' must be a whole number, got {_show(value)}")
     if value < 1:
-        raise CommandRejected(f"'{name}' must be at least 1, got {value}")
-    return value
-
-
-def _optional_text(value: object, name: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > 256:
-        raise CommandRejected(f"'{name}' must be a string of at most 256 characters")
+        raise _rejected(f"'{name}' must be at least 1, got {value}")
     return value
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from loguru import logger
 from redis.asyncio import Redis
 
+from fleet.clock import utc_iso
 from fleet.events import EventPublisher, poison_event
 from fleet.exitcodes import Exit
 from fleet.keys import Keys
@@ -292,7 +293,7 @@ class Daemon:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "session": self.session_name,
-            "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "started": utc_iso(datetime.now(UTC)),
         }
         warned = False
         scan = True

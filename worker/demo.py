@@ -26,7 +26,8 @@ import redis
 
 from fleet.events import parse_event
 from fleet.keys import Keys
-from worker.ops import format_event
+from fleet.redisconn import connect_sync
+from worker.cmdline import format_event
 from worker.settings import WorkerSettings
 
 WORKERS = 3
@@ -243,7 +244,7 @@ def _stop(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
 
 
 def _wait_for_redis(url: str) -> redis.Redis:
-    client = redis.Redis.from_url(url)
+    client = connect_sync(url)
     deadline = time.monotonic() + 10
     while True:
         try:

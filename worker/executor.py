@@ -30,6 +30,7 @@ from typing import Any
 
 from loguru import logger
 
+from fleet.clock import utc_iso
 from fleet.deadletters import new_dead_letter
 from fleet.events import EventPublisher, ProgressThrottle, make_event
 from fleet.redisconn import RedisLink
@@ -57,9 +58,7 @@ class Running:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     taken_over: bool = False  # the lease expired and another worker may run it
     started: float = field(default_factory=time.monotonic)
-    started_at: str = field(
-        default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    )
+    started_at: str = field(default_factory=lambda: utc_iso(datetime.now(UTC)))
 
 
 @dataclass
@@ -186,7 +185,7 @@ class CommandExecutor:
                 await self.link.call(lambda: self.queue.ack(entry, cmd.command_id, completed=False))
                 log.info(
                     "command already completed at {}; skipped (no event: not executed)",
-                    datetime.fromtimestamp(done_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    utc_iso(datetime.fromtimestamp(done_at, UTC)),
                 )
                 return
             owner = await self.link.call(lambda: self.queue.claim_run(cmd.command_id), "claim run")
@@ -405,7 +404,7 @@ class CommandExecutor:
             "command_id": cmd.command_id,
             "chat": cmd.chat.display,
             "status": status,
-            "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "finished": utc_iso(datetime.now(UTC)),
         }
 
     async def _still_ours(self, running: Running, log: Any) -> bool:

@@ -25,7 +25,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import redis.exceptions
 from loguru import logger
 from redis.asyncio import Redis
 
@@ -34,6 +33,7 @@ from fleet.bucket import AcquireResult, RateDefaults, TokenBucket
 from fleet.clock import Clock
 from fleet.gate import Outcome, RequestClass
 from fleet.keys import Keys, check_session
+from fleet.redisconn import REDIS_DOWN
 from fleet.scripts import scripts_for
 from fleet.settings import FleetSettings
 from worker.errors import BreakerOpen, RateLimited
@@ -50,15 +50,6 @@ _TRANSITION_STATE = {
     "half_open": "half_open",
     "closed": "closed",
 }
-
-# What "Redis is unavailable" looks like: refused/dropped connections, Redis still loading its
-# AOF after a restart (BusyLoadingError is a ConnectionError), and our own deadline.
-REDIS_DOWN: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    TimeoutError,
-    OSError,
-)
 
 # The probe token of the request the current task is making (set by acquire, read by report).
 _probe: ContextVar[tuple[int, str] | None] = ContextVar("governor_probe", default=None)

@@ -19,19 +19,12 @@ import asyncio
 import contextlib
 from typing import Any
 
-import redis.exceptions
 from loguru import logger
 from redis.asyncio import Redis
 
 from fleet.clock import Clock
+from fleet.redisconn import REDIS_DOWN
 from fleet.scripts import text
-
-_DOWN: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    TimeoutError,
-    OSError,
-)
 
 
 class HoldListener:
@@ -109,7 +102,7 @@ class HoldListener:
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._announce(message.get("data", b""))
-            except _DOWN as exc:
+            except REDIS_DOWN as exc:
                 logger.debug("fleet hold subscription down ({}); retrying", type(exc).__name__)
             except Exception as exc:  # never let the listener die: holds would stop arriving
                 logger.warning("fleet hold subscription failed ({}); retrying", exc)

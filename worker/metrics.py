@@ -12,6 +12,8 @@ from fleet.metrics import (
     COMMAND_STATUSES,
     DEDUP_SOURCES,
     FETCH_DURATION_BUCKETS,
+    RATE_LIMIT_HITS,
+    RETRIES,
     TOKEN_WAIT_BUCKETS,
     CommonMetrics,
     LabelCap,
@@ -89,6 +91,11 @@ class WorkerMetrics(CommonMetrics):
             self.commands_total.labels(status=status)
         for source in DEDUP_SOURCES:
             self.deduplicated_messages_total.labels(source=source)
+        for target, reason in RETRIES:
+            self.retries_total.labels(target=target, reason=reason)
+        for source, reason in RATE_LIMIT_HITS:
+            self.rate_limit_hits_total.labels(source=source, reason=reason)
+        self.breaker_open_total.labels(component="telegram")
 
     def observe_fetch(self, chat: str, seconds: float) -> None:
         self.fetch_duration_seconds.labels(chat=self.chat_label(chat)).observe(seconds)

@@ -23,7 +23,6 @@ import contextlib
 import json
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +34,7 @@ from fleet.exitcodes import Exit
 from fleet.keys import Keys
 from fleet.redisconn import REDIS_DOWN, connect
 from fleet.scripts import text
-from worker.cli import add_command_arguments, build_fetch_payload
+from worker.cmdline import add_command_arguments, build_send_payload, format_event
 from worker.commands import CommandLimits, parse_command, today_in
 from worker.errors import CommandRejected
 from worker.settings import WorkerSettings
@@ -83,17 +82,6 @@ def cmd_run(settings: WorkerSettings, args: argparse.Namespace) -> int:
 
 
 # --- send -----------------------------------------------------------------------------------------
-
-
-def build_send_payload(args: argparse.Namespace, today: Any) -> dict[str, Any]:
-    """The command ``fetch`` would run, plus what a queued command carries: its id, who asked,
-    when."""
-    payload: dict[str, Any] = dict(build_fetch_payload(args, today))
-    payload["command_id"] = args.command_id or str(uuid.uuid4())
-    if args.requested_by:
-        payload["requested_by"] = args.requested_by
-    payload["timestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return payload
 
 
 def cmd_send(settings: WorkerSettings, args: argparse.Namespace) -> int:
@@ -196,29 +184,6 @@ def _show(fields: Any, command_id: str | None, as_json: bool, until_terminal: bo
         if not event.get("retryable"):
             return Exit.FAILED
     return None
-
-
-def format_event(event: dict[str, Any], as_json: bool) -> str:
-    if as_json:
-        return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    kind = str(event.get("event"))
-    parts = [
-        str(event.get("ts", "?")),
-        f"{kind:<9}",
-        str(event.get("chat") or "-"),
-        f"id={event.get('command_id') or '-'}",
-        f"processed={event.get('processed', 0)}",
-        f"errors={event.get('errors', 0)}",
-        f"{float(event.get('duration_sec') or 0):.1f}s",
-        f"worker={event.get('worker_id', '?')}",
-    ]
-    if kind == "completed":
-        parts.append(f"files={len(event.get('files') or [])} status={event.get('status')}")
-    if kind == "failed":
-        error = event.get("error") or {}
-        again = "will retry" if event.get("retryable") else "final"
-        parts.append(f"[{again}] {error.get('type')}: {error.get('message')}")
-    return "  ".join(parts)
 
 
 # --- status ---------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import math
 import random
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 from telethon import TelegramClient, errors, utils
@@ -61,9 +61,6 @@ from worker.errors import (
     TransientError,
 )
 from worker.settings import WorkerSettings
-
-if TYPE_CHECKING:
-    pass
 
 OnRateLimit = Callable[[str, str], None]
 """``on_rate_limit(source, reason)``: a FloodWait-class answer from Telegram (metrics hook)."""

@@ -6,7 +6,7 @@
 -- half_open --(the probe holder reports failure)--> open (again)
 -- A probe whose holder never reports loses its lease when it expires; bucket.lua then grants a
 -- new one. Failures reported by others while open/half-open are late answers to requests sent
--- before the breaker opened and are ignored. Time is Redis TIME. Key schema: governor/keys.py.
+-- before the breaker opened and are ignored. Time is Redis TIME. Key schema: fleet/keys.py.
 --
 -- KEYS[1] breaker         hash    state, until_us, failures (csv µs), changed_us, opened
 -- KEYS[2] breaker:probe   string  probe holder token (PX lease)

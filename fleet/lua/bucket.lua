@@ -5,7 +5,7 @@
 -- class. The answer is either "go after wait_us" with the slot *booked* (the caller sleeps
 -- once, no polling) or "refused" without booking (breaker open, another probe in flight, or a
 -- wait longer than max_wait_us). Time is Redis TIME, never the
--- caller's clock. Key schema: governor/keys.py.
+-- caller's clock. Key schema: fleet/keys.py.
 --
 -- A FloodWait pause is refused (not booked) with its remaining time: a slot booked at the end
 -- of a long pause would push the fleet bucket's TAT there and stall every other session. The

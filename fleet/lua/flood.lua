@@ -2,7 +2,7 @@
 --
 -- The pause is set from Redis TIME, and an existing longer pause is kept (two FloodWaits in
 -- flight must not shorten each other). With ARGV[5] = '1' the event is also appended to the
--- capped flood stream and counted for the governor. Key schema: governor/keys.py.
+-- capped flood stream and counted for the governor. Key schema: fleet/keys.py.
 --
 -- KEYS[1] pause:<session>:<cls>   string  paused until, µs (PX TTL = the pause)
 -- KEYS[2] floods                  stream  session, class, seconds, worker

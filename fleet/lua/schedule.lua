@@ -2,7 +2,7 @@
 --
 -- The marker is set with NX and the command pushed in the same atomic call: a second call for
 -- the same chat and day (a restarted governor, a failover, two governors racing) pushes
--- nothing, and no crash can leave a marker without its command. Key schema: governor/keys.py.
+-- nothing, and no crash can leave a marker without its command. Key schema: fleet/keys.py.
 --
 -- KEYS[1] schedule:<chat>:<date>   string  marker (EX TTL)
 -- KEYS[2] tg_commands              list    the command queue

@@ -29,6 +29,7 @@ def env_for(data: Path) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(data.parent),
+        "PYTHONPATH": str(ROOT),  # this checkout, with or without an editable install
         "TELEGRAM_BACKEND": "sim",
         "DATA_DIR": str(data),
         "SIM_MESSAGES_PER_DAY": "12000",

@@ -1,7 +1,7 @@
 """A FloodWait in one worker process holds the other at once and slows it within one tick.
 
 Real processes on real Redis: two fetching workers on different sessions
-(``bench/_bench_worker.py``: ``TelegramSession`` + ``FleetGate`` over the simulator) and a
+(``gate_worker_child.py``: ``TelegramSession`` + ``FleetGate`` over the simulator) and a
 ``python -m governor`` process. The simulator of session ``a`` keeps its limits under a prefix
 of its own, so lowering ``a``'s per-account limit through the limits hash floods ``a`` only.
 Rates are measured from the simulator's request log (one JSON line per request).
@@ -23,6 +23,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[2]
 TICK_S = 0.5
+CHILD = Path(__file__).with_name("gate_worker_child.py")
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +97,9 @@ def test_a_flood_in_one_worker_holds_the_other_and_slows_it_within_one_tick(
         }
         workers.append(
             subprocess.Popen(
-                [sys.executable, str(ROOT / "bench" / "_bench_worker.py"), json.dumps(cfg)],
+                [sys.executable, str(CHILD), json.dumps(cfg)],
                 cwd=tmp_path,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from fleet.keys import Keys
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TICK_S = 0.2
@@ -218,3 +219,44 @@ def test_status_prints_rates_tokens_pauses_breaker_workers_and_queue(
     )
     assert report["rates"]["fleet"]["history"]["per_second"] == 7.5
     assert report["queue"]["length"] == 2 and report["breaker"]["state"] == "closed"
+
+
+def test_governor_rides_out_a_redis_restart_and_exits_69_after_the_max_outage(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """The governor shares the worker's outage tracker: one log line when Redis goes, one when
+    it is back, leadership taken again, and exit 69 once an outage outlasts the maximum."""
+    env = governor_env(private_redis.url, "gov-o", REDIS_MAX_OUTAGE_SECONDS="3")
+    log = tmp_path / "governor.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "governor"],
+            cwd=tmp_path,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        client = redis.Redis.from_url(private_redis.url)
+        wait_for(lambda: leader(client) == "gov-o", 15, "gov-o to lead")
+        private_redis.kill()
+        time.sleep(1.0)  # shorter than the maximum outage
+        private_redis.start()
+        client = redis.Redis.from_url(private_redis.url)
+        wait_for(lambda: "reachable again" in log.read_text(), 15, "the governor to see Redis back")
+        wait_for(lambda: leader(client) == "gov-o", 15, "gov-o to lead again")
+        assert proc.poll() is None
+        private_redis.kill()
+        killed = time.monotonic()
+        code = proc.wait(20)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    out = log.read_text()
+    assert code == 69, out
+    assert 3 <= took < 12, out
+    assert out.count("unreachable (") == 2, out  # one line per outage
+    assert out.count("reachable again") == 1, out
+    assert "redis unavailable for 3s; exiting" in out

@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet.metrics import GOVERNOR_JOB, WORKER_JOB, Exporters, health_details, start_exporters
+from fleet.metrics import (
+    GOVERNOR_JOB,
+    RATE_LIMIT_HITS,
+    RETRIES,
+    WORKER_JOB,
+    Exporters,
+    health_details,
+    start_exporters,
+)
 from fleet.settings import FleetSettings
 from governor.metrics import GovernorMetrics
 from worker.metrics import WorkerMetrics
@@ -292,3 +300,60 @@ def test_stop_closes_the_port(serve: Callable[..., Exporters]) -> None:
     exporters.stop()  # idempotent
     with pytest.raises(urllib.error.URLError):
         _get(f"{url}/health")
+
+
+def test_known_counters_are_exported_at_zero_before_anything_happens(
+    serve: Callable[..., Exporters],
+) -> None:
+    # Dashboards must tell "none yet" (0) from "not exported" (no series) from the first scrape.
+    exporters = serve(WorkerMetrics().registry, job=WORKER_JOB, instance="fresh")
+    _, _, body = _get(f"{exporters.url}/metrics")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(body)
+        for s in f.samples
+    }
+    for source, reason in RATE_LIMIT_HITS:
+        key = ("rate_limit_hits_total", (("reason", reason), ("source", source)))
+        assert samples.get(key) == 0.0, key
+    for target, reason in RETRIES:
+        assert samples.get(("retries_total", (("reason", reason), ("target", target)))) == 0.0
+    assert samples[("breaker_open_total", (("component", "telegram"),))] == 0.0
+    assert samples[("commands_total", (("status", "failed"),))] == 0.0
+
+
+def test_the_known_label_values_are_the_ones_the_code_records() -> None:
+    from typing import get_args
+
+    from fleet.bucket import Reason
+    from worker.fleet_gate import BREAKER_COMPONENT
+    from worker.tgclient import _FLOOD_REASONS
+
+    telegram = {r for s, r in RATE_LIMIT_HITS if s == "telegram"}
+    bucket = {r for s, r in RATE_LIMIT_HITS if s == "bucket"}
+    assert set(_FLOOD_REASONS.values()) == telegram
+    refusals = set(get_args(Reason)) - {"ok", "probe", "breaker"}  # admitted, or not a rate limit
+    assert bucket == refusals | {"local_pause"}
+    assert BREAKER_COMPONENT == "telegram"
+
+
+def test_the_start_up_log_names_the_address_the_socket_is_bound_on(
+    serve: Callable[..., Exporters],
+) -> None:
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), format="{message}")
+    try:
+        exporters = serve(
+            WorkerMetrics().registry,
+            settings=_settings(metrics_host="0.0.0.0"),
+            job=WORKER_JOB,
+            instance="w",
+        )
+    finally:
+        logger.remove(sink)
+    assert exporters.server is not None
+    started = [line for line in lines if "metrics and health served on" in line]
+    assert started == [f"metrics and health served on http://0.0.0.0:{exporters.server.port}\n"]
+    assert _get(f"{exporters.url}/health")[0] == 200  # reachable on loopback all the same

@@ -28,6 +28,7 @@ from fleet.settings import ConfigError, FleetSettings
 from tests.pushgateway import PUSHGATEWAY, Pushgateway, wait_until
 from worker.metrics import WorkerMetrics
 
+ROOT = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("obs_push_child.py")
 INTERVAL_S = 0.2
 
@@ -67,6 +68,7 @@ class Child:
             PUSHGATEWAY_URL=gateway_url,
             PUSH_INTERVAL_SECONDS=str(INTERVAL_S),
             REDIS_PASSWORD="child-redis-secret",
+            PYTHONPATH=str(ROOT),
         )
         self.stderr_path = tmp / f"{worker_id}.stderr"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in wait()

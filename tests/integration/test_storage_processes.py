@@ -1,10 +1,9 @@
-"""Storage with real processes: concurrent progress writers, and SIGKILL at random moments."""
+"""Storage with real processes: concurrent progress writers, and SIGKILL at every durable step."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 N_MESSAGES = 8000
-TRIALS = 24
 
 
 def child(*args: str) -> subprocess.Popen[str]:
@@ -37,9 +35,12 @@ def child(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def run_day(data_dir: Path, version: int, *, force: bool = False) -> tuple[float, float]:
+def run_day(
+    data_dir: Path, version: int, *, force: bool = False, trace: Path | None = None
+) -> tuple[float, float]:
     """Run a child to the end; returns seconds from ``ready`` to ``finishing`` and to exit."""
-    with child("day", str(data_dir), str(N_MESSAGES), str(version), *(["--force"] * force)) as proc:
+    extra = ["--force"] * force + (["--trace", str(trace)] if trace is not None else [])
+    with child("day", str(data_dir), str(N_MESSAGES), str(version), *extra) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         assert proc.stdout.readline() == "ready\n"
         ready = time.monotonic()
@@ -93,58 +94,76 @@ def test_concurrent_processes_lose_no_progress_update(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("progress.json.*")), "no temp or corrupt files left behind"
 
 
-def test_sigkill_at_any_moment_leaves_no_partial_file_and_resume_matches(tmp_path: Path) -> None:
-    # References: an uninterrupted v1 run, and a forced v2 run over it.
+def kill_points(trace: list[str], *, thorough: bool) -> list[tuple[str, int]]:
+    """Where to kill (``("stop", K)``: before step K; ``("tear", K)``: halfway through the
+    journal write K): every step of the first and last page and of the finish, and a torn
+    journal line in the first, middle and last page (``thorough=False``: the first page, the
+    finish and the middle tear)."""
+    pages = [k for k, step in enumerate(trace, 1) if step.startswith("page write:")]
+    finish = [k for k, step in enumerate(trace, 1) if step.startswith("finish ")]
+    first_page = list(range(pages[0], pages[1]))
+    last_page = list(range(pages[-1], finish[0]))
+    stops = first_page + (last_page if thorough else []) + finish
+    tears = [pages[0], pages[len(pages) // 2], pages[-1]] if thorough else [pages[len(pages) // 2]]
+    return [("stop", k) for k in stops] + [("tear", k) for k in tears]
+
+
+def test_sigkill_at_every_durable_step_leaves_no_partial_file_and_resume_matches(
+    tmp_path: Path,
+) -> None:
+    # References: an uninterrupted v1 run, and a forced v2 run over it, each with the list of
+    # durable steps it took (journal writes, fsyncs, renames, unlinks).
     ref = tmp_path / "ref"
-    appending, total = run_day(ref, 1)
+    run_day(ref, 1, trace=tmp_path / "fresh.trace")
     v1 = messages_of(day_file(ref))
     old_state = tmp_path / "old-state"
     shutil.copytree(ref, old_state)
-    appending2, total2 = run_day(ref, 2, force=True)
+    run_day(ref, 2, force=True, trace=tmp_path / "over.trace")
     v2 = messages_of(day_file(ref))
     assert v1 != v2
-    appending, total = max(appending, appending2), max(total, total2)
 
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
     outcomes: dict[str, int] = {}
-    for trial in range(TRIALS):
-        data = tmp_path / f"trial{trial}"
-        over_old_file = trial % 2 == 1  # odd trials: a forced re-fetch over a complete v1 day
-        aim_at_finish = trial % 4 >= 2  # half the kills aimed at the write of the day file
-        if over_old_file:
-            shutil.copytree(old_state, data)
-        with child("day", str(data), str(N_MESSAGES), "2", *(["--force"] * over_old_file)) as proc:
-            assert proc.stdout is not None
-            assert proc.stdout.readline() == "ready\n"
-            if aim_at_finish:
-                assert proc.stdout.readline() == "finishing\n"
-                time.sleep(rng.uniform(0.0, (total - appending) * 1.1))
+    trial = 0
+    for over_old_file in (False, True):  # a first fetch, and a forced re-fetch over a v1 day
+        trace = (tmp_path / ("over.trace" if over_old_file else "fresh.trace")).read_text()
+        steps = trace.splitlines()
+        renamed_at = steps.index(f"finish replace:{day_file(ref).relative_to(ref)}") + 1
+        for how, k in kill_points(steps, thorough=not over_old_file):
+            trial += 1
+            data = tmp_path / f"trial{trial}"
+            if over_old_file:
+                shutil.copytree(old_state, data)
+            force = ["--force"] * over_old_file
+            proc = child("day", str(data), str(N_MESSAGES), "2", *force, f"--{how}-at", str(k))
+            try:  # the child waits at the kill point: it must never outlive a failed assertion
+                assert proc.stdout is not None
+                assert proc.stdout.readline() == "ready\n"
+                line = proc.stdout.readline()
+                if line == "finishing\n":
+                    line = proc.stdout.readline()
+                assert line == f"stopped {k} {steps[k - 1]}\n", (line, how, k)
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate(timeout=30)
+            assert proc.returncode == -signal.SIGKILL
+
+            where = f"{how} at step {k} ({steps[k - 1]}), over_old_file={over_old_file}"
+            path = day_file(data)
+            if not path.exists():
+                assert not over_old_file, f"{where}: the old file disappeared"
+                state = "absent"
             else:
-                time.sleep(rng.uniform(0.0, total))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        killed = proc.returncode == -signal.SIGKILL
+                content = messages_of(path)
+                state = "new" if content == v2 else "old" if content == v1 else "other"
+            # The day file changes in one rename: before it the old state, after it the new one.
+            expected = "new" if k > renamed_at else "old" if over_old_file else "absent"
+            assert state == expected, where
+            outcomes[state] = outcomes.get(state, 0) + 1
 
-        where = f"trial {trial} (seed {seed}, over_old_file={over_old_file})"
-        path = day_file(data)
-        if not path.exists():
-            assert not over_old_file, f"{where}: the old file disappeared"
-            state = "absent"
-        else:
-            content = messages_of(path)
-            assert content in (v1, v2) if over_old_file else content == v2, where
-            state = "old" if content == v1 and over_old_file else "new"
-        key = f"{'killed' if killed else 'exited'}:{state}"
-        outcomes[key] = outcomes.get(key, 0) + 1
-
-        run_day(data, 2, force=over_old_file)
-        assert messages_of(path) == v2, where
-        assert not path.with_name(f".discussions_{DAY.isoformat()}.partial.jsonl").exists()
-        assert not path.with_name(f".{path.name}.tmp").exists()
-        store = ProgressStore(data, schema_version="1.0.0", timezone="UTC")
-        assert store.is_complete(CHAT_KEY, DAY), where
-
-    killed_mid_run = sum(n for k, n in outcomes.items() if k.startswith("killed"))
-    assert killed_mid_run >= TRIALS // 2, f"too few kills landed mid-run: {outcomes}"
-    print(f"seed {seed}: {outcomes}")
+            run_day(data, 2, force=over_old_file)
+            assert messages_of(path) == v2, where
+            assert not path.with_name(f".discussions_{DAY.isoformat()}.partial.jsonl").exists()
+            assert not path.with_name(f".{path.name}.tmp").exists()
+            store = ProgressStore(data, schema_version="1.0.0", timezone="UTC")
+            assert store.is_complete(CHAT_KEY, DAY), where
+    print(f"{trial} kills, each at a chosen step; day file after the kill: {outcomes}")

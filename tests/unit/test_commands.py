@@ -206,3 +206,18 @@ def test_arbitrary_bytes_never_crash(payload: bytes) -> None:
     # Either outcome is fine; any other exception fails the test.
     with contextlib.suppress(CommandRejected):
         parse_command(payload, LIMITS)
+
+
+def test_with_several_faults_the_reason_is_the_first_in_field_order() -> None:
+    # chat before mode before the days before strategy before limit: one reason, always the same.
+    reject(cmd(chat=1, mode="week", strategy="x"), "'chat' is required")
+    reject(cmd(mode="range", **{"from": "x", "to": "y"}, strategy="x"), "'from' must be a date")
+    reject(cmd(mode="days", days=0, strategy="x", limit=0), "'days' must be at least 1")
+    reject(cmd(mode="days", days=1, strategy="x", limit=0), "unknown strategy")
+    reject(cmd(days_back=0, days=5), "'days_back' must be at least 1")  # the legacy form
+
+
+def test_a_null_strategy_is_rejected_but_a_missing_one_takes_the_default() -> None:
+    reject(cmd(mode="days", days=1, strategy=None), "unknown strategy None")
+    per_day = CommandLimits(today=TODAY, default_strategy="per_day")
+    assert parse_command(cmd(mode="days", days=1), per_day).strategy == "per_day"

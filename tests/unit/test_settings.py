@@ -104,7 +104,12 @@ def _settings_classes() -> list[type]:
 
 
 def test_cli_exits_78_with_one_line_on_bad_configuration(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "PARALLELISM_MAX": "lots", "HOME": str(tmp_path)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PARALLELISM_MAX": "lots",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "worker", "fetch", "--chat", "@ru_python"],
         cwd=ROOT,
@@ -116,3 +121,84 @@ def test_cli_exits_78_with_one_line_on_bad_configuration(tmp_path: Path) -> None
     assert proc.returncode == 78
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "PARALLELISM_MAX" in lines[0]
+
+
+# --- every documented key is a setting that the code reads ------------------------------------
+
+SETTINGS_MODULES = ("fleet/settings.py", "worker/settings.py", "governor/settings.py")
+SIM_SETTINGS = "worker/sim/settings.py"
+
+
+def _documented_keys() -> list[str]:
+    text = (ROOT / ".env.example").read_text()
+    return re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, re.M)
+
+
+def _owner(key: str) -> tuple[type, tuple[str, ...]]:
+    """The model that declares ``key`` (the most general one) and the packages that may read it:
+    shared settings anywhere, the worker's and the simulator's in worker/ (worker/backend.py
+    builds the simulator from its settings), the governor's in governor/."""
+    from governor.settings import GovernorSettings
+    from worker.sim.settings import SimSettings
+
+    name = key.lower()
+    if name in FleetSettings.model_fields:
+        return FleetSettings, ("fleet", "worker", "governor")
+    if name in WorkerSettings.model_fields:
+        return WorkerSettings, ("worker",)
+    if name in GovernorSettings.model_fields:
+        return GovernorSettings, ("governor",)
+    if name in SimSettings.model_fields:
+        return SimSettings, ("worker",)
+    raise AssertionError(f"{key} is documented in .env.example but no settings model has it")
+
+
+def _derived_readers() -> dict[str, set[str]]:
+    """Field name → the settings methods/properties that read it (transitively), e.g.
+    ``redis_url`` → ``redis_dsn``: code that calls ``settings.redis_dsn()`` reads REDIS_URL.
+    Validators are not readers (nothing calls them but pydantic)."""
+    import ast
+
+    direct: dict[str, set[str]] = {}
+    for rel in (*SETTINGS_MODULES, SIM_SETTINGS):
+        tree = ast.parse((ROOT / rel).read_text())
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+                decorators = {ast.unparse(d).split("(")[0] for d in fn.decorator_list}
+                if decorators & {"field_validator", "model_validator"}:
+                    continue
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "self":
+                        direct.setdefault(node.attr, set()).add(fn.name)
+    readers: dict[str, set[str]] = {}
+    for field in direct:
+        seen, todo = {field}, [field]
+        while todo:
+            for method in direct.get(todo.pop(), set()):
+                if method not in seen:
+                    seen.add(method)
+                    todo.append(method)
+        readers[field] = seen
+    return readers
+
+
+def _code(packages: tuple[str, ...]) -> str:
+    skip = {ROOT / rel for rel in (*SETTINGS_MODULES, SIM_SETTINGS)}
+    return "\n".join(
+        path.read_text()
+        for package in packages
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path not in skip
+    )
+
+
+def test_every_documented_setting_is_read_by_the_component_that_declares_it() -> None:
+    readers = _derived_readers()
+    unread: list[str] = []
+    for key in _documented_keys():
+        model, packages = _owner(key)
+        names = readers.get(key.lower(), {key.lower()}) | {key.lower()}
+        code = _code(packages)
+        if not any(re.search(rf"\.{re.escape(n)}\b", code) for n in names):
+            unread.append(f"{key} ({model.__name__}, read through {sorted(names)})")
+    assert not unread, f"documented in .env.example but read by no code: {unread}"

@@ -262,9 +262,6 @@ class World:
         spread = 0.6 + 0.8 * _unit("count", self.seed, chat_id, day)
         return max(1, min(STRIDE - 2, round(self.messages_per_day * spread)))
 
-    def _today(self) -> int:
-        return (self.now_ts() - self.start_ts) // DAY_S
-
     def _cumulative(self, chat_id: int, upto_day: int) -> list[int]:
         """``cum[d]`` = messages in days ``< d``, for ``d`` in ``[0, upto_day]``."""
         cum = self._cum.get(chat_id)
