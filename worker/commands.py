@@ -42,6 +42,9 @@ class FetchCommand:
     requested_by: str | None = None
     timestamp: str | None = None
     params: dict[str, Any] = field(default_factory=dict)  # echoed in events, as given
+    # after_id (issue 14, an addition to CONTRACT §3): fetch only messages above this id, and
+    # advance the chat's high-water mark when the command completes. None: an ordinary fetch.
+    after_id: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)  # the normalised JSON, for requeueing
 
     def to_json(self) -> str:
@@ -194,6 +197,18 @@ def _validate(data: dict[str, Any], limits: CommandLimits) -> FetchCommand:
             "'command_id' must be a uuid or up to 64 characters of [A-Za-z0-9_.:-]"
         )
 
+    # --- after_id (issue 14; kept apart for the validation rewrite) ---------------------------
+    after_id = data.get("after_id")
+    if after_id is not None:
+        if isinstance(after_id, bool) or not isinstance(after_id, int) or after_id < 0:
+            raise CommandRejected(
+                f"'after_id' must be a whole number >= 0 (a message id), got {_show(after_id)}"
+            )
+        if after_id >= 2**63:
+            raise CommandRejected(f"'after_id' {after_id} is out of range")
+        params["after_id"] = after_id  # echoed in events: an incremental run shows its mark
+    # --- end of after_id ---------------------------------------------------------------------
+
     requested_by = _optional_text(data.get("requested_by"), "requested_by")
     timestamp = _optional_text(data.get("timestamp"), "timestamp")
 
@@ -219,6 +234,7 @@ def _validate(data: dict[str, Any], limits: CommandLimits) -> FetchCommand:
         timestamp=timestamp,
         params=params,
         raw=raw,
+        after_id=after_id,
     )
 
 

@@ -350,7 +350,17 @@ class CommandExecutor:
         await self.publisher.publish(
             event("completed", outcome, status=status, files=outcome.files)
         )
-        await self.link.call(lambda: self.queue.ack(running.entry, cmd.command_id, completed=True))
+        # issue 14: a command with after_id advances the chat's mark in the ack itself, after
+        # its day files and progress are written. With a limit, messages above the last one
+        # written may be missing, so no mark is claimed.
+        mark = (
+            (cmd.chat.key, max(cmd.after_id, outcome.max_id), cmd.days[-1].isoformat())
+            if cmd.after_id is not None and cmd.limit is None
+            else None
+        )
+        await self.link.call(
+            lambda: self.queue.ack(running.entry, cmd.command_id, completed=True, mark=mark)
+        )
         self.tally.served += 1
         self._finished(running, status, None, outcome)
         self.tally.last_success = (
