@@ -50,6 +50,7 @@ class Scripts:
     requeue_dead: AsyncScript
     # the governor's scheduler
     schedule: AsyncScript
+    schedule_tick: AsyncScript  # the incremental scheduler (issue 14)
 
     @classmethod
     def register(cls, client: Redis) -> Scripts:
