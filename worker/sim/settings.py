@@ -35,6 +35,7 @@ class SimSettings(WorkerSettings):
     sim_fault_rate: float = Field(0.0, ge=0, le=1)
     sim_faults: str = "timeout,rpc500"
     sim_request_log: Path | None = None
+    sim_horizon_file: Path | None = None  # runtime append (issue 14): see world.Horizon
 
     @field_validator("sim_faults")
     @classmethod
