@@ -78,6 +78,10 @@ Incremental scheduler (issue 14)
 ``hwm``                                    hash    none                ack.lua / scheduler, status
 ``sched:inflight``                         hash    none (HDEL on end)  schedule_tick.lua
 ``sched:state``                            hash    none                schedule_tick.lua / status
+``split:<command_id>``                     hash    none (DEL on end)   split.lua / part_done.lua
+``split:<command_id>:pending``             set     none (DEL on end)   split.lua / part_done.lua
+``split:<command_id>:files``               set     none (DEL on end)   part_done.lua
+``split:<command_id>:failed``              hash    none (DEL on end)   part_done.lua
 ========================================== ======= =================== ==========================
 
 - ``channels``: chat key → JSON ``{chat, backfill, interval, priority, paused, added_at}``
@@ -93,6 +97,11 @@ Incremental scheduler (issue 14)
 - ``sched:state``: chat key → JSON ``{seq, command_id, mode, enqueued_ms, finished_ms,
   result, failures}``; ``seq`` is compared-and-set by ``schedule_tick.lua``, so two governors
   that both believe they lead cannot push the same run twice.
+- ``split:<command_id>`` (a ``per_day`` command split into per-day parts, :mod:`worker.parts`):
+  fields ``parent`` (its raw JSON), ``chat``, ``mode``, ``params`` (JSON), ``total``,
+  ``started_ms``, ``processed``, ``errors``, ``partial``, ``max_id``; ``:pending`` holds the
+  days not finished yet, ``:files`` the day files written, ``:failed`` day → error of the
+  parts that failed for good. All four go when the last part closes the parent.
 """
 
 from __future__ import annotations
@@ -283,3 +292,12 @@ class Keys:
     def processing_prefix(self) -> str:
         """``processing:<worker_id>`` without the worker id (Lua builds the names)."""
         return self._k("processing", "")
+
+    def split(self, command_id: str) -> str:
+        """Hash: the parent of a command split into per-day parts (see the docstring)."""
+        return self._k("split", command_id)
+
+    @property
+    def split_prefix(self) -> str:
+        """``split:<command_id>`` without the id (Lua builds the names)."""
+        return self._k("split", "")

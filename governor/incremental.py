@@ -228,7 +228,11 @@ class IncrementalScheduler:
         if not planned and not inflight:
             return result
         planned.sort(key=lambda p: (-p.channel.priority, p.due_ms, p.key))
-        args: list[Any] = [self.keys.processing_prefix, s.parser_max_concurrency, now]
+        args: list[Any] = [
+            self.keys.processing_prefix,
+            s.parser_max_concurrency,
+            self.keys.split_prefix,
+        ]
         for p in planned:
             args.extend([p.key, str(p.expected_seq), p.expected_mark, p.seq, p.mode, p.raw])
         reply = await self._script(

@@ -33,6 +33,7 @@ from loguru import logger
 from fleet.deadletters import new_dead_letter
 from fleet.events import EventPublisher, ProgressThrottle, make_event
 from fleet.redisconn import RedisLink
+from worker import parts
 from worker.commands import CommandLimits, FetchCommand, parse_command, salvage_identity, today_in
 from worker.errors import (
     BreakerOpen,
@@ -205,7 +206,8 @@ class CommandExecutor:
                 running.stop.set()
             self.running[cmd.command_id] = running
             try:
-                await self._run_fetch(running, log)
+                # issue 14: per_day commands may be split into parts for the fleet (or be one)
+                await parts.execute(self, running, log)
             finally:
                 self.running.pop(cmd.command_id, None)
         finally:

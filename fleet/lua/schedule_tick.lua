@@ -1,7 +1,8 @@
 -- schedule_tick.lua: one tick of the incremental scheduler (governor/incremental.py), atomic.
 --
--- 1. Sweep: every command in sched:inflight that is no longer anywhere (queued, delayed, or
---    held -- taken or running -- in a registered worker's processing list) is over; its
+-- 1. Sweep: every command in sched:inflight that is no longer anywhere (queued, delayed,
+--    held -- taken or running -- in a registered worker's processing list, or split into
+--    parts that are not all over) is over; its
 --    chat's state records the result (ok if its command_id is in the completed set) and the
 --    chat is free again.
 --    Because taking, retrying, recovering and acknowledging each move a command atomically,
@@ -25,7 +26,8 @@
 -- (processing:<worker_id> lists are named from ARGV[1]; they share the {tgf} hash tag.)
 --
 -- ARGV[1] processing-list prefix   ARGV[2] max in flight
--- ARGV[3] the caller's clock (ms; display only: state times come from Redis TIME)
+-- ARGV[3] split-record prefix: a command split into per-day parts is in flight while its
+--         split:<command_id> record exists (worker/parts.py)
 -- ARGV[4..] groups of 6 per candidate: chat key, expected seq, expected hwm JSON ('' = none),
 --           new seq, mode, raw command JSON
 --
@@ -34,6 +36,7 @@
 local function still_there(raw, cid)
   if redis.call('LPOS', KEYS[3], raw) then return true end
   if redis.call('ZSCORE', KEYS[4], raw) then return true end
+  if cid and redis.call('EXISTS', ARGV[3] .. cid) == 1 then return true end
   for _, wid in ipairs(redis.call('HKEYS', KEYS[5])) do
     if redis.call('LPOS', ARGV[1] .. wid, raw) then return true end
   end
