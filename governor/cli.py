@@ -76,7 +76,7 @@ async def gather_status(settings: GovernorSettings) -> dict[str, Any]:
     from fleet.bucket import TokenBucket
     from fleet.keys import Keys
     from fleet.scripts import text
-    from governor.incremental import channel_report
+    from governor.incremental import channel_report, split_counts
 
     keys = Keys(settings.redis_key_prefix)
     client = Redis.from_url(settings.redis_dsn(), socket_timeout=5, socket_connect_timeout=5)
@@ -111,6 +111,13 @@ async def gather_status(settings: GovernorSettings) -> dict[str, Any]:
             "queue": {"name": keys.commands, "length": await client.llen(keys.commands)},
             "dead_letters": await client.llen(keys.dead_letters),
             "channels": await channel_report(client, keys, settings),
+            "splits": dict(
+                zip(
+                    ("commands", "parts_pending", "parts_running"),
+                    await split_counts(client, keys),
+                    strict=True,
+                )
+            ),
         }
     finally:
         await client.aclose()
@@ -158,6 +165,12 @@ def status_text(r: dict[str, Any]) -> str:
         lines.append(f"  {wid:<24} session {w['session']}  {state}  holding {w['processing']}")
     lines.append(f"queue {r['queue']['name']}: {r['queue']['length']} commands waiting")
     lines.append(f"dead letters: {r['dead_letters']}")
+    sp = r.get("splits") or {}
+    if sp.get("commands"):
+        lines.append(
+            f"split commands: {sp['commands']} ({sp['parts_pending']} parts not over, "
+            f"{sp['parts_running']} held by workers)"
+        )
     lines.extend(channels_text(r.get("channels") or []))
     return "\n".join(lines)
 

@@ -118,6 +118,7 @@ class Governor:
         self._incremental: Any = None  # governor.incremental.IncrementalScheduler when enabled
         self._seeded = False
         self._last_sched_sample = -math.inf
+        self._last_split_sample = -math.inf
         self._log = logger.bind(governor_id=self.governor_id)
 
     # --- entry point --------------------------------------------------------------------
@@ -222,6 +223,7 @@ class Governor:
                 self._log.info("scheduled fetch of {} pushed ({})", cmd["chat"], cmd["command_id"])
         if self._incremental is not None:
             await self._schedule_incremental()
+        await self._sample_splits()
         remaining = poll - (time.monotonic() - tick_started)
         # A worker that died shows when its lease expires: tick then rather than up to a tick
         # later, so its commands and its Pushgateway group go without delay.
@@ -265,6 +267,22 @@ class Governor:
         ):
             self._last_sched_sample = time.monotonic()
             await self._scheduler_gauges()
+
+    async def _sample_splits(self) -> None:
+        """``split_commands_in_flight`` and ``split_parts{state}``, at most every
+        ``GAUGE_SAMPLE_S`` (worker/parts.py)."""
+        if self.metrics is None or self.redis is None:
+            return
+        now = time.monotonic()
+        if now - self._last_split_sample < GAUGE_SAMPLE_S:
+            return
+        self._last_split_sample = now
+        from governor.incremental import split_counts
+
+        parents, pending, running = await split_counts(self.redis, self.keys)
+        self.metrics.split_commands_in_flight.set(parents)
+        self.metrics.split_parts.labels(state="running").set(running)
+        self.metrics.split_parts.labels(state="queued").set(max(0, pending - running))
 
     async def _scheduler_gauges(self) -> None:
         """Channels by mode and per-channel lag, at most every ``GAUGE_SAMPLE_S``."""

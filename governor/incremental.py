@@ -310,3 +310,18 @@ async def channel_report(
             }
         )
     return out
+
+
+async def split_counts(redis: Redis, keys: Keys) -> tuple[int, int, int]:
+    """``(split commands in flight, parts not over, parts held by workers)`` (worker/parts.py).
+    SCANs the split records and reads the workers' processing lists: for gauges and status."""
+    parents = pending = 0
+    async for key in redis.scan_iter(match=keys.split_prefix + "*:pending", count=500):
+        parents += 1
+        pending += int(await redis.scard(key))
+    running = 0
+    if parents:
+        for wid in await redis.hkeys(keys.workers):
+            for entry in await redis.lrange(keys.processing(text(wid)), 0, -1):
+                running += b'"part_of"' in (entry if isinstance(entry, bytes) else entry.encode())
+    return parents, pending, running

@@ -112,8 +112,21 @@ class GovernorMetrics(CommonMetrics):
             ["chat"],
             registry=r,
         )
+        self.split_commands_in_flight = Gauge(
+            "split_commands_in_flight",
+            "Commands split into per-day parts whose parts are not all over.",
+            registry=r,
+        )
+        self.split_parts = Gauge(
+            "split_parts",
+            "Per-day parts not over yet, by state (queued: waiting or delayed; running: held).",
+            ["state"],
+            registry=r,
+        )
         for mode in ("historical", "incremental"):
             self.scheduler_commands_total.labels(mode=mode)
+        for state in ("queued", "running"):
+            self.split_parts.labels(state=state)
         for request_class in REQUEST_CLASSES:
             self.bucket_rate_per_second.labels(request_class=request_class)
             self.bucket_tokens.labels(request_class=request_class)

@@ -166,7 +166,9 @@ class CommandExecutor:
             if task is not None:
                 self.held[task] = entry
         log = log.bind(command_id=cmd.command_id, chat=cmd.chat.display)
-        lock = self._chat_locks[cmd.chat.key]
+        # issue 14: parts of one split command (different days) need not wait for each other;
+        # waiting would free the slot and let this worker hoard parts other workers could run.
+        lock = self._chat_locks[parts.lock_key(entry, cmd)]
         if lock.locked():
             log.info("chat {} is busy in this worker; the command waits", cmd.chat.display)
             self.waiting += 1

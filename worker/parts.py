@@ -62,6 +62,13 @@ def part_id(parent_id: str, day: str) -> str:
     return f"part:{digest}:{day.replace('-', '')}"
 
 
+def lock_key(entry: bytes, cmd: FetchCommand) -> str:
+    """The executor's per-chat lock: per chat and day for a part (days never share files)."""
+    if part_of(entry) is not None:
+        return f"{cmd.chat.key}:{cmd.days[0].isoformat()}"
+    return cmd.chat.key
+
+
 def should_split(ex: CommandExecutor, entry: bytes, cmd: FetchCommand) -> bool:
     return (
         bool(getattr(ex.settings, "fetch_split_per_day", False))
