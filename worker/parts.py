@@ -25,6 +25,7 @@ day succeeded (``split_close.lua``, same rule as ``ack.lua``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -170,6 +171,13 @@ async def _run_part(ex: CommandExecutor, running: Running, parent: str, log: Any
 
     s = ex.settings
     cmd = running.cmd
+    tried = _tried(running.entry)
+    if _session(ex) in tried and len(tried) < await ex.link.call(
+        lambda: _live_sessions(ex), "sessions"
+    ):
+        # This session already found the chat unreadable: leave the part to another one.
+        await _hand_on(ex, running.entry, cmd.command_id, 0.2)
+        return
     running.started = time.monotonic()
     ex._on_busy()
     fetcher = Fetcher(
@@ -201,6 +209,8 @@ async def _run_part(ex: CommandExecutor, running: Running, parent: str, log: Any
         failure = outcome.first_error
     if not await ex._still_ours(running, log):
         return
+    if failure is not None and _unreadable_here(failure) and await _try_another(ex, running, log):
+        return
     if failure is not None and not isinstance(failure, PermanentError) and failure.retryable:
         done = await ex.link.call(lambda: ex.queue.retries(cmd.command_id), "retry count")
         if done < s.command_retry_max:
@@ -217,6 +227,8 @@ async def _run_part(ex: CommandExecutor, running: Running, parent: str, log: Any
     day = cmd.days[0].isoformat()
     ok = failure is None
     error = "" if ok else f"{failure.type_name}: {failure}"  # type: ignore[union-attr]
+    if not ok and _unreadable_here(failure):  # type: ignore[arg-type]
+        error += f" (on {len(set(tried) | {_session(ex)})} sessions)"
     partial = outcome is not None and bool(outcome.days_partial)
     keys = ex.queue.keys
     base = keys.split(parent)
@@ -307,6 +319,76 @@ async def _run_part(ex: CommandExecutor, running: Running, parent: str, log: Any
         record["total"],
         event="split_closed",
     )
+
+
+def _unreadable_here(failure: FetchError) -> bool:
+    """CHANNEL_PRIVATE: this account cannot read the chat; another account may (issue 14).
+    The Telegram boundary keeps Telethon's error as the cause; its name is enough here."""
+    return isinstance(failure, PermanentError) and (
+        type(failure.__cause__).__name__ == "ChannelPrivateError"
+    )
+
+
+def _session(ex: CommandExecutor) -> str:
+    return str(getattr(ex.telegram, "session_name", ex.worker_id))
+
+
+def _tried(entry: bytes) -> list[str]:
+    try:
+        tried = json.loads(entry).get("tried_sessions") or []
+    except (ValueError, AttributeError):
+        return []
+    return [str(t) for t in tried] if isinstance(tried, list) else []
+
+
+async def _live_sessions(ex: CommandExecutor) -> int:
+    """Distinct sessions of the workers whose lease is alive (this one included)."""
+    client, keys = ex.queue.client, ex.queue.keys
+    sessions = {_session(ex)}
+    for wid, info in (await client.hgetall(keys.workers)).items():
+        if not await client.exists(keys.worker_lease(text(wid))):
+            continue
+        try:
+            session = json.loads(info).get("session")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(session, str):
+            sessions.add(session)
+    return len(sessions)
+
+
+async def _try_another(ex: CommandExecutor, running: Running, log: Any) -> bool:
+    """Put the part back, marked as unreadable on this session, while some live session has
+    not tried it; False when every one has (then the day fails)."""
+    tried = sorted(set(_tried(running.entry)) | {_session(ex)})
+    if len(tried) >= await ex.link.call(lambda: _live_sessions(ex), "sessions"):
+        return False
+    data = json.loads(running.entry)
+    data["tried_sessions"] = tried
+    new = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    cid = running.cmd.command_id
+    if not await ex.link.call(lambda: ex.queue.replace(running.entry, new), "mark tried"):
+        return True  # taken away meanwhile: not ours to report
+    running.entry = new
+    task = asyncio.current_task()
+    if task is not None and task in ex.held:
+        ex.held[task] = new  # the daemon knows the entry this task holds (no orphan adopted)
+    await _hand_on(ex, new, cid, 0.1)
+    log.warning(
+        "part {}: session {} cannot read the chat; another session will try",
+        running.cmd.days[0],
+        _session(ex),
+    )
+    return True
+
+
+async def _hand_on(ex: CommandExecutor, entry: bytes, cid: str, delay_s: float) -> None:
+    """Park the part for another worker (not a retry: nothing counted), and forget that this
+    worker runs it, or the next worker would defer it as a duplicate of ours."""
+    await ex.link.call(
+        lambda: ex.queue.retry_later(entry, cid, delay_s, count=False), "hand on part"
+    )
+    await ex.link.call(lambda: ex.queue.client.hdel(ex.queue.keys.running, cid), "unclaim")
 
 
 def _record(flat: list[Any]) -> dict[str, str]:
