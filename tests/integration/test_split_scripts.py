@@ -95,5 +95,14 @@ async def test_a_failed_day_is_reported_and_never_marks(redis_client: aioredis.R
     await split(redis_client, q, b"parent")
     await done(redis_client, q, DAYS[0])
     await done(redis_client, q, DAYS[1], ok=False)
-    state, rec, _ = await done(redis_client, q, DAYS[2])
+    state, rec, last = await done(redis_client, q, DAYS[2])
     assert state == 2 and json.loads(rec["failed"]) == {DAYS[1]: "PermanentError: nope"}
+    base = KEYS.split("p1")
+    await scripts_for(redis_client).split_close(
+        keys=[q.processing, KEYS.completed, KEYS.deliveries, KEYS.retries, KEYS.running,
+              base, base + ":pending", base + ":files", base + ":failed", KEYS.hwm],
+        args=[last, f"part-{DAYS[2]}", "p1", "0", 10**9, "", 0, DAYS[-1]],
+    )  # fmt: skip
+    assert await redis_client.zscore(KEYS.completed, "p1") is None
+    assert await redis_client.hlen(KEYS.hwm) == 0
+    assert not await redis_client.keys(KEYS.split("*"))
