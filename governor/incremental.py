@@ -155,7 +155,8 @@ def plan_command(
         "mode": "range",
         "from": first.isoformat(),
         "to": today.isoformat(),
-        "strategy": "batch",
+        # A backfill may be long: with per_day, workers that split spread it over the fleet.
+        "strategy": settings.parser_historical_strategy if mode == "historical" else "batch",
         "after_id": after_id,
         "command_id": f"sched:{key}:{seq}",
         "requested_by": "scheduler",

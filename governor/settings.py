@@ -32,6 +32,8 @@ class GovernorSettings(FleetSettings):
     parser_default_backfill_days: int = Field(7, ge=0, le=3660)
     parser_full_backfill_days: int = Field(365, ge=1, le=3660)
     parser_channels_file: Path | None = None  # channels.yaml, added at the leader's start
+    # per_day: a backfill can be split over the fleet by workers with FETCH_SPLIT_PER_DAY
+    parser_historical_strategy: Literal["batch", "per_day"] = "batch"
     # --- end of the incremental scheduler's keys ----------------------------------------------
 
     @field_validator("schedule_daily_at")

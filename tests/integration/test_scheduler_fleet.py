@@ -97,9 +97,11 @@ def completed_log_lines(logs: list[str]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("backfill", ["batch", "split"])
 def test_ten_channels_stay_current_through_a_governor_kill_and_match_a_one_shot_fetch(
-    redis_url: str, tmp_path: Path
+    redis_url: str, tmp_path: Path, backfill: str
 ) -> None:
+    """``split``: backfills are per_day commands that the workers split into per-day parts."""
     real_now = datetime.now(UTC)
     tz_name = noon_timezone(real_now)
     tz = ZoneInfo(tz_name)
@@ -131,6 +133,7 @@ def test_ten_channels_stay_current_through_a_governor_kill_and_match_a_one_shot_
         SIM_HORIZON_FILE=horizon.path,
         DAY_TIMEZONE=tz_name,
         LOG_FORMAT="json",
+        FETCH_SPLIT_PER_DAY="true" if backfill == "split" else "false",
     )
     gov_extra = {
         "FEATURE_INCREMENTAL_PARSING_ENABLED": "true",
@@ -140,6 +143,7 @@ def test_ten_channels_stay_current_through_a_governor_kill_and_match_a_one_shot_
         "GOVERNOR_TICK_SECONDS": "0.3",
         "GOVERNOR_LEASE_SECONDS": "1.0",
         "WORKER_LEASE_SECONDS": "2",
+        "PARSER_HISTORICAL_STRATEGY": "per_day" if backfill == "split" else "batch",
     }
     chats = [f"@{c}" for c in CHATS]
     add = subprocess.run(
@@ -180,6 +184,8 @@ def test_ten_channels_stay_current_through_a_governor_kill_and_match_a_one_shot_
         assert len(first_runs) == len(CHATS)
         assert all(e["params"]["after_id"] == 0 for e in first_runs)
         assert {e["params"]["from"] for e in first_runs} == {first_day.isoformat()}
+        if backfill == "split":  # each backfill ran as per-day parts over the fleet
+            assert sum(w.log().count('"command_split"') for w in fleet.workers) == len(CHATS)
 
         killed = None
         for k, step in enumerate(steps, 1):

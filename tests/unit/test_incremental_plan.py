@@ -76,3 +76,10 @@ def test_due_after_the_interval_or_sooner_to_retry_a_failure() -> None:
 def test_bad_channel_settings_are_refused_with_the_reason(parse: object, bad: object) -> None:
     with pytest.raises(ValueError, match="must be"):
         parse(bad)  # type: ignore[operator]
+
+
+def test_a_backfill_may_be_per_day_so_the_fleet_can_split_it() -> None:
+    settings = s(parser_historical_strategy="per_day")
+    _, hist = plan_command("x_chat", Channel.new("@x_chat"), None, 1, TODAY, settings)
+    _, inc = plan_command("x_chat", Channel.new("@x_chat"), Mark(5, TODAY), 2, TODAY, settings)
+    assert (hist["strategy"], inc["strategy"]) == ("per_day", "batch")
