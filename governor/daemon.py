@@ -10,7 +10,8 @@ Lifecycle::
           counters, policy.decide per class and per flooded session, set_rate, log each
           change once (counters are also sampled every 0.25 s between ticks) ──► recover the
           commands of dead workers (fleet.recovery.recover), forget their Pushgateway groups
-          ──► push the scheduled incremental fetches that are due
+          ──► push the scheduled daily fetches that are due, or (FEATURE_INCREMENTAL_PARSING_
+          ENABLED) one incremental-scheduler step (governor/incremental.py)
     SIGTERM/SIGINT ──► finish the tick ──► release the lease (a standby takes over at once)
         ──► close Redis ──► exit 0, within SHUTDOWN_GRACE_SECONDS
 

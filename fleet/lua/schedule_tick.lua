@@ -23,7 +23,10 @@
 --                               and a stale entry of a dead worker must not block a chat)
 -- KEYS[7] completed       zset  command_id -> completion time
 -- KEYS[8] hwm             hash  chat key -> JSON high-water mark
--- (processing:<worker_id> lists are named from ARGV[1]; they share the {tgf} hash tag.)
+-- (processing:<worker_id> lists and split:<id> records are named here from ARGV[1] and ARGV[3]:
+-- the workers must be read inside the script -- a worker registered between a caller's read and
+-- this call would hold a command the sweep cannot see, and its chat would get a second one.
+-- They share the {tgf} hash tag, so they live in the one slot of every other key here.)
 --
 -- ARGV[1] processing-list prefix   ARGV[2] max in flight
 -- ARGV[3] split-record prefix: a command split into per-day parts is in flight while its
