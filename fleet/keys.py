@@ -70,6 +70,38 @@ Reserved for the queue, worker and governor daemons (names fixed here, used by l
 ``sessions-bad``                           hash    none                worker / worker, status
 ``running``                                hash    none (HDEL on end)  worker / worker
 ========================================== ======= =================== ==========================
+
+Incremental scheduler (issue 14)
+================================
+========================================== ======= =================== ==========================
+``channels``                               hash    none                governor cli / scheduler
+``hwm``                                    hash    none                ack.lua / scheduler, status
+``sched:inflight``                         hash    none (HDEL on end)  schedule_tick.lua
+``sched:state``                            hash    none                schedule_tick.lua / status
+``split:<command_id>``                     hash    none (DEL on end)   split.lua / part_done.lua
+``split:<command_id>:pending``             set     none (DEL on end)   split.lua / part_done.lua
+``split:<command_id>:files``               set     none (DEL on end)   part_done.lua
+``split:<command_id>:failed``              hash    none (DEL on end)   part_done.lua
+========================================== ======= =================== ==========================
+
+- ``channels``: chat key → JSON ``{chat, backfill, interval, priority, paused, added_at}``
+  (:mod:`governor.channels`).
+- ``hwm``: chat key → JSON ``{id, day, at, command_id}``, the chat's high-water mark: every
+  message with ``id <= id`` dated on or after ``day`` is in the day files, and every day
+  before ``day`` that the chat's commands covered is complete. Written only by ``ack.lua``
+  when a command carrying ``after_id`` completes, in the step that acknowledges it (after the
+  day files and ``progress.json``), and never lowered.
+- ``sched:inflight``: chat key → the raw command the scheduler pushed and that is still queued,
+  delayed, held or running somewhere; the scheduler pushes no second command for that chat
+  while it is there.
+- ``sched:state``: chat key → JSON ``{seq, command_id, mode, enqueued_ms, finished_ms,
+  result, failures}``; ``seq`` is compared-and-set by ``schedule_tick.lua``, so two governors
+  that both believe they lead cannot push the same run twice.
+- ``split:<command_id>`` (a ``per_day`` command split into per-day parts, :mod:`worker.parts`):
+  fields ``parent`` (its raw JSON), ``chat``, ``mode``, ``params`` (JSON), ``total``,
+  ``started_ms``, ``processed``, ``errors``, ``partial``, ``max_id``; ``:pending`` holds the
+  days not finished yet, ``:files`` the day files written, ``:failed`` day → error of the
+  parts that failed for good. All four go when the last part closes the parent.
 """
 
 from __future__ import annotations
@@ -230,3 +262,38 @@ class Keys:
     def sessions_bad(self) -> str:
         """Hash session name → JSON ``{reason, ts, worker_id, file_mtime}`` (revoked sessions)."""
         return self._k("sessions-bad")
+
+    # --- incremental scheduler (issue 14) -------------------------------------------------
+    @property
+    def channels(self) -> str:
+        """Hash chat key → JSON channel record (:mod:`governor.channels`)."""
+        return self._k("channels")
+
+    @property
+    def hwm(self) -> str:
+        """Hash chat key → JSON high-water mark ``{id, day, at, command_id}`` (ack.lua)."""
+        return self._k("hwm")
+
+    @property
+    def sched_inflight(self) -> str:
+        """Hash chat key → raw command the scheduler pushed, while it is not over."""
+        return self._k("sched", "inflight")
+
+    @property
+    def sched_state(self) -> str:
+        """Hash chat key → JSON run state of the chat (schedule_tick.lua)."""
+        return self._k("sched", "state")
+
+    @property
+    def processing_prefix(self) -> str:
+        """``processing:<worker_id>`` without the worker id (Lua builds the names)."""
+        return self._k("processing", "")
+
+    def split(self, command_id: str) -> str:
+        """Hash: the parent of a command split into per-day parts (see the docstring)."""
+        return self._k("split", command_id)
+
+    @property
+    def split_prefix(self) -> str:
+        """``split:<command_id>`` without the id (Lua builds the names)."""
+        return self._k("split", "")

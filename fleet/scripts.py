@@ -50,6 +50,11 @@ class Scripts:
     requeue_dead: AsyncScript
     # the governor's scheduler
     schedule: AsyncScript
+    schedule_tick: AsyncScript  # the incremental scheduler (issue 14)
+    # per-day parts of a split command (worker.parts, issue 14)
+    split: AsyncScript
+    part_done: AsyncScript
+    split_close: AsyncScript
 
     @classmethod
     def register(cls, client: Redis) -> Scripts:

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cmd == "status":
             return _status(settings, as_json=args.json)
+        if cmd == "channels":
+            return _channels(settings, args)
         _setup_logging(settings)
         from governor.daemon import run
 
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the governor daemon (default)")
     status = sub.add_parser("status", help="print rates, tokens, pauses, breaker, workers")
     status.add_argument("--json", action="store_true", help="one JSON document")
+    _channels_parser(sub)
     return parser
 
 
@@ -70,6 +73,7 @@ async def gather_status(settings: GovernorSettings) -> dict[str, Any]:
     from fleet.keys import Keys
     from fleet.redisconn import connect
     from fleet.scripts import text
+    from governor.incremental import channel_report, split_counts
 
     keys = Keys(settings.redis_key_prefix)
     client = connect(settings.redis_dsn())
@@ -103,6 +107,14 @@ async def gather_status(settings: GovernorSettings) -> dict[str, Any]:
             "workers": workers,
             "queue": {"name": keys.commands, "length": await client.llen(keys.commands)},
             "dead_letters": await client.llen(keys.dead_letters),
+            "channels": await channel_report(client, keys, settings),
+            "splits": dict(
+                zip(
+                    ("commands", "parts_pending", "parts_running"),
+                    await split_counts(client, keys),
+                    strict=True,
+                )
+            ),
         }
     finally:
         await client.aclose()
@@ -150,6 +162,13 @@ def status_text(r: dict[str, Any]) -> str:
         lines.append(f"  {wid:<24} session {w['session']}  {state}  holding {w['processing']}")
     lines.append(f"queue {r['queue']['name']}: {r['queue']['length']} commands waiting")
     lines.append(f"dead letters: {r['dead_letters']}")
+    sp = r.get("splits") or {}
+    if sp.get("commands"):
+        lines.append(
+            f"split commands: {sp['commands']} ({sp['parts_pending']} parts not over, "
+            f"{sp['parts_running']} held by workers)"
+        )
+    lines.extend(channels_text(r.get("channels") or []))
     return "\n".join(lines)
 
 
@@ -169,3 +188,140 @@ def _status(settings: GovernorSettings, *, as_json: bool) -> int:
     else:
         print(status_text(report))
     return Exit.OK
+
+
+# --- channels (the incremental scheduler's active channels) ------------------------------------
+
+
+def _channels_parser(sub: Any) -> None:
+    channels = sub.add_parser("channels", help="manage the incremental scheduler's channels")
+    verbs = channels.add_subparsers(dest="verb", required=True)
+    add = verbs.add_parser("add", help="add channels, or change the settings of existing ones")
+    add.add_argument("chats", nargs="+", metavar="CHAT")
+    add.add_argument(
+        "--backfill",
+        default=None,
+        help="days before today fetched when the channel has no high-water mark, or 'full' "
+        "(default PARSER_DEFAULT_BACKFILL_DAYS)",
+    )
+    add.add_argument(
+        "--interval",
+        default=None,
+        help="seconds between runs (default PARSER_SCHEDULER_INTERVAL_SEC)",
+    )
+    add.add_argument("--priority", default=0, help="higher runs first (default 0)")
+    for verb, text in (
+        ("remove", "forget channels (their files and high-water marks stay)"),
+        ("pause", "stop scheduling channels, keeping their marks"),
+        ("resume", "schedule paused channels again"),
+    ):
+        verbs.add_parser(verb, help=text).add_argument("chats", nargs="+", metavar="CHAT")
+    ls = verbs.add_parser("list", help="the channels, their marks and next runs")
+    ls.add_argument("--json", action="store_true", help="one JSON document")
+
+
+def _channels(settings: GovernorSettings, args: Any) -> int:
+    """``channels add|remove|pause|resume|list``; 2 on a bad argument, 1 on an unknown chat."""
+    import redis.exceptions
+
+    from governor.channels import Channel
+
+    if args.verb == "add":
+        try:
+            new = [
+                Channel.new(
+                    chat,
+                    backfill=args.backfill
+                    if args.backfill is not None
+                    else settings.parser_default_backfill_days,
+                    interval=args.interval,
+                    priority=args.priority,
+                )
+                for chat in args.chats
+            ]
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    elif args.verb != "list":
+        from fleet.chats import parse_chat
+
+        for chat in args.chats:
+            try:
+                parse_chat(chat)
+            except ValueError as exc:
+                print(f"error: {chat!r}: {exc}", file=sys.stderr)
+                return 2
+    try:
+        return asyncio.run(_channels_io(settings, args, new if args.verb == "add" else []))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        print(
+            f"redis unavailable at {settings.redis_display()}: {type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return Exit.REDIS_UNAVAILABLE
+
+
+async def _channels_io(settings: GovernorSettings, args: Any, new: list[Any]) -> int:
+    from dataclasses import replace
+
+    from redis.asyncio import Redis
+
+    from fleet.keys import Keys
+    from governor.channels import ChannelStore
+
+    keys = Keys(settings.redis_key_prefix)
+    client = Redis.from_url(settings.redis_dsn(), socket_timeout=5, socket_connect_timeout=5)
+    try:
+        store = ChannelStore(client, keys)
+        code = 0
+        if args.verb == "add":
+            for ch in new:
+                old = await store.get(ch.chat)
+                if old is not None:  # a change keeps when it was added and whether it is paused
+                    ch = replace(ch, added_at=old.added_at, paused=old.paused)
+                await store.put(ch)
+                print(f"{'changed' if old else 'added'} {ch.chat}")
+        elif args.verb == "remove":
+            for chat in args.chats:
+                if await store.remove(chat):
+                    print(f"removed {chat}")
+                else:
+                    print(f"error: {chat} is not an active channel", file=sys.stderr)
+                    code = 1
+        elif args.verb in ("pause", "resume"):
+            for chat in args.chats:
+                if await store.set_paused(chat, args.verb == "pause") is None:
+                    print(f"error: {chat} is not an active channel", file=sys.stderr)
+                    code = 1
+                else:
+                    print(f"{args.verb}d {chat}")
+        else:
+            from governor.incremental import channel_report
+
+            report = await channel_report(client, keys, settings)
+            if args.json:
+                print(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+            else:
+                print("\n".join(channels_text(report)))
+        return code
+    finally:
+        await client.aclose()
+
+
+def channels_text(report: list[dict[str, Any]]) -> list[str]:
+    """The channel table of ``channels list`` and ``status``."""
+    if not report:
+        return ["channels: none"]
+    lines = [f"channels: {len(report)}"]
+    lines.append(
+        f"  {'chat':<24} {'mode':<12} {'mark':>10} {'last success':<20} {'next run':<20} lag"
+    )
+    for r in report:
+        mark = "-" if r["hwm_id"] is None else str(r["hwm_id"])
+        lag = "-" if r["lag_s"] is None else f"{r['lag_s']:.0f}s"
+        lines.append(
+            f"  {r['chat']:<24} {r['mode']:<12} {mark:>10} {r['last_success'] or '-':<20} "
+            f"{r['next_run'] or '-':<20} {lag}"
+            + (f"  ({r['failures']} failures)" if r.get("failures") else "")
+        )
+    return lines

@@ -10,7 +10,8 @@ Lifecycle::
           counters, policy.decide per class and per flooded session, set_rate, log each
           change once (counters are also sampled every 0.25 s between ticks) ──► recover the
           commands of dead workers (fleet.recovery.recover), forget their Pushgateway groups
-          ──► push the scheduled incremental fetches that are due
+          ──► push the scheduled daily fetches that are due, or (FEATURE_INCREMENTAL_PARSING_
+          ENABLED) one incremental-scheduler step (governor/incremental.py)
     SIGTERM/SIGINT ──► finish the tick ──► release the lease (a standby takes over at once)
         ──► close Redis ──► exit 0, within SHUTDOWN_GRACE_SECONDS
 
@@ -118,11 +119,24 @@ class Governor:
         self._flood_id = "0-0"
         self._last_reap = -math.inf
         self._registered_before: list[str] = []
+        self._incremental: Any = None  # governor.incremental.IncrementalScheduler when enabled
+        self._seeded = False
+        self._last_sched_sample = -math.inf
+        self._last_split_sample = -math.inf
         self._log = logger.bind(governor_id=self.governor_id)
 
     # --- entry point --------------------------------------------------------------------
     async def run(self) -> int:
         s = self.settings
+        if s.feature_incremental_parsing_enabled and s.parser_channels_file is not None:
+            # A typo in channels.yaml is a configuration error (exit 78), found before leading.
+            from fleet.settings import ConfigError
+            from governor.channels import load_channels_yaml
+
+            try:
+                load_channels_yaml(s.parser_channels_file)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.install_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -140,6 +154,12 @@ class Governor:
             parse_chats(s.schedule_chats), parse_daily_at(s.schedule_daily_at), s.tz
         )
         scheduler = Scheduler(self.redis, self.keys, schedule) if schedule.enabled else None
+        if s.feature_incremental_parsing_enabled:
+            # The incremental scheduler replaces the daily one; SCHEDULE_CHATS names channels.
+            from governor.incremental import IncrementalScheduler
+
+            self._incremental = IncrementalScheduler(self.redis, self.keys, s)
+            scheduler = None
         self._log.info(
             "governor {} starting: redis {}, tick {:g}s, lease {:g}s, schedule {}",
             self.governor_id,
@@ -211,6 +231,9 @@ class Governor:
         if scheduler is not None:
             for cmd in await scheduler.run_once(datetime.now(UTC)):
                 self._log.info("scheduled fetch of {} pushed ({})", cmd["chat"], cmd["command_id"])
+        if self._incremental is not None:
+            await self._schedule_incremental()
+        await self._sample_splits()
         remaining = poll - (time.monotonic() - tick_started)
         # A worker that died shows when its lease expires: tick then rather than up to a tick
         # later, so its commands and its Pushgateway group go without delay.
@@ -222,6 +245,69 @@ class Governor:
                 break
             await controller.sample()
             remaining = wake_at - time.monotonic()
+
+    async def _schedule_incremental(self) -> None:
+        """One evaluation of the incremental scheduler (governor/incremental.py)."""
+        inc = self._incremental
+        if not self._seeded:
+            for ch in await inc.seed():
+                self._log.info("channel {} added from SCHEDULE_CHATS/channels file", ch.chat)
+            self._seeded = True
+        result = await inc.tick()
+        for key, outcome in result.finished:
+            log = self._log.info if outcome == "ok" else self._log.warning
+            log("scheduled run of {} ended: {}", key, outcome)
+        for p in result.pushed:
+            self._log.info(
+                "scheduled {} fetch of {} pushed ({}, from {} after id {})",
+                p.mode,
+                p.channel.chat,
+                p.command["command_id"],
+                p.command["from"],
+                p.command["after_id"],
+            )
+        if self.metrics is not None and result.ran:
+            self.metrics.scheduler_ticks_total.inc()
+            for p in result.pushed:
+                self.metrics.scheduler_commands_total.labels(mode=p.mode).inc()
+            self.metrics.scheduler_in_flight.set(result.in_flight)
+        if (
+            self.metrics is not None
+            and time.monotonic() - self._last_sched_sample >= GAUGE_SAMPLE_S
+        ):
+            self._last_sched_sample = time.monotonic()
+            await self._scheduler_gauges()
+
+    async def _sample_splits(self) -> None:
+        """``split_commands_in_flight`` and ``split_parts{state}``, at most every
+        ``GAUGE_SAMPLE_S`` (worker/parts.py)."""
+        if self.metrics is None or self.redis is None:
+            return
+        now = time.monotonic()
+        if now - self._last_split_sample < GAUGE_SAMPLE_S:
+            return
+        self._last_split_sample = now
+        from governor.incremental import split_counts
+
+        parents, pending, running = await split_counts(self.redis, self.keys)
+        self.metrics.split_commands_in_flight.set(parents)
+        self.metrics.split_parts.labels(state="running").set(running)
+        self.metrics.split_parts.labels(state="queued").set(max(0, pending - running))
+
+    async def _scheduler_gauges(self) -> None:
+        """Channels by mode and per-channel lag, at most every ``GAUGE_SAMPLE_S``."""
+        from governor.incremental import channel_report
+
+        m = self.metrics
+        assert self.redis is not None
+        report = await channel_report(self.redis, self.keys, self.settings)
+        by_mode = {"historical": 0, "incremental": 0, "paused": 0}
+        for r in report:
+            by_mode[r["mode"]] = by_mode.get(r["mode"], 0) + 1
+            if r["lag_s"] is not None:
+                m.scheduler_channel_lag_seconds.labels(chat=m.chat_label(r["chat"])).set(r["lag_s"])
+        for mode, n in by_mode.items():
+            m.scheduler_channels.labels(mode=mode).set(n)
 
     async def _wait_floods(self, client: Redis, seconds: float) -> bool:
         """Block until ``seconds`` passed or a FloodWait is recorded (True: tick at once)."""
@@ -364,7 +450,10 @@ class Governor:
     # --- metrics ------------------------------------------------------------------------
     def _start_metrics(self) -> None:
         s = self.settings
-        self.metrics = GovernorMetrics(session_label_max=s.metrics_session_label_max)
+        self.metrics = GovernorMetrics(
+            session_label_max=s.metrics_session_label_max,
+            chat_label_max=s.metrics_chat_label_max,
+        )
         if s.effective_metrics_mode == "off":
             return
         self._exporters = start_exporters(

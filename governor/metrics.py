@@ -22,6 +22,7 @@ class GovernorMetrics(CommonMetrics):
         *,
         version: str = "0",
         session_label_max: int = 100,
+        chat_label_max: int = 50,
     ) -> None:
         super().__init__(registry, version=version)
         r = self.registry
@@ -81,6 +82,51 @@ class GovernorMetrics(CommonMetrics):
             "Pushgateway groups of dead workers deleted by the governor.",
             registry=r,
         )
+        # --- the incremental scheduler (issue 14) ---------------------------------------------
+        self.chat_label = LabelCap(chat_label_max)
+        self.scheduler_ticks_total = Counter(
+            "scheduler_ticks_total",
+            "Evaluations of the incremental scheduler that swept or pushed commands.",
+            registry=r,
+        )
+        self.scheduler_commands_total = Counter(
+            "scheduler_commands_total",
+            "Fetch commands the incremental scheduler pushed, by mode.",
+            ["mode"],
+            registry=r,
+        )
+        self.scheduler_in_flight = Gauge(
+            "scheduler_in_flight",
+            "Scheduler commands queued, delayed or running (at most PARSER_MAX_CONCURRENCY).",
+            registry=r,
+        )
+        self.scheduler_channels = Gauge(
+            "scheduler_channels",
+            "Active channels by the mode of their next run (historical, incremental, paused).",
+            ["mode"],
+            registry=r,
+        )
+        self.scheduler_channel_lag_seconds = Gauge(
+            "scheduler_channel_lag_seconds",
+            "Seconds since a channel's last successful scheduled run ended (chat label capped).",
+            ["chat"],
+            registry=r,
+        )
+        self.split_commands_in_flight = Gauge(
+            "split_commands_in_flight",
+            "Commands split into per-day parts whose parts are not all over.",
+            registry=r,
+        )
+        self.split_parts = Gauge(
+            "split_parts",
+            "Per-day parts not over yet, by state (queued: waiting or delayed; running: held).",
+            ["state"],
+            registry=r,
+        )
+        for mode in ("historical", "incremental"):
+            self.scheduler_commands_total.labels(mode=mode)
+        for state in ("queued", "running"):
+            self.split_parts.labels(state=state)
         for request_class in REQUEST_CLASSES:
             self.bucket_rate_per_second.labels(request_class=request_class)
             self.bucket_tokens.labels(request_class=request_class)

@@ -1,4 +1,7 @@
-"""The incremental scheduler: once a day, a ``fetch`` of yesterday for every scheduled chat.
+"""The daily scheduler: once a day, a ``fetch`` of yesterday for every scheduled chat.
+
+(With ``FEATURE_INCREMENTAL_PARSING_ENABLED`` the incremental scheduler of
+:mod:`governor.incremental` replaces it, and ``SCHEDULE_CHATS`` only names active channels.)
 
 Seed 003 promises that the governor schedules incremental fetches: with ``SCHEDULE_CHATS`` set
 (comma-separated chats; empty = off), once per day after ``SCHEDULE_DAILY_AT`` (HH:MM in

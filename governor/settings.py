@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from fleet.settings import FleetSettings
@@ -19,6 +22,19 @@ class GovernorSettings(FleetSettings):
     governor_pushgateway_reap_seconds: float = Field(60.0, gt=0)
     schedule_chats: str = ""
     schedule_daily_at: str = "01:00"
+
+    # --- incremental scheduler (issue 14, seed 003's names) -----------------------------------
+    feature_incremental_parsing_enabled: bool = False
+    parser_scheduler_interval_sec: float = Field(300.0, ge=1)
+    parser_max_concurrency: int = Field(4, ge=1)  # scheduler commands in flight at once
+    parser_mode_override: Literal["auto", "historical", "incremental"] = "auto"
+    parser_retry_max: int = Field(3, ge=0)
+    parser_default_backfill_days: int = Field(7, ge=0, le=3660)
+    parser_full_backfill_days: int = Field(365, ge=1, le=3660)
+    parser_channels_file: Path | None = None  # channels.yaml, added at the leader's start
+    # per_day: a backfill can be split over the fleet by workers with FETCH_SPLIT_PER_DAY
+    parser_historical_strategy: Literal["batch", "per_day"] = "batch"
+    # --- end of the incremental scheduler's keys ----------------------------------------------
 
     @field_validator("schedule_daily_at")
     @classmethod

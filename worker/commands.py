@@ -56,6 +56,9 @@ class FetchCommand:
     timestamp: str | None = None
     params: dict[str, Any] = field(default_factory=dict)  # echoed in events, as given
     raw: dict[str, Any] = field(default_factory=dict)  # the normalised JSON, for requeueing
+    # after_id (issue 14, an addition to CONTRACT §3): fetch only messages above this id, and
+    # advance the chat's high-water mark when the command completes. None: an ordinary fetch.
+    after_id: int | None = None
 
     def to_json(self) -> str:
         """The command as JSON again (with its ``command_id``), for putting it back."""
@@ -167,6 +170,7 @@ class _Command(BaseModel):
     limit: Any = None
     options: Any = None
     command_id: Any = None
+    after_id: Any = None
     requested_by: Any = None
     timestamp: Any = None
 
@@ -291,6 +295,19 @@ class _Command(BaseModel):
             raise _rejected("'command_id' must be a uuid or up to 64 characters of [A-Za-z0-9_.:-]")
         return value
 
+    @field_validator("after_id")
+    @classmethod
+    def _after_id(cls, value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _rejected(
+                f"'after_id' must be a whole number >= 0 (a message id), got {_show(value)}"
+            )
+        if value >= 2**63:
+            raise _rejected(f"'after_id' {value} is out of range")
+        return value
+
     @field_validator("requested_by", "timestamp")
     @classmethod
     def _optional_text(cls, value: Any, info: ValidationInfo) -> str | None:
@@ -315,6 +332,8 @@ class _Command(BaseModel):
             first, last = self.from_, self.to
             days = tuple(first + timedelta(days=i) for i in range((last - first).days + 1))
             params = {"from": first.isoformat(), "to": last.isoformat()}
+        if self.after_id is not None:
+            params["after_id"] = self.after_id  # echoed in events: a run shows its mark
         raw: dict[str, Any] = {"command": "fetch", "chat": self.chat, "mode": self.mode, **params}
         raw.update({"strategy": self.strategy, "command_id": self.command_id})
         if self.limit is not None:
@@ -337,6 +356,7 @@ class _Command(BaseModel):
             timestamp=self.timestamp,
             params=params,
             raw=raw,
+            after_id=self.after_id,
         )
 
 

@@ -34,6 +34,7 @@ from fleet.clock import utc_iso
 from fleet.deadletters import new_dead_letter
 from fleet.events import EventPublisher, ProgressThrottle, make_event
 from fleet.redisconn import RedisLink
+from worker import parts
 from worker.commands import CommandLimits, FetchCommand, parse_command, salvage_identity, today_in
 from worker.errors import (
     BreakerOpen,
@@ -164,7 +165,9 @@ class CommandExecutor:
             if task is not None:
                 self.held[task] = entry
         log = log.bind(command_id=cmd.command_id, chat=cmd.chat.display)
-        lock = self._chat_locks[cmd.chat.key]
+        # issue 14: parts of one split command (different days) need not wait for each other;
+        # waiting would free the slot and let this worker hoard parts other workers could run.
+        lock = self._chat_locks[parts.lock_key(entry, cmd)]
         if lock.locked():
             log.info("chat {} is busy in this worker; the command waits", cmd.chat.display)
             self.waiting += 1
@@ -204,7 +207,8 @@ class CommandExecutor:
                 running.stop.set()
             self.running[cmd.command_id] = running
             try:
-                await self._run_fetch(running, log)
+                # issue 14: per_day commands may be split into parts for the fleet (or be one)
+                await parts.execute(self, running, log)
             finally:
                 self.running.pop(cmd.command_id, None)
         finally:
@@ -349,7 +353,17 @@ class CommandExecutor:
         await self.publisher.publish(
             event("completed", outcome, status=status, files=outcome.files)
         )
-        await self.link.call(lambda: self.queue.ack(running.entry, cmd.command_id, completed=True))
+        # issue 14: a command with after_id advances the chat's mark in the ack itself, after
+        # its day files and progress are written. With a limit, messages above the last one
+        # written may be missing, so no mark is claimed.
+        mark = (
+            (cmd.chat.key, max(cmd.after_id, outcome.max_id), cmd.days[-1].isoformat())
+            if cmd.after_id is not None and cmd.limit is None
+            else None
+        )
+        await self.link.call(
+            lambda: self.queue.ack(running.entry, cmd.command_id, completed=True, mark=mark)
+        )
         self.tally.served += 1
         self._finished(running, status, None, outcome)
         self.tally.last_success = (

@@ -98,6 +98,9 @@ class FetchOutcome:
     #: The chat's stored data is current up to here: the newest message written, or the end of
     #: the last complete day (``fetch_lag_seconds`` is now minus this).
     fresh_until: datetime | None = None
+    #: The highest message id written to a day file (0: none); a command with ``after_id``
+    #: advances the chat's high-water mark to it when it completes (issue 14).
+    max_id: int = 0
 
     def fresh_to(self, moment: datetime) -> None:
         if self.fresh_until is None or moment > self.fresh_until:
@@ -226,7 +229,9 @@ class Fetcher:
             start, _ = day_bounds(pending[0], self.tz)
             _, end = day_bounds(pending[-1], self.tz)
             end = min(end, now)
-            pages = self.telegram.iter_history(chat, start, end, after_id=writer.resume_after_id)
+            # An incremental command (after_id) asks only for what is above the chat's mark.
+            after = max(writer.resume_after_id, cmd.after_id or 0)
+            pages = self.telegram.iter_history(chat, start, end, after_id=after)
             async for page in pages:
                 for day, part in self._split_by_day(page):
                     while day > pending[0]:
@@ -252,6 +257,7 @@ class Fetcher:
                         outcome.processed += new
                         outcome.fetched += len(part)
                         outcome.fresh_to(max(m.date for m in part))
+                        outcome.max_id = max(outcome.max_id, max(m.id for m in part))
                         if self.metrics is not None:
                             self.metrics.messages_fetched_total.inc(new)
                         self._deduplicated("storage", len(part) - new)

@@ -94,19 +94,30 @@ class WorkQueue:
         command without one survives a crash)."""
         return bool(await self.scripts.replace(keys=[self.processing], args=[old, new]))
 
-    async def ack(self, raw: bytes, command_id: str | None, *, completed: bool) -> bool:
+    async def ack(
+        self,
+        raw: bytes,
+        command_id: str | None,
+        *,
+        completed: bool,
+        mark: tuple[str, int, str] | None = None,
+    ) -> bool:
         """The execution ended; ``completed`` also records the id as done. ``False`` if the
-        command had already been taken away from this worker (its lease had expired)."""
-        removed = await self.scripts.ack(
-            keys=[
-                self.processing,
-                self.keys.completed,
-                self.keys.deliveries,
-                self.keys.retries,
-                self.keys.running,
-            ],
-            args=[raw, command_id or "", "1" if completed else "0", self.completed_ttl_ms],
-        )
+        command had already been taken away from this worker (its lease had expired).
+        ``mark`` = ``(chat key, message id, day)``: advance that chat's high-water mark in the
+        same atomic step (a completed command with ``after_id``; issue 14)."""
+        keys = [
+            self.processing,
+            self.keys.completed,
+            self.keys.deliveries,
+            self.keys.retries,
+            self.keys.running,
+        ]
+        args: list[Any] = [raw, command_id or "", "1" if completed else "0", self.completed_ttl_ms]
+        if mark is not None:
+            keys.append(self.keys.hwm)
+            args.extend(mark)
+        removed = await self.scripts.ack(keys=keys, args=args)
         return int(removed) > 0
 
     async def completed_at(self, command_id: str) -> float | None:

@@ -45,6 +45,8 @@ class WorkerSettings(FleetSettings):
     parallelism_max: int = Field(2, ge=1, le=16)
     fetch_concurrency: int = Field(1, ge=1, le=8)
     fetch_strategy: Literal["batch", "per_day"] = "batch"
+    # issue 14: split per_day commands over several days into per-day parts any worker may take
+    fetch_split_per_day: bool = False
     fetch_mode: Literal["yesterday", "full"] = "yesterday"
 
     # --- storage ------------------------------------------------------------------------------

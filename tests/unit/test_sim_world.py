@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -263,3 +264,39 @@ async def test_private_and_unknown_chats_fail_like_telegram(server: SimServer) -
         await server.serve(functions.channels.GetChannelsRequest(id=[types.InputChannel(999, 0)]))
     resolved = await server.serve(functions.contacts.ResolveUsernameRequest(username="Good_Chat"))
     assert isinstance(resolved.chats[0], types.Channel) and resolved.chats[0].megagroup
+
+
+def test_a_horizon_file_makes_messages_appear_at_runtime(tmp_path: Path) -> None:
+    """Issue 14: raising SIM_HORIZON_FILE appends exactly the history up to the new time."""
+    import os
+
+    from worker.sim.world import Horizon
+
+    real = datetime(2024, 1, 5, 12, 0, tzinfo=UTC)
+    path = tmp_path / "horizon"
+
+    def set_horizon(moment: datetime) -> None:
+        (tmp_path / "h.tmp").write_text(str(moment.timestamp()))
+        os.replace(tmp_path / "h.tmp", path)
+
+    w = World(
+        seed=1,
+        messages_per_day=500,
+        empty_day_ratio=0.0,
+        history_start=date(2024, 1, 1),
+        now=Horizon(lambda: real, path),
+    )
+    chat = w.chat_by_username("horizon_chat")
+    assert chat is not None
+    everything = w.total(chat.id)  # no file yet: the real clock
+    set_horizon(real - timedelta(hours=6))
+    seen = w.messages_between(chat.id, real - timedelta(days=9), real)
+    assert max(ts for _, ts in seen) < (real - timedelta(hours=6)).timestamp()
+    earlier = w.total(chat.id)
+    set_horizon(real - timedelta(hours=1))
+    later = w.total(chat.id)
+    assert earlier < later < everything
+    appended = w.messages_between(chat.id, real - timedelta(days=9), real)[len(seen) :]
+    assert appended and min(i for i, _ in appended) > max(i for i, _ in seen)
+    set_horizon(real + timedelta(days=1))
+    assert w.total(chat.id) == everything  # never beyond the real clock

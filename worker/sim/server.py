@@ -25,7 +25,7 @@ from telethon.errors import rpc_message_to_error
 from telethon.tl import functions, types
 
 from worker.sim.limits import Limits, SimLimits
-from worker.sim.world import World, _signed64, _u64
+from worker.sim.world import Horizon, World, _signed64, _u64
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -64,7 +64,9 @@ def make_world(settings: SimSettings, clock: Clock) -> World:
         messages_per_day=settings.sim_messages_per_day,
         empty_day_ratio=settings.sim_empty_day_ratio,
         history_start=date.fromisoformat(settings.sim_history_start),
-        now=clock.now,
+        now=clock.now
+        if settings.sim_horizon_file is None
+        else Horizon(clock.now, settings.sim_horizon_file),
         moved_usernames=[n for n in settings.sim_moved_usernames.split(",") if n.strip()],
     )
 

@@ -57,6 +57,7 @@ class SimSettings(WorkerSettings):
     sim_delete_every_history_requests: int = Field(0, ge=0)
     #: Usernames (comma-separated) that now belong to another chat than the one they named.
     sim_moved_usernames: str = ""
+    sim_horizon_file: Path | None = None  # runtime append (issue 14): see world.Horizon
 
     @field_validator("sim_faults")
     @classmethod
