@@ -22,6 +22,9 @@ from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow]
+STOPPED = ("FATAL", "EXITED")
+WORKERS = ("worker:worker_00", "worker:worker_01", "worker:worker_02")
+EVERYONE = (*WORKERS, "governor")
 
 
 def readme_commands() -> list[str]:
@@ -105,9 +108,8 @@ def test_readme_running_the_fleet_works_on_a_fresh_clone(tmp_path: Path) -> None
             if "supervisord -c" in line:
                 assert done.returncode == 0, output
                 started = True
-                names = ("worker:worker_00", "worker:worker_01", "worker:worker_02", "governor")
                 wait_for(
-                    lambda: all(_states(clone, env).get(n) == "RUNNING" for n in names),
+                    lambda: all(_states(clone, env).get(n) == "RUNNING" for n in EVERYONE),
                     60,
                     "workers and governor RUNNING",
                 )
@@ -132,7 +134,7 @@ def test_readme_running_the_fleet_works_on_a_fresh_clone(tmp_path: Path) -> None
                 assert done.returncode == 0, output
                 started = False
                 pid = int((clone / ".supervisord.pid").read_text())
-                wait_for(lambda: not _alive(pid), 60, "supervisord gone")
+                wait_for(lambda pid=pid: not _alive(pid), 60, "supervisord gone")
             else:
                 assert done.returncode == 0, f"{line}: {output}"
         assert not started, "the README's sequence must end by stopping the fleet"
@@ -143,19 +145,24 @@ def test_readme_running_the_fleet_works_on_a_fresh_clone(tmp_path: Path) -> None
         if started:
             _shutdown_and_wait(clone, env)
 
-    # A configuration error is FATAL at once: one spawn per worker, no restarts.
+    # A configuration error stops the worker for good: one spawn each, no restarts. It is FATAL
+    # when the exit comes before startsecs (startretries=0), EXITED (78 is an expected exit
+    # code) when a loaded machine makes the start slower than that.
     with open(clone / ".env", "a", encoding="utf-8") as fh:
         fh.write("PARALLELISM_MAX=0\n")
     log = clone / "logs" / "supervisord.log"
     before = log.read_text().count("spawned: 'worker_00'")
     assert _run(".venv/bin/supervisord -c supervisor.conf", clone, env).returncode == 0
     try:
-        workers = ("worker:worker_00", "worker:worker_01", "worker:worker_02")
-        wait_for(
-            lambda: all(_states(clone, env).get(n) == "FATAL" for n in workers), 60, "FATAL"
-        )
+        try:
+            wait_for(
+                lambda: all(_states(clone, env).get(n) in STOPPED for n in WORKERS), 60, "stopped"
+            )
+        except AssertionError as exc:
+            tail = log.read_text()[-2000:]
+            raise AssertionError(f"{exc}: {_states(clone, env)}\n{tail}") from None
         time.sleep(4)  # longer than startsecs: a restart would have shown by now
-        assert all(_states(clone, env).get(n) == "FATAL" for n in workers)
+        assert all(_states(clone, env).get(n) in STOPPED for n in WORKERS)
         assert log.read_text().count("spawned: 'worker_00'") == before + 1
         assert "PARALLELISM_MAX" in (clone / "logs" / "worker_00.log").read_text()
         assert _states(clone, env)["governor"] == "RUNNING"  # a worker-only key
