@@ -1,10 +1,11 @@
-# Stand-in for prom/prometheus: Debian's prometheus and promtool at the image's /bin paths.
+# Stand-in for prom/prometheus: Debian's prometheus and promtool, at /bin as in the real image
+# (bookworm merges /bin into /usr/bin).
 ARG BASE
 FROM ${BASE}
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         prometheus wget \
     && rm -rf /var/lib/apt/lists/* \
-    && ln -s /usr/bin/prometheus /bin/prometheus && ln -s /usr/bin/promtool /bin/promtool \
+    && test -x /bin/prometheus -a -x /bin/promtool \
     && mkdir -p /prometheus && chown nobody /prometheus
 EXPOSE 9090
 USER nobody
