@@ -91,7 +91,7 @@ build_standin() {  # build_standin TAG DOCKERFILE
     # pip inside builds trusts what the host trusts (a TLS-inspecting proxy's CA included).
     cp /etc/ssl/certs/ca-certificates.crt "$context/host-ca.crt" 2>/dev/null || : > "$context/host-ca.crt"
     local log="$CACHE/build-${2%.Dockerfile}.log"
-    docker build -q --build-arg "BASE=$ROOTFS_IMAGE" -t "$1" -f ".ci/images/$2" "$context" >"$log" 2>&1 \
+    docker build -q --force-rm --build-arg "BASE=$ROOTFS_IMAGE" -t "$1" -f ".ci/images/$2" "$context" >"$log" 2>&1 \
         || { rm -rf "$context"; fail "building $1 failed (see $log)"; }
     rm -rf "$context"
 }
