@@ -37,6 +37,18 @@ IMAGES = (
 )
 
 
+#: Labelled counters (and the retry delay gauge) that appear only with their first event.
+LAZY_METRICS = (
+    "flood_waits_total",
+    "rate_limit_hits_total",
+    "retries_total",
+    "last_retry_delay_seconds",
+    "breaker_open_total",
+    "fetch_errors_total",
+    "log_records_dropped_total",
+)
+
+
 def _engine_problem() -> str | None:
     if shutil.which("docker") is None:
         return "no docker client (run .ci/docker.sh)"
@@ -126,6 +138,26 @@ def _get(url: str) -> Any:
         return json.loads(response.read())
 
 
+def dashboard_queries(via: str) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every dashboard panel, with its variables as Grafana fills them
+    for "All" and the given ``$via``."""
+    board = json.loads((ROOT / "deploy/grafana/dashboards/telegram-fetcher.json").read_text())
+    out = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = str(target.get("expr", ""))
+            for name, value in (
+                ("$__rate_interval", "1m"),
+                ("$via", via),
+                ("$instance", ".*"),
+                ("$chat", ".*"),
+            ):
+                expr = expr.replace(name, value)
+            if expr:
+                out.append((str(panel.get("title")), expr))
+    return out
+
+
 def _prom(port: int, query: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     try:
@@ -202,6 +234,35 @@ def test_compose_fleet_builds_serves_scales_and_leaves_nothing(
         "Prometheus scraping 3 workers and the governor",
         every=2,
     )
+
+    # Every dashboard panel's query returns data, on both paths (METRICS_MODE=both by default),
+    # except panels of labelled counters that exist only after their first event (no retry,
+    # FloodWait, breaker opening, error or dropped log record happened here). Exporting those
+    # at 0 from the start is issue 12's last point, in fleet/metrics.py; once it lands, shrink
+    # LAZY_METRICS and this check becomes stricter by itself.
+    def empty_panels() -> list[tuple[str, str]]:
+        return [
+            (f"{via}: {title}", expr)
+            for via in ("scrape", "pushgateway")
+            for title, expr in dashboard_queries(via)
+            if not _prom(ports["PROMETHEUS"], expr)
+        ]
+
+    def unexplained() -> list[str]:
+        return [f"{t}: {e}" for t, e in empty_panels() if not any(m in e for m in LAZY_METRICS)]
+
+    try:
+        wait_for(lambda: not unexplained(), 90, "data in the dashboard's panels", every=5)
+    except AssertionError:
+        pytest.fail("dashboard panels without data:\n" + "\n".join(unexplained()))
+    lazy = empty_panels()
+    panels = 2 * len(dashboard_queries("scrape"))
+    print(f"dashboard: {panels - len(lazy)}/{panels} panel queries return data; empty until")
+    print(
+        "their first event: "
+        + ", ".join(sorted({m for _, e in lazy for m in LAZY_METRICS if m in e}))
+    )
+
     # The Pushgateway fed in the default configuration: a group per worker and the governor.
     groups = _get(f"http://127.0.0.1:{ports['PUSHGATEWAY']}/api/v1/metrics")["data"]
     jobs = [g["labels"].get("job") for g in groups]
