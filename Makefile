@@ -41,3 +41,19 @@ bench: venv system-deps
 
 clean:
 	rm -rf $(VENV) .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache
+
+# --- deployments (issue 12) ---------------------------------------------------------------------
+.PHONY: docker-engine test-containers promtool-test
+
+# A Docker engine, Compose v2 and local base images (no registry needed); see .ci/docker.sh.
+docker-engine:
+	@bash .ci/docker.sh
+
+# The container suites only: the Compose smoke test, and the Redis-outage tests on a container.
+test-containers: venv docker-engine
+	TEST_REDIS=docker $(BIN)/python -m pytest -q tests/integration/test_compose_smoke.py \
+		tests/integration/test_daemon_redis.py
+
+promtool-test: system-deps
+	promtool check config deploy/prometheus/prometheus.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml

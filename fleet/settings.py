@@ -27,6 +27,9 @@ class FleetSettings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         validate_default=True,
+        # `KEY=` (as .env.example ships, and as Compose/supervisord pass an unset variable) means
+        # "unset": the default applies, in the environment and in .env alike.
+        env_ignore_empty=True,
     )
 
     # --- Redis -----------------------------------------------------------------------------

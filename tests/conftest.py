@@ -11,13 +11,21 @@ import redis.asyncio as aioredis
 
 from tests.pushgateway import Pushgateway
 from tests.pushgateway import available as pushgateway_available
-from tests.redis_server import RedisServer
+from tests.redis_server import ContainerRedis, RedisServer, backend_description, new_redis_server
+
+
+def pytest_report_header() -> str:
+    """Which Redis the integration tests get: a process, or a container (TEST_REDIS=docker)."""
+    return backend_description()
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the whole run (a local process on a free loopback port)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+def redis_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisServer | ContainerRedis]:
+    """One Redis for the whole run on a free loopback port: a local process, or a container
+    with TEST_REDIS=docker (the report header says which)."""
+    server = new_redis_server(tmp_path_factory.mktemp("redis")).start()
     try:
         yield server
     finally:
@@ -25,7 +33,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer | ContainerRedis) -> Iterator[str]:
     """The shared server's URL, emptied before each test."""
     import redis as syncredis
 
@@ -46,9 +54,10 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of the test's own, with AOF, that the test may kill and restart."""
-    server = RedisServer(tmp_path / "redis-private", appendonly=True).start()
+def private_redis(tmp_path: Path) -> Iterator[RedisServer | ContainerRedis]:
+    """A Redis of the test's own, with AOF, that the test may kill and restart (a process, or a
+    container with TEST_REDIS=docker)."""
+    server = new_redis_server(tmp_path / "redis-private", appendonly=True).start()
     try:
         yield server
     finally:

@@ -3,8 +3,10 @@
 Starts a private ``redis-server`` on a free loopback port, one governor and three workers (real
 OS processes, each claiming its own simulated session), pushes a handful of fetch commands —
 several chats, modes and strategies, a duplicate id, a private chat and an invalid command —
-prints every event as it arrives, stops the fleet with SIGTERM, and prints what was written.
-No credentials and no network are needed; process logs go to ``logs/demo/``.
+prints every event as it arrives, then shows what the governor did (the simulated Telegram's
+limits are tighter than the fleet's configured rates, so FloodWaits happen and are absorbed),
+each worker's share, the dead letters, stops the fleet with SIGTERM, and prints what was
+written. No credentials and no network are needed; process logs go to ``logs/demo/``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
+from fleet.bucket import TokenBucket
 from fleet.events import parse_event
 from fleet.keys import Keys
 from fleet.redisconn import connect_sync
@@ -31,7 +35,17 @@ from worker.cmdline import format_event
 from worker.settings import WorkerSettings
 
 WORKERS = 3
-TIMEOUT_S = 120.0
+TIMEOUT_S = 180.0
+#: The simulated Telegram's hidden limits, tighter than the fleet's defaults (0.9 history
+#: requests/s per account, 10/s fleet-wide) so that FloodWaits happen and the governor adapts.
+SIM_LIMITS = {
+    "SIM_HISTORY_REQUESTS": "6",  # per account: 6 per 10 s = 0.6/s
+    "SIM_HISTORY_WINDOW_SECONDS": "10",
+    "SIM_FLEET_REQUESTS": "3",  # all accounts together: 3 per 2 s = 1.5/s
+    "SIM_FLEET_WINDOW_SECONDS": "2",
+}
+#: The chats the demo's commands name: its only directories under the data root.
+DEMO_CHATS = ("ru_python", "demo_news", "python_jobs", "private_club")
 
 
 def run_demo(settings: WorkerSettings, data_dir: Path, log_dir: Path = Path("logs/demo")) -> int:
@@ -52,8 +66,15 @@ def run_demo(settings: WorkerSettings, data_dir: Path, log_dir: Path = Path("log
             url = f"redis://127.0.0.1:{port}/0"
             client = _wait_for_redis(url)
             env = _env(url, data_dir, Path(tmp))
+            metrics_port = _free_port()
+            governor_env = {
+                **env,
+                "METRICS_MODE": "scrape",
+                "METRICS_HOST": "127.0.0.1",
+                "METRICS_PORT": str(metrics_port),
+            }
             procs.append(
-                _start("governor", [sys.executable, "-m", "governor", "run"], env, log_dir)
+                _start("governor", [sys.executable, "-m", "governor", "run"], governor_env, log_dir)
             )
             for n in range(1, WORKERS + 1):
                 worker_env = {
@@ -68,16 +89,26 @@ def run_demo(settings: WorkerSettings, data_dir: Path, log_dir: Path = Path("log
                 )
             print(
                 f"demo: redis on 127.0.0.1:{port}, a governor and {WORKERS} workers on simulated "
-                f"sessions; data in {data_dir}/, logs in {log_dir}/",
+                f"sessions; data in {data_dir}/, logs in {log_dir}/\n"
+                f"the governor's metrics, while the demo runs: "
+                f"http://127.0.0.1:{metrics_port}/metrics",
                 flush=True,
             )
-            expected = _push_commands(client, Keys(settings.redis_key_prefix))
-            outcomes = _follow(client, Keys(settings.redis_key_prefix), expected)
-            code = _report(client, Keys(settings.redis_key_prefix), outcomes, data_dir)
+            keys = Keys(settings.redis_key_prefix)
+            expected = _push_commands(client, keys)
+            outcomes, completed = _follow(client, keys, expected)
+            code = _report(client, keys, outcomes)
+            _governor_report(url, keys, settings, completed)
         finally:
             _stop(procs, settings.shutdown_grace_seconds)
             redis_proc.terminate()
             redis_proc.wait(10)
+    _tidy(data_dir)
+    _files_report(data_dir)
+    print(
+        "\nOn a fleet of your own (README, 'Running the fleet'): python -m governor status, "
+        "python -m worker status, python -m worker dead-letters, and /metrics on METRICS_PORT."
+    )
     return code
 
 
@@ -95,6 +126,9 @@ def _env(url: str, data_dir: Path, tmp: Path) -> dict[str, str]:
             "SESSIONS_DIR": str(tmp / "sessions"),
             "DATA_DIR": str(data_dir.resolve()),
             "METRICS_MODE": "off",
+            # One command per worker at a time, so the work spreads over the three sessions.
+            "PARALLELISM_MAX": "1",
+            **SIM_LIMITS,
             "WORKER_LEASE_SECONDS": "3",
             "PROGRESS_EVENT_INTERVAL_SECONDS": "1",
             "GOVERNOR_TICK_SECONDS": "1",
@@ -182,9 +216,13 @@ def _push_commands(client: redis.Redis, keys: Keys) -> dict[str, str]:
     return {payload["command_id"]: outcome for payload, outcome in commands}
 
 
-def _follow(client: redis.Redis, keys: Keys, expected: dict[str, str]) -> dict[str, str]:
-    """Print events from the stream until every expected command has its terminal event."""
+def _follow(
+    client: redis.Redis, keys: Keys, expected: dict[str, str]
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Print events from the stream until every expected command has its terminal event;
+    returns each command's outcome and the ``completed`` events."""
     outcomes: dict[str, str] = {}
+    completed: list[dict[str, Any]] = []
     last_id = "0-0"
     deadline = time.monotonic() + TIMEOUT_S
     while len(outcomes) < len(expected) and time.monotonic() < deadline:
@@ -197,14 +235,16 @@ def _follow(client: redis.Redis, keys: Keys, expected: dict[str, str]) -> dict[s
                     continue
                 print(format_event(event, False), flush=True)
                 cid = str(event.get("command_id"))
+                if event.get("event") == "completed" and cid not in outcomes:
+                    completed.append(event)
                 if event.get("event") == "completed" or (
                     event.get("event") == "failed" and not event.get("retryable")
                 ):
                     outcomes.setdefault(cid, str(event["event"]))
-    return outcomes
+    return outcomes, completed
 
 
-def _report(client: redis.Redis, keys: Keys, outcomes: dict[str, str], data_dir: Path) -> int:
+def _report(client: redis.Redis, keys: Keys, outcomes: dict[str, str]) -> int:
     expected = {
         "demo-ru-python": "completed",
         "demo-news-week": "completed",
@@ -219,13 +259,111 @@ def _report(client: redis.Redis, keys: Keys, outcomes: dict[str, str], data_dir:
         mark = "ok " if got == want else "!! "
         ok = ok and got == want
         print(f"{mark} {cid:<18} expected {want:<9} got {got}")
+    # The dead letters themselves: the demo's Redis is gone once it ends, so no command to run.
+    dead = [json.loads(raw) for raw in client.lrange(keys.dead_letters, 0, -1)]
+    print(f"\ndead letters: {len(dead)}")
+    for letter in dead:
+        error = letter.get("error") or {}
+        reason = error.get("message") if isinstance(error, dict) else error
+        print(f"  {letter.get('command_id', '?')}: {reason or letter.get('reason', letter)}")
+    return 0 if ok else 1
+
+
+def _governor_report(
+    url: str, keys: Keys, settings: WorkerSettings, completed: list[dict[str, Any]]
+) -> None:
+    """What the governor did: FloodWaits absorbed, the rates it settled on, each worker's share."""
+    import asyncio
+
+    async def read() -> tuple[dict[str, Any], list[Any]]:
+        client = aioredis.Redis.from_url(url)
+        try:
+            bucket = TokenBucket(client, keys, settings)
+            return await bucket.snapshot(), await bucket.recent_floods(settings.flood_events_max)
+        finally:
+            await client.aclose()
+
+    snapshot, flood_events = asyncio.run(read())
+    floods = len(flood_events)
+    counters = snapshot["counters"]
+    history = snapshot["rates"]
+    print("\nwhat the governor did (the simulated Telegram allows 0.6 history requests/s per")
+    print("account and 1.5/s for the whole fleet; the fleet starts at 0.9/s and 10/s):")
+    by_session: dict[str, int] = {}
+    for flood in flood_events:
+        by_session[flood.session] = by_session.get(flood.session, 0) + 1
+    per_session = ", ".join(f"{name} {n}" for name, n in sorted(by_session.items()))
+    print(
+        f"  FloodWaits absorbed: {floods} (by session: {per_session or 'none'}); "
+        "every command still completed, none failed for it"
+        if floods
+        else "  FloodWaits: none (the limits did not bind this time)"
+    )
+    admits = counters.get("history:admits", 0)
+    print(f"  history requests admitted by the shared bucket: {admits}")
+    fleet = history["fleet"]["history"]
+    account = history["session"]["history"]
+    print(
+        f"  rates settled on: fleet {fleet['per_second']:.2f}/s (burst {fleet['burst']}), "
+        f"per account {account['per_second']:.2f}/s (burst {account['burst']})"
+    )
+    overrides = {
+        k.split(":")[1]: float(v)
+        for k, v in snapshot["rate_overrides"].items()
+        if k.startswith("session:") and k.endswith(":history:rate") and k.count(":") == 3
+    }
+    if overrides:
+        print("  per-session rates the governor set:")
+    for name, rate in sorted(overrides.items()):
+        print(f"    {name}: {rate:.2f}/s")
+    shares: dict[str, list[int]] = {}
+    for event in completed:
+        share = shares.setdefault(str(event.get("worker_id")), [0, 0])
+        share[0] += 1
+        share[1] += int(event.get("processed") or 0)
+    total = sum(messages for _, messages in shares.values()) or 1
+    print("  each worker's share:")
+    for wid, (commands, messages) in sorted(shares.items()):
+        print(
+            f"    {wid}: {commands} commands, {messages} messages ({100 * messages / total:.0f}%)"
+        )
+
+
+def _tidy(data_dir: Path) -> None:
+    """Remove what the stopped fleet leaves behind: the lock files of the demo's chats and of
+    progress (only when nobody holds them: another fleet could share the data root) and the
+    directories of chats that got no file (the private chat)."""
+    _unlink_free_lock(data_dir / ".progress.lock")
+    for chat in DEMO_CHATS:
+        root = data_dir / chat
+        if not root.is_dir():
+            continue
+        for lock in root.rglob(".*.lock"):
+            _unlink_free_lock(lock)
+        for folder in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(root.iterdir()):
+            root.rmdir()
+
+
+def _unlink_free_lock(path: Path) -> None:
+    import fcntl
+
+    try:
+        with open(path, "rb") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held elsewhere: OSError, kept
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _files_report(data_dir: Path) -> None:
     files = sorted(data_dir.rglob("discussions_*.json"))
     total = sum(json.loads(p.read_text())["message_count"] for p in files)
     print(f"\n{len(files)} day files, {total} messages, under {data_dir}/:")
     for path in files:
         print(f"  {path}")
-    print(f"dead letters: {client.llen(keys.dead_letters)} (python -m worker dead-letters)")
-    return 0 if ok else 1
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:

@@ -35,3 +35,9 @@ def test_demo_fleet_completes_every_command_and_stops_cleanly(tmp_path: Path) ->
         doc = json.loads(path.read_text())
         assert doc["message_count"] == len(doc["messages"])
     assert not (tmp_path / "data" / "etc").exists()
+    # It shows the governor's work and leaves nothing behind but the day files and progress.
+    assert "what the governor did" in proc.stdout and "each worker's share" in proc.stdout
+    assert "rates settled on: fleet" in proc.stdout
+    assert not list((tmp_path / "data").rglob("*.lock"))
+    assert not (tmp_path / "data" / "private_club").exists()
+    assert "worker dead-letters (" not in proc.stdout  # no hint that needs the demo's Redis
