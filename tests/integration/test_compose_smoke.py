@@ -40,10 +40,7 @@ IMAGES = (
 #: Labelled counters (and the retry delay gauge) that appear only with their first event.
 LAZY_METRICS = (
     "flood_waits_total",
-    "rate_limit_hits_total",
-    "retries_total",
     "last_retry_delay_seconds",
-    "breaker_open_total",
     "fetch_errors_total",
     "log_records_dropped_total",
 )
