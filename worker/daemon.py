@@ -64,6 +64,11 @@ class Daemon:
         self.install_signals = install_signals
         self.stop = asyncio.Event()  # stop taking; fetches stop after their page
         self.force = asyncio.Event()  # second signal or grace over: cancel now
+        # Background tasks (heartbeat) end when this is set. A flag, not only a cancellation:
+        # Python 3.11's wait_for drops a cancellation that races its inner future's completion
+        # (redis-py sends every command through one), and a heartbeat that lost its
+        # cancellation would renew our leases forever while the shutdown waited for it.
+        self.halt = asyncio.Event()
         self.exit_code: int = Exit.OK
         self.exit_reason = "signal"
         self.worker_id = settings.worker_id or socket.gethostname().split(".")[0] or "worker"
@@ -440,7 +445,7 @@ class Daemon:
         s = self.settings
         interval = s.worker_lease_seconds / 3
         info = {"host": socket.gethostname(), "pid": os.getpid(), "session": self.session_name}
-        while not self.force.is_set():
+        while not self.halt.is_set() and not self.force.is_set():
             try:
                 try:
                     got = await queue.claim_lease(info)
@@ -469,7 +474,7 @@ class Daemon:
                     )
             self._write_health()
             self._refresh_lag()
-            await self._sleep(interval, until=self.force)
+            await self._sleep(interval, until=self.halt)
 
     def _refresh_lag(self) -> None:
         """``fetch_lag_seconds`` grows while nothing is fetched: recompute it every heartbeat."""
@@ -541,6 +546,11 @@ class Daemon:
         s = self.settings
         self._begin_stop(self.exit_code, self.exit_reason)
         began = time.monotonic()
+        # The hard-stop guard is armed first: whatever below waits on Redis or on a task gives
+        # up at the hard end of the grace period (force aborts RedisLink calls and the waits).
+        hard_end = began + max(0.2, s.shutdown_grace_seconds - 1.0)
+        loop = asyncio.get_running_loop()
+        guard = loop.call_later(max(0.1, hard_end - time.monotonic()), self._hard_stop)
         logger.info(
             "shutdown started ({}): {} commands running, grace {:.0f}s",
             self.exit_reason,
@@ -566,15 +576,14 @@ class Daemon:
                 logger.warning("cancelling {} commands (grace over or forced)", len(pending))
                 for task in pending:
                     task.cancel()
-                await asyncio.wait(pending, timeout=5.0)
+                await asyncio.wait(pending, timeout=self._left(hard_end, 5.0))
+        self.halt.set()
         for task in background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        # Redis calls below give up at the hard end of the grace period.
-        hard_end = began + s.shutdown_grace_seconds - 1.0
-        guard = asyncio.get_running_loop().call_later(
-            max(0.1, hard_end - time.monotonic()), self.force.set
-        )
+        if background:
+            _done, stuck = await asyncio.wait(background, timeout=self._left(hard_end, 2.0))
+            if stuck:
+                logger.warning("background tasks still running: {}", [t.get_name() for t in stuck])
         try:
             if queue is not None:
                 with contextlib.suppress(RedisUnavailable):
@@ -595,12 +604,13 @@ class Daemon:
                 await self.link.call(sessions.release, "release session")
         finally:
             guard.cancel()
+            end = began + s.shutdown_grace_seconds
             if self.telegram is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.telegram.close(), timeout=3.0)
+                    await asyncio.wait_for(self.telegram.close(), timeout=self._left(end, 3.0))
             if self.client is not None:
                 with contextlib.suppress(Exception):
-                    await self.client.aclose()
+                    await asyncio.wait_for(self.client.aclose(), timeout=self._left(end, 1.0))
             self.health.remove()
             waited = time.monotonic() - began
             last = self.tally.last_command or {}
@@ -636,6 +646,16 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._shipper.close, max(0.5, min(5.0, left - 1.0)))
 
+    def _hard_stop(self) -> None:
+        """The grace period is (nearly) over: every wait and Redis call gives up now."""
+        self.force.set()
+        self.halt.set()
+
+    @staticmethod
+    def _left(until: float, cap: float) -> float:
+        """A bounded wait: at most ``cap``, never past ``until`` (but a little, to finish)."""
+        return max(0.1, min(cap, until - time.monotonic()))
+
     # --- helpers --------------------------------------------------------------------------------
     @property
     def _redis(self) -> Redis:
@@ -652,8 +672,30 @@ class Daemon:
 
 
 def run(settings: WorkerSettings) -> int:
-    """Run the daemon until stopped; the process's exit code."""
-    return asyncio.run(Daemon(settings).run())
+    """Run the daemon until stopped; the process's exit code.
+
+    Not ``asyncio.run``: that waits without a bound for every task left over to honour its
+    cancellation, and one that lost it (see :attr:`Daemon.halt`) would keep the process alive.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(Daemon(settings).run())
+    finally:
+        try:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=1.0))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            with contextlib.suppress(TimeoutError):
+                loop.run_until_complete(
+                    asyncio.wait_for(loop.shutdown_default_executor(), timeout=2.0)
+                )
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 __all__ = ["Daemon", "run"]
