@@ -140,6 +140,7 @@ class Daemon:
                 completed_ttl_s=s.completed_ids_ttl_seconds,
                 dead_letters_max=s.dead_letters_max,
                 dead_letter_payload_max_bytes=s.dead_letter_payload_max_bytes,
+                events_maxlen=s.events_stream_maxlen,
             )
             publisher = EventPublisher(
                 self.client,

@@ -20,12 +20,14 @@ two share the map of running commands, the task → entry map and the :class:`Ta
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -194,10 +196,12 @@ class CommandExecutor:
                 # The same command_id is being executed by a live worker: run it at most once.
                 # Come back later; by then it completed (skipped) or that worker died (ours).
                 delay = max(1.0, s.worker_lease_seconds)
-                await self.link.call(
+                deferred = await self.link.call(
                     lambda: self.queue.retry_later(entry, cmd.command_id, delay, count=False),
                     "defer",
                 )
+                if deferred < 0:
+                    return  # recovered away from us meanwhile: not ours to defer
                 log.info("same command running on {}; this copy deferred {:g}s", owner, delay)
                 return
             running = Running(entry=entry, cmd=cmd)
@@ -243,8 +247,9 @@ class CommandExecutor:
             error_message=f"{reason} (dead letter {letter.id})",
             retryable=False,
         )
-        await self.publisher.publish(event)
-        await self.link.call(lambda: self.queue.dead_letter(raw, letter), "dead letter")
+        await self.link.call(
+            lambda: self.queue.dead_letter(raw, letter, event=event), "dead letter"
+        )
 
     async def _run_fetch(self, running: Running, log: Any) -> None:
         from worker.fetch import Fetcher, FetchOutcome
@@ -328,6 +333,8 @@ class CommandExecutor:
             raise
         except Exception as exc:
             await throttle.drain()
+            if not await self._internal_error(running, event, exc, log):
+                return
             self._finished(running, "error", type(exc).__name__, None)
             log.opt(exception=exc).error(
                 "internal error in command; dead-lettered",
@@ -335,7 +342,6 @@ class CommandExecutor:
                 error_type=type(exc).__name__,
                 duration_ms=int((time.monotonic() - started) * 1000),
             )
-            await self._internal_error(running, event, exc)
             return
         await throttle.drain()
         if failure is None and outcome is not None and outcome.days_failed:
@@ -347,10 +353,13 @@ class CommandExecutor:
         if not await self._still_ours(running, log):
             return
         status = "partial" if outcome.days_partial else "ok"
-        await self.publisher.publish(
-            event("completed", outcome, status=status, files=outcome.files)
-        )
-        await self.link.call(lambda: self.queue.ack(running.entry, cmd.command_id, completed=True))
+        done = event("completed", outcome, status=status, files=outcome.files)
+        if not await self._terminal(
+            running,
+            log,
+            lambda: self.queue.ack(running.entry, cmd.command_id, completed=True, event=done),
+        ):
+            return
         self.tally.served += 1
         self._finished(running, status, None, outcome)
         self.tally.last_success = (
@@ -419,6 +428,21 @@ class CommandExecutor:
             log.warning("command was recovered by another worker while we ran it; no event")
         return held
 
+    async def _terminal(self, running: Running, log: Any, step: Callable[[], Any]) -> bool:
+        """The terminal step (ack / retry later / dead letter with its event) as one script that
+        does nothing, and publishes nothing, unless the command is still in our processing list
+        and our lease is ours: the check and the step cannot be separated by a pause of this
+        process (SIGSTOP, a long GC, a swapped-out VM) during which another worker took over."""
+        await _test_pause(running.cmd.command_id)
+        result = await self.link.call(step, "terminal step")
+        ours = result is True or (not isinstance(result, bool) and int(result) >= 0)
+        if not ours:
+            running.taken_over = True
+            log.warning("command was recovered by another worker while we ran it; no event")
+        else:
+            self.publisher.published += 1
+        return ours
+
     async def _retry_or_fail(
         self, running: Running, event: Callable[..., dict[str, Any]], exc: FetchError, outcome: Any
     ) -> None:
@@ -442,18 +466,19 @@ class CommandExecutor:
             delay = min(s.command_retry_max_seconds, s.command_retry_base_seconds * 2**done)
         delay *= random.uniform(1.0, 1.1)  # workers failing together do not retry together
         message = f"{exc} (retry {done + 1}/{s.command_retry_max} in {delay:.0f}s)"
-        await self.publisher.publish(
-            event(
-                "failed",
-                outcome,
-                error_type=exc.type_name,
-                error_message=message,
-                retryable=True,
-            )
+        failed = event(
+            "failed",
+            outcome,
+            error_type=exc.type_name,
+            error_message=message,
+            retryable=True,
         )
-        await self.link.call(
-            lambda: self.queue.retry_later(running.entry, cmd.command_id, delay), "retry later"
-        )
+        if not await self._terminal(
+            running,
+            log,
+            lambda: self.queue.retry_later(running.entry, cmd.command_id, delay, event=failed),
+        ):
+            return
         self._finished(running, "retrying", exc.type_name, outcome)
         log.bind(error_type=exc.type_name, **self._summary(running, outcome)).warning(
             "command failed, will retry: {}",
@@ -479,25 +504,31 @@ class CommandExecutor:
         )
         if not await self._still_ours(running, log):
             return
-        await self.publisher.publish(
-            event(
-                "failed",
-                outcome,
-                error_type=exc.type_name,
-                error_message=f"{exc}{suffix}",
-                retryable=retryable,
-            )
+        failed = event(
+            "failed",
+            outcome,
+            error_type=exc.type_name,
+            error_message=f"{exc}{suffix}",
+            retryable=retryable,
         )
-        await self.link.call(lambda: self.queue.ack(running.entry, cmd.command_id, completed=False))
+        if not await self._terminal(
+            running,
+            log,
+            lambda: self.queue.ack(running.entry, cmd.command_id, completed=False, event=failed),
+        ):
+            return
         self._finished(running, "failed", exc.type_name, outcome)
         log.bind(error_type=exc.type_name, **self._summary(running, outcome)).error(
             "command failed: {}{}", exc, suffix, event="command_failed", retryable=False
         )
 
     async def _internal_error(
-        self, running: Running, event: Callable[..., dict[str, Any]], exc: Exception
-    ) -> None:
+        self, running: Running, event: Callable[..., dict[str, Any]], exc: Exception, log: Any
+    ) -> bool:
+        """Dead letter + ``failed``, on the same ownership terms as every terminal step."""
         cmd = running.cmd
+        if not await self._still_ours(running, log):
+            return False
         letter = new_dead_letter(
             running.entry,
             reason=f"internal error: {type(exc).__name__}: {exc}",
@@ -507,15 +538,34 @@ class CommandExecutor:
             worker_id=self.worker_id,
             source="internal",
         )
-        await self.publisher.publish(
-            event(
-                "failed",
-                error_type=type(exc).__name__,
-                error_message=f"internal error: {exc} (dead letter {letter.id})",
-                retryable=False,
-            )
+        failed = event(
+            "failed",
+            error_type=type(exc).__name__,
+            error_message=f"internal error: {exc} (dead letter {letter.id})",
+            retryable=False,
         )
-        await self.link.call(lambda: self.queue.dead_letter(running.entry, letter), "dead letter")
+        return await self._terminal(
+            running, log, lambda: self.queue.dead_letter(running.entry, letter, event=failed)
+        )
+
+
+async def _test_pause(command_id: str) -> None:
+    """Fault-test hook, inert unless the test harness sets ``WORKER_TEST_PAUSE_FILE``: before
+    the first terminal step of this process, write the command id to that file and wait until
+    the test removes it (the test then SIGSTOPs us past our lease and lets another worker take
+    the command over, reproducing a pause in the window between ownership check and ack)."""
+    path = os.environ.get("WORKER_TEST_PAUSE_FILE")
+    if not path or _paused:
+        return
+    _paused.append(command_id)
+    marker = Path(path)
+    await asyncio.to_thread(marker.write_text, command_id, "utf-8")
+    # Another process (the test) removes the file: nothing in this process could set an Event.
+    while await asyncio.to_thread(marker.exists):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+_paused: list[str] = []  # the hook pauses once per process
 
 
 __all__ = ["CommandExecutor", "Running", "Tally"]
