@@ -90,7 +90,7 @@ def test_a_worker_paused_past_its_lease_before_its_ack_publishes_no_second_termi
     wait_for(pause.exists, 30, "A at its terminal step")
     os.kill(a.pid, signal.SIGSTOP)  # paused past its lease (WORKER_LEASE_SECONDS=2)
     try:
-        [b] = fleet.start(1, wait_ready=False)
+        fleet.start(1, wait_ready=False)
         done = wait_for(
             lambda: [e for e in rv.by_kind("completed") if e["command_id"] == "z1"],
             40,
