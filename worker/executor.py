@@ -20,6 +20,7 @@ two share the map of running commands, the task → entry map and the :class:`Ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -34,7 +35,7 @@ from loguru import logger
 
 from fleet.deadletters import new_dead_letter
 from fleet.events import EventPublisher, ProgressThrottle, make_event
-from fleet.redisconn import RedisLink
+from fleet.redisconn import REDIS_DOWN, RedisLink
 from worker.commands import CommandLimits, FetchCommand, parse_command, salvage_identity, today_in
 from worker.errors import (
     BreakerOpen,
@@ -275,8 +276,18 @@ class CommandExecutor:
 
         throttle = ProgressThrottle(self.publisher, s.progress_event_interval_seconds)
 
+        progressed = False
+
         async def on_progress(outcome: FetchOutcome) -> None:
+            nonlocal progressed
             throttle.offer(event("progress", outcome))
+            if not progressed and (outcome.processed > 0 or outcome.days_completed):
+                # Poison detection counts deaths of attempts that made no progress only: a
+                # command killed with its worker every few seconds while it advances is not
+                # poison. Once per execution: deliveries only grow between executions.
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.queue.made_progress(cmd.command_id)
+                    progressed = True
 
         log.info(
             "command started: {} {} ({} days)",

@@ -138,6 +138,11 @@ class WorkQueue:
         )
         return int(removed) > 0
 
+    async def made_progress(self, command_id: str) -> None:
+        """This execution completed a day or wrote a page: the deaths of earlier executions
+        were not the command's fault (recover.lua counts only attempts without progress)."""
+        await self.client.hdel(self.keys.deliveries, command_id)
+
     async def completed_at(self, command_id: str) -> float | None:
         """When (Unix seconds) ``command_id`` completed, if within the retention."""
         score = await self.client.zscore(self.keys.completed, command_id)
