@@ -48,7 +48,7 @@ from worker.executor import CommandExecutor, Running, Tally
 from worker.health import HealthFile
 from worker.metrics import WorkerMetrics
 from worker.queue import WorkQueue
-from worker.sessions import SessionLeases
+from worker.sessions import SessionLeases, take_over_dead_holder
 from worker.settings import WorkerSettings
 
 VERSION = package_version()
@@ -126,7 +126,11 @@ class Daemon:
         background: list[asyncio.Task[None]] = []
         try:
             self._write_health("waiting_session")
-            self.session_name = await sessions.claim(self.stop)
+            # Refreshed every round of the wait, so that Docker's health check (file age) does
+            # not take a worker waiting for a free session for a dead one.
+            self.session_name = await sessions.claim(
+                self.stop, on_wait=lambda: self._write_health("waiting_session")
+            )
             if self.session_name is None:
                 return self.exit_code
             self.worker_id = s.resolved_worker_id(self.session_name)
@@ -321,6 +325,20 @@ class Daemon:
                 if left > 0:
                     logger.info("handed back {} commands left by a previous run", left)
                 return True
+            dead = await self.link.call(
+                lambda: take_over_dead_holder(self._redis, queue.lease_key, queue.token),
+                "dead predecessor",
+            )
+            if dead is not None:
+                # Our predecessor under this WORKER_ID was killed: its lease is gone now, and
+                # the next recovery hands its commands back (counting the delivery) at once.
+                logger.warning(
+                    "worker lease {} was held by a dead process ({}); taking it over",
+                    self.worker_id,
+                    dead.rpartition("|")[2],
+                )
+                scan = True
+                continue
             if not warned:
                 warned = True
                 logger.warning(

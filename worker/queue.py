@@ -15,6 +15,8 @@ file in ``fleet/lua`` from the one registry :func:`fleet.scripts.scripts_for`.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -45,7 +47,8 @@ class WorkQueue:
         self.client = client
         self.keys = keys
         self.worker_id = worker_id
-        self.token = uuid.uuid4().hex
+        # Random, then "|host:pid": a restart on the same host can prove this holder dead.
+        self.token = f"{uuid.uuid4().hex}|{socket.gethostname()}:{os.getpid()}"
         self.lease_ms = max(1, int(lease_s * 1000))
         self.completed_ttl_ms = int(completed_ttl_s * 1000)
         self.dead_letters_max = dead_letters_max
