@@ -15,10 +15,7 @@ file in ``fleet/lua`` from the one registry :func:`fleet.scripts.scripts_for`.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +24,7 @@ from redis.asyncio import Redis
 from fleet.deadletters import DeadLetter
 from fleet.keys import Keys
 from fleet.scripts import as_bytes, scripts_for, text
+from worker.sessions import lease_token
 
 
 class WorkQueue:
@@ -48,7 +46,7 @@ class WorkQueue:
         self.keys = keys
         self.worker_id = worker_id
         # Random, then "|host:pid": a restart on the same host can prove this holder dead.
-        self.token = f"{uuid.uuid4().hex}|{socket.gethostname()}:{os.getpid()}"
+        self.token = lease_token()
         self.lease_ms = max(1, int(lease_s * 1000))
         self.completed_ttl_ms = int(completed_ttl_s * 1000)
         self.dead_letters_max = dead_letters_max

@@ -66,9 +66,14 @@ class BadMark:
         )
 
 
+_OWN_TOKENS: set[str] = set()  # every lease token this process made
+
+
 def lease_token() -> str:
     """A lease token: random, then ``|host:pid`` of the process holding the lease."""
-    return f"{uuid.uuid4().hex}|{socket.gethostname()}:{os.getpid()}"
+    token = f"{uuid.uuid4().hex}|{socket.gethostname()}:{os.getpid()}"
+    _OWN_TOKENS.add(token)
+    return token
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,9 +93,10 @@ def _pid_alive(pid: int) -> bool:
 def holder_is_dead(token: str | None, own_token: str) -> bool:
     """Is the process that holds a lease under ``token`` provably dead? Only for a holder on
     this host (same hostname): its pid no longer runs, or it is our own pid (a container
-    restarted under the same hostname reuses small pids) under another token. Anything else
-    (another host, an unparsable token, a live pid) is not provably dead: wait for the TTL."""
-    if not token or token == own_token:
+    restarted under the same hostname reuses small pids) under a token this process never
+    made. Anything else (another host, an unparsable token, a live pid) is not provably dead:
+    wait for the TTL."""
+    if not token or token == own_token or token in _OWN_TOKENS:
         return False
     _, sep, where = token.rpartition("|")
     host, colon, pid_text = where.rpartition(":")
