@@ -30,6 +30,7 @@ import socket
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -52,6 +53,9 @@ from worker.sessions import SessionLeases, take_over_dead_holder
 from worker.settings import WorkerSettings
 
 VERSION = package_version()
+# Executions in a row failing on this worker's own storage before it stops taking commands
+# (and reports unhealthy) until a probe write in DATA_DIR succeeds again.
+STORAGE_FAILURES_PAUSE = 3
 BREAKER = "telegram"  # the breaker_state{component} of the shared Telegram breaker
 
 
@@ -418,6 +422,9 @@ class Daemon:
                 self._slot_freed.clear()
                 await self._wait_any(self._slot_freed, 1.0)
                 continue
+            if executor.storage_failures >= STORAGE_FAILURES_PAUSE:
+                await self._storage_pause(executor)
+                continue
             if time.monotonic() - reconciled >= s.worker_lease_seconds:
                 await self._adopt_orphans(queue, executor)
                 reconciled = time.monotonic()
@@ -429,6 +436,30 @@ class Daemon:
             if self.stop.is_set():
                 break  # it stays in the processing list; release_all hands it back
             self._spawn(executor, raw)
+
+    async def _storage_pause(self, executor: CommandExecutor) -> None:
+        """Our storage failed several executions in a row (disk full, read-only mount, I/O
+        errors): take nothing (other workers take the commands), report unhealthy, and probe
+        the storage until a write works again."""
+        if self._status != "storage_error":
+            logger.error(
+                "{} commands in a row failed on storage; not taking commands until {} is "
+                "writable again",
+                executor.storage_failures,
+                self.settings.data_dir,
+                event="storage_unhealthy",
+            )
+            self._write_health("storage_error")
+        await self._sleep(min(5.0, max(0.5, self.settings.worker_lease_seconds / 3)))
+        if self.stop.is_set():
+            return
+        problem = await asyncio.to_thread(_probe_storage, self.settings.data_dir, self.worker_id)
+        if problem is None:
+            logger.info("storage is writable again; taking commands", event="storage_healthy")
+            executor.storage_failures = 0
+            self._write_health("busy" if self._running else "idle")
+        else:
+            logger.debug("storage still failing: {}", problem)
 
     def _spawn(self, executor: CommandExecutor, raw: bytes) -> None:
         task = asyncio.create_task(executor.execute(raw))
@@ -688,6 +719,23 @@ class Daemon:
     async def _wait_any(event: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=seconds)
+
+
+def _probe_storage(data_dir: Any, worker_id: str) -> str | None:
+    """Write, fsync and delete a small file in ``data_dir``; ``None`` if that worked."""
+    path = Path(data_dir) / f".probe-{worker_id}"
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b"probe\n" * 512)
+            fh.flush()
+            os.fsync(fh.fileno())
+        path.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def run(settings: WorkerSettings) -> int:

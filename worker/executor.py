@@ -45,6 +45,7 @@ from worker.errors import (
     RateLimited,
     SessionRevoked,
     ShutdownRequested,
+    StorageError,
 )
 from worker.metrics import WorkerMetrics
 from worker.queue import WorkQueue
@@ -116,6 +117,9 @@ class CommandExecutor:
         self._on_revoked = on_revoked
         self._chat_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.waiting = 0  # tasks waiting for their chat's lock
+        # Executions in a row that failed on this worker's storage (disk full, read-only...):
+        # the daemon stops taking commands at STORAGE_FAILURES_PAUSE and probes the storage.
+        self.storage_failures = 0
 
     async def execute(self, raw: bytes) -> None:
         """One command taken from the queue, from its raw bytes to its ack (or hand-back)."""
@@ -357,6 +361,10 @@ class CommandExecutor:
         await throttle.drain()
         if failure is None and outcome is not None and outcome.days_failed:
             failure = outcome.first_error
+        if isinstance(failure, StorageError):
+            self.storage_failures += 1
+        elif outcome is not None and (outcome.days_completed or outcome.processed):
+            self.storage_failures = 0
         if failure is not None:
             await self._retry_or_fail(running, event, failure, outcome)
             return
@@ -467,6 +475,11 @@ class CommandExecutor:
         done = await self.link.call(lambda: self.queue.retries(cmd.command_id), "retry count")
         if not exc.retryable or done >= s.command_retry_max:
             why = "" if not exc.retryable else f" (gave up after {done} retries)"
+            if isinstance(exc, StorageError):
+                # Not the command's fault: keep it in the dead letters for a requeue once the
+                # storage is repaired (`python -m worker dead-letters --requeue ID`).
+                await self._storage_dead_letter(running, event, exc, why, outcome)
+                return
             await self._finish_failed(
                 running, event, exc, retryable=False, suffix=why, outcome=outcome
             )
@@ -497,6 +510,47 @@ class CommandExecutor:
             event="command_failed",
             retryable=True,
             wait_seconds=round(delay, 3),
+        )
+
+    async def _storage_dead_letter(
+        self,
+        running: Running,
+        event: Callable[..., dict[str, Any]],
+        exc: StorageError,
+        why: str,
+        outcome: Any,
+    ) -> None:
+        cmd = running.cmd
+        log = logger.bind(
+            worker_id=self.worker_id, command_id=cmd.command_id, chat=cmd.chat.display
+        )
+        letter = new_dead_letter(
+            running.entry,
+            reason=f"storage error: {exc}{why}",
+            error_type=exc.type_name,
+            command_id=cmd.command_id,
+            chat=cmd.chat.display,
+            worker_id=self.worker_id,
+            source="storage",
+        )
+        failed = event(
+            "failed",
+            outcome,
+            error_type=exc.type_name,
+            error_message=f"{exc}{why} (dead letter {letter.id})",
+            retryable=False,
+        )
+        if not await self._terminal(
+            running, log, lambda: self.queue.dead_letter(running.entry, letter, event=failed)
+        ):
+            return
+        self._finished(running, "failed", exc.type_name, outcome)
+        log.bind(error_type=exc.type_name, **self._summary(running, outcome)).error(
+            "command failed on storage{}; dead letter {}",
+            why,
+            letter.id,
+            event="command_failed",
+            retryable=False,
         )
 
     async def _finish_failed(
