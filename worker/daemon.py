@@ -27,15 +27,14 @@ import os
 import random
 import signal
 import socket
-import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 from redis.asyncio import Redis
 
+from fleet.clock import Clock, SystemClock, utc_iso
 from fleet.events import EventPublisher, poison_event
 from fleet.exitcodes import Exit
 from fleet.keys import Keys
@@ -62,8 +61,15 @@ BREAKER = "telegram"  # the breaker_state{component} of the shared Telegram brea
 class Daemon:
     """The worker process's lifecycle. :meth:`run` returns the exit code."""
 
-    def __init__(self, settings: WorkerSettings, *, install_signals: bool = True) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        install_signals: bool = True,
+        clock: Clock | None = None,
+    ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()  # every time this module reads
         self.keys = Keys(settings.redis_key_prefix)
         self.install_signals = install_signals
         self.stop = asyncio.Event()  # stop taking; fetches stop after their page
@@ -149,6 +155,7 @@ class Daemon:
                 dead_letters_max=s.dead_letters_max,
                 dead_letter_payload_max_bytes=s.dead_letter_payload_max_bytes,
                 events_maxlen=s.events_stream_maxlen,
+                clock=self.clock,
             )
             publisher = EventPublisher(
                 self.client,
@@ -188,6 +195,7 @@ class Daemon:
                 slot_freed=self._slot_freed,
                 on_busy=self._on_busy,
                 on_revoked=self._on_revoked,
+                clock=self.clock,
             )
             await self._take_loop(queue, executor)
         except RedisUnavailable as exc:
@@ -200,7 +208,7 @@ class Daemon:
 
     # --- signals and stopping -----------------------------------------------------------------
     def _on_signal(self, sig: signal.Signals) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if self._first_signal_at is None:
             self._first_signal_at = now
             logger.info(
@@ -306,7 +314,7 @@ class Daemon:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "session": self.session_name,
-            "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "started": utc_iso(self.clock.now()),
         }
         warned = False
         scan = True
@@ -413,7 +421,7 @@ class Daemon:
     # --- taking -------------------------------------------------------------------------------
     async def _take_loop(self, queue: WorkQueue, executor: CommandExecutor) -> None:
         s = self.settings
-        reconciled = time.monotonic()
+        reconciled = self.clock.monotonic()
         while not self.stop.is_set():
             # A command waiting for its chat (another command on it runs here) takes no slot,
             # but at most PARALLELISM_MAX of them are held, so one chat cannot hoard the queue.
@@ -425,9 +433,9 @@ class Daemon:
             if executor.storage_failures >= STORAGE_FAILURES_PAUSE:
                 await self._storage_pause(executor)
                 continue
-            if time.monotonic() - reconciled >= s.worker_lease_seconds:
+            if self.clock.monotonic() - reconciled >= s.worker_lease_seconds:
                 await self._adopt_orphans(queue, executor)
-                reconciled = time.monotonic()
+                reconciled = self.clock.monotonic()
             raw = await self.link.call(
                 lambda: queue.take(s.command_pop_timeout_seconds), "take command"
             )
@@ -528,7 +536,7 @@ class Daemon:
 
     def _refresh_lag(self) -> None:
         """``fetch_lag_seconds`` grows while nothing is fetched: recompute it every heartbeat."""
-        now = time.time()
+        now = self.clock.now().timestamp()
         for label, fresh in list(self.tally.fresh_until.items()):
             self.metrics.fetch_lag_seconds.labels(chat=label).set(max(0.0, now - fresh))
 
@@ -595,12 +603,12 @@ class Daemon:
     ) -> None:
         s = self.settings
         self._begin_stop(self.exit_code, self.exit_reason)
-        began = time.monotonic()
+        began = self.clock.monotonic()
         # The hard-stop guard is armed first: whatever below waits on Redis or on a task gives
         # up at the hard end of the grace period (force aborts RedisLink calls and the waits).
         hard_end = began + max(0.2, s.shutdown_grace_seconds - 1.0)
         loop = asyncio.get_running_loop()
-        guard = loop.call_later(max(0.1, hard_end - time.monotonic()), self._hard_stop)
+        guard = loop.call_later(max(0.1, hard_end - self.clock.monotonic()), self._hard_stop)
         logger.info(
             "shutdown started ({}): {} commands running, grace {:.0f}s",
             self.exit_reason,
@@ -618,7 +626,7 @@ class Daemon:
             logger.info("waiting for {} running commands to checkpoint", len(self._tasks))
             pending = set(self._tasks)
             while pending and not self.force.is_set():
-                left = deadline - time.monotonic()
+                left = deadline - self.clock.monotonic()
                 if left <= 0:
                     break
                 _done, pending = await asyncio.wait(pending, timeout=min(left, 0.2))
@@ -662,7 +670,7 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.client.aclose(), timeout=self._left(end, 1.0))
             self.health.remove()
-            waited = time.monotonic() - began
+            waited = self.clock.monotonic() - began
             last = self.tally.last_command or {}
             logger.info(
                 "worker {} stopped ({}), exit {}, {} commands served, {:.1f}s to stop, "
@@ -688,7 +696,7 @@ class Daemon:
     async def _stop_exporters(self, began: float) -> None:
         """The last stage: final push and delete of our Pushgateway group, stop serving, then
         flush the log shipper (so what the exporters said on the way out is shipped too)."""
-        left = self.settings.shutdown_grace_seconds - (time.monotonic() - began)
+        left = self.settings.shutdown_grace_seconds - (self.clock.monotonic() - began)
         if self.exporters is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.exporters.stop, max(1.0, min(5.0, left - 0.5)))
@@ -701,10 +709,9 @@ class Daemon:
         self.force.set()
         self.halt.set()
 
-    @staticmethod
-    def _left(until: float, cap: float) -> float:
+    def _left(self, until: float, cap: float) -> float:
         """A bounded wait: at most ``cap``, never past ``until`` (but a little, to finish)."""
-        return max(0.1, min(cap, until - time.monotonic()))
+        return max(0.1, min(cap, until - self.clock.monotonic()))
 
     # --- helpers --------------------------------------------------------------------------------
     @property

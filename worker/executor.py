@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import os
 import random
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 
 from loguru import logger
 
+from fleet.clock import Clock, SystemClock, utc_iso
 from fleet.deadletters import new_dead_letter
 from fleet.events import EventPublisher, ProgressThrottle, make_event
 from fleet.redisconn import REDIS_DOWN, RedisLink
@@ -58,12 +58,10 @@ class Running:
 
     entry: bytes  # as it is in the processing list
     cmd: FetchCommand
+    started: float  # the executor's clock, monotonic
+    started_at: str  # UTC, ISO 8601
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     taken_over: bool = False  # the lease expired and another worker may run it
-    started: float = field(default_factory=time.monotonic)
-    started_at: str = field(
-        default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    )
 
 
 @dataclass
@@ -99,8 +97,10 @@ class CommandExecutor:
         slot_freed: asyncio.Event,
         on_busy: Callable[[], None],
         on_revoked: Callable[[SessionRevoked], None],
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()
         self.worker_id = worker_id
         self.queue = queue
         self.publisher = publisher
@@ -134,7 +134,7 @@ class CommandExecutor:
             )
             return
         limits = CommandLimits(
-            today=today_in(s.tz, datetime.now(UTC)),
+            today=today_in(s.tz, self.clock.now()),
             max_range_days=s.max_range_days,
             max_command_bytes=s.max_command_bytes,
             default_strategy=s.fetch_strategy,
@@ -209,7 +209,12 @@ class CommandExecutor:
                     return  # recovered away from us meanwhile: not ours to defer
                 log.info("same command running on {}; this copy deferred {:g}s", owner, delay)
                 return
-            running = Running(entry=entry, cmd=cmd)
+            running = Running(
+                entry=entry,
+                cmd=cmd,
+                started=self.clock.monotonic(),
+                started_at=utc_iso(self.clock.now()),
+            )
             if self.stop.is_set():
                 running.stop.set()
             self.running[cmd.command_id] = running
@@ -261,7 +266,7 @@ class CommandExecutor:
 
         s = self.settings
         cmd = running.cmd
-        running.started = started = time.monotonic()
+        running.started = started = self.clock.monotonic()
         self._on_busy()
 
         def event(kind: Any, outcome: FetchOutcome | None = None, **extra: Any) -> dict[str, Any]:
@@ -274,7 +279,7 @@ class CommandExecutor:
                 worker_id=self.worker_id,
                 processed=outcome.processed if outcome else 0,
                 errors=outcome.errors if outcome else 0,
-                duration_sec=time.monotonic() - started,
+                duration_sec=self.clock.monotonic() - started,
                 **extra,
             )
 
@@ -322,9 +327,9 @@ class CommandExecutor:
                 log.info(
                     "command interrupted by shutdown after {:.1f}s; progress saved, it goes "
                     "back to the queue (no terminal event: it is not over)",
-                    time.monotonic() - started,
+                    self.clock.monotonic() - started,
                     event="command_interrupted",
-                    duration_ms=int((time.monotonic() - started) * 1000),
+                    duration_ms=int((self.clock.monotonic() - started) * 1000),
                 )
             return
         except SessionRevoked as exc:
@@ -355,7 +360,7 @@ class CommandExecutor:
                 "internal error in command; dead-lettered",
                 event="command_failed",
                 error_type=type(exc).__name__,
-                duration_ms=int((time.monotonic() - started) * 1000),
+                duration_ms=int((self.clock.monotonic() - started) * 1000),
             )
             return
         await throttle.drain()
@@ -403,7 +408,7 @@ class CommandExecutor:
             else 0
         )
         return {
-            "duration_ms": int((time.monotonic() - running.started) * 1000),
+            "duration_ms": int((self.clock.monotonic() - running.started) * 1000),
             "message_count": outcome.fetched if outcome is not None else 0,
             "processed": outcome.processed if outcome is not None else 0,
             "days_done": done,
@@ -417,7 +422,7 @@ class CommandExecutor:
         m = self.metrics
         cmd = running.cmd
         m.commands_total.labels(status=status).inc()
-        m.observe_fetch(cmd.chat.display, time.monotonic() - running.started)
+        m.observe_fetch(cmd.chat.display, self.clock.monotonic() - running.started)
         if error_type is not None:
             m.fetch_errors_total.labels(type=error_type).inc()
         if outcome is not None and outcome.fresh_until is not None:
@@ -428,12 +433,13 @@ class CommandExecutor:
             if label != "other":
                 fresh = max(fresh, self.tally.fresh_until.get(label, fresh))
             self.tally.fresh_until[label] = fresh
-            m.fetch_lag_seconds.labels(chat=label).set(max(0.0, time.time() - fresh))
+            now = self.clock.now().timestamp()
+            m.fetch_lag_seconds.labels(chat=label).set(max(0.0, now - fresh))
         self.tally.last_command = {
             "command_id": cmd.command_id,
             "chat": cmd.chat.display,
             "status": status,
-            "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "finished": utc_iso(self.clock.now()),
         }
 
     async def _still_ours(self, running: Running, log: Any) -> bool:

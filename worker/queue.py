@@ -15,12 +15,12 @@ file in ``fleet/lua`` from the one registry :func:`fleet.scripts.scripts_for`.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
 
+from fleet.clock import Clock, SystemClock
 from fleet.deadletters import DeadLetter
 from fleet.keys import Keys
 from fleet.scripts import as_bytes, scripts_for, text
@@ -41,7 +41,9 @@ class WorkQueue:
         dead_letters_max: int = 10_000,
         dead_letter_payload_max_bytes: int = 1 << 20,
         events_maxlen: int = 10_000,
+        clock: Clock | None = None,
     ) -> None:
+        self.clock: Clock = clock or SystemClock()
         self.client = client
         self.keys = keys
         self.worker_id = worker_id
@@ -150,7 +152,7 @@ class WorkQueue:
         if score is None:
             return None
         seconds = float(score) / 1000.0
-        if seconds < time.time() - self.completed_ttl_ms / 1000.0:
+        if seconds < self.clock.now().timestamp() - self.completed_ttl_ms / 1000.0:
             return None
         return seconds
 
