@@ -375,10 +375,12 @@ def main() -> int:
     ap.add_argument("--messages-per-day", type=int, default=1000, help="simulated history")
     ap.add_argument("--timeout", type=float, default=240.0, help="per run, seconds")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--workdir", type=Path, help="keep logs and data here (default: a temp dir)")
     args = ap.parse_args()
     results = []
     ok = True
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp_dir:
+        tmp = str(args.workdir) if args.workdir else tmp_dir
         for seed in (int(s) for s in args.seeds.split(",")):
             sizes = (args.latency_ms, args.messages_per_day, args.timeout)
             clean = run(seed, False, Path(tmp), *sizes)
@@ -407,6 +409,10 @@ def main() -> int:
                     t.count("failed(retry)") for t in wild["terminal"].values()
                 ),
                 "day_files": len(wild["_files"]),
+                "not_completed": {
+                    c: t for c, t in wild["terminal"].items() if t.count("completed") != 1
+                },
+                "leftovers": wild["leftovers"],
                 "faults": wild["faults"],
                 "exit_codes": wild["exit_codes"],
             }

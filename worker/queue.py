@@ -181,6 +181,7 @@ class WorkQueue:
                     self.keys.running,
                     self.lease_key,
                     self.keys.events_stream,
+                    self.keys.deliveries,
                 ],
                 args=[
                     raw,

@@ -10,6 +10,9 @@
 -- KEYS[4] running                 hash  command_id -> lease token of the execution
 -- KEYS[5] worker:<worker_id>      string (the worker lease; '' = not checked)
 -- KEYS[6] events                  stream
+-- KEYS[7] deliveries              hash  command_id -> recoveries (a counted retry resets it:
+--                                       an execution that ends in a controlled failure did
+--                                       not kill its worker, whatever earlier ones did)
 --
 -- ARGV[1] the raw entry   ARGV[2] command_id   ARGV[3] delay in ms
 -- ARGV[4] '1' = a retry (count it and end this worker's execution), '0' = a deferral
@@ -36,6 +39,9 @@ if ARGV[6] ~= nil and ARGV[6] ~= '' then
 end
 if ARGV[4] == '1' then
   redis.call('HDEL', KEYS[4], ARGV[2])
+  if KEYS[7] then
+    redis.call('HDEL', KEYS[7], ARGV[2])
+  end
   return redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 end
 return tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0')

@@ -100,3 +100,17 @@ def test_a_command_killed_with_its_worker_after_each_bit_of_progress_is_not_pois
     assert [e["event"] for e in end] == ["completed"], end
     assert len(end[0]["files"]) == 20
     assert not rv.dead_letters()
+
+
+async def test_a_retryable_failure_resets_the_command_s_delivery_count(
+    redis_client: aioredis.Redis,
+) -> None:
+    q = WorkQueue(redis_client, KEYS, "w1", lease_s=10)
+    assert await q.claim_lease({}) == 2
+    await redis_client.hset(KEYS.deliveries, "c1", 2)  # two earlier executions died
+    await redis_client.rpush(KEYS.commands, cmd(1))
+    assert await q.take(0.1) == cmd(1)
+    # This execution ended in a controlled, retryable failure (a full disk, a flood wait): it
+    # did not kill its worker, so the command is no closer to being poison.
+    assert await q.retry_later(cmd(1), "c1", 0.1) == 1
+    assert await redis_client.hget(KEYS.deliveries, "c1") is None
