@@ -175,6 +175,10 @@ class CommandExecutor:
         lock = self._chat_locks[cmd.chat.key]
         if lock.locked():
             log.info("chat {} is busy in this worker; the command waits", cmd.chat.display)
+            # A command waiting here does not run: if the worker dies meanwhile, the command
+            # is not what killed it, so its delivery count starts again from this death.
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.queue.made_progress(cmd.command_id)
             self.waiting += 1
             self._slot_freed.set()
             try:

@@ -114,3 +114,20 @@ async def test_a_retryable_failure_resets_the_command_s_delivery_count(
     # did not kill its worker, so the command is no closer to being poison.
     assert await q.retry_later(cmd(1), "c1", 0.1) == 1
     assert await redis_client.hget(KEYS.deliveries, "c1") is None
+
+
+@pytest.mark.slow
+def test_a_command_waiting_for_its_chat_is_not_counted_toward_poison(
+    fleet: Fleet, rv: RedisView
+) -> None:
+    fleet.start(1, SIM_LATENCY_MS=200)
+    rv.push(fetch("@ru_python", "2025-03-01", "2025-03-10", command_id="first"))
+    wait_for(lambda: rv.by_kind("started"), 20, "the first command running")
+    rv.client.hset(rv.keys.deliveries, "second", 2)  # two earlier executions died
+    rv.push(fetch("@ru_python", "2025-03-05", command_id="second"))
+    wait_for(
+        lambda: rv.client.hget(rv.keys.deliveries, "second") is None,
+        20,
+        "the waiting command's count forgotten",
+    )
+    assert not [e for e in rv.by_kind("started") if e["command_id"] == "second"]  # still waits
