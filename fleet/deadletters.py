@@ -149,6 +149,7 @@ async def requeue_dead_letter(client: Redis, keys: Keys, letter_id: str) -> Dead
                 keys.deliveries,
                 keys.retries,
                 keys.completed,
+                keys.running,
             ],
             args=[entry, letter.payload, letter.command_id or ""],
         )

@@ -78,6 +78,7 @@ async def recover(
                 keys.deliveries,
                 keys.dead_letters,
                 keys.workers,
+                keys.running,
             ],
             args=[wid, max_deliveries, dead_letters_max, now_iso, uuid.uuid4().hex[:8]],
         )

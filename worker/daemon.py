@@ -27,15 +27,14 @@ import os
 import random
 import signal
 import socket
-import time
 from collections import Counter
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
 from redis.asyncio import Redis
 
-from fleet.clock import utc_iso
+from fleet.clock import Clock, SystemClock, utc_iso
 from fleet.events import EventPublisher, poison_event
 from fleet.exitcodes import Exit
 from fleet.keys import Keys
@@ -49,22 +48,37 @@ from worker.executor import CommandExecutor, Running, Tally
 from worker.health import HealthFile
 from worker.metrics import WorkerMetrics
 from worker.queue import WorkQueue
-from worker.sessions import SessionLeases
+from worker.sessions import SessionLeases, take_over_dead_holder
 from worker.settings import WorkerSettings
 
 VERSION = package_version()
+# Executions in a row failing on this worker's own storage before it stops taking commands
+# (and reports unhealthy) until a probe write in DATA_DIR succeeds again.
+STORAGE_FAILURES_PAUSE = 3
 BREAKER = "telegram"  # the breaker_state{component} of the shared Telegram breaker
 
 
 class Daemon:
     """The worker process's lifecycle. :meth:`run` returns the exit code."""
 
-    def __init__(self, settings: WorkerSettings, *, install_signals: bool = True) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        install_signals: bool = True,
+        clock: Clock | None = None,
+    ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()  # every time this module reads
         self.keys = Keys(settings.redis_key_prefix)
         self.install_signals = install_signals
         self.stop = asyncio.Event()  # stop taking; fetches stop after their page
         self.force = asyncio.Event()  # second signal or grace over: cancel now
+        # Background tasks (heartbeat) end when this is set. A flag, not only a cancellation:
+        # Python 3.11's wait_for drops a cancellation that races its inner future's completion
+        # (redis-py sends every command through one), and a heartbeat that lost its
+        # cancellation would renew our leases forever while the shutdown waited for it.
+        self.halt = asyncio.Event()
         self.exit_code: int = Exit.OK
         self.exit_reason = "signal"
         self.worker_id = settings.worker_id or socket.gethostname().split(".")[0] or "worker"
@@ -122,7 +136,11 @@ class Daemon:
         background: list[asyncio.Task[None]] = []
         try:
             self._write_health("waiting_session")
-            self.session_name = await sessions.claim(self.stop)
+            # Refreshed every round of the wait, so that Docker's health check (file age) does
+            # not take a worker waiting for a free session for a dead one.
+            self.session_name = await sessions.claim(
+                self.stop, on_wait=lambda: self._write_health("waiting_session")
+            )
             if self.session_name is None:
                 return self.exit_code
             self.worker_id = s.resolved_worker_id(self.session_name)
@@ -136,6 +154,8 @@ class Daemon:
                 completed_ttl_s=s.completed_ids_ttl_seconds,
                 dead_letters_max=s.dead_letters_max,
                 dead_letter_payload_max_bytes=s.dead_letter_payload_max_bytes,
+                events_maxlen=s.events_stream_maxlen,
+                clock=self.clock,
             )
             publisher = EventPublisher(
                 self.client,
@@ -175,6 +195,7 @@ class Daemon:
                 slot_freed=self._slot_freed,
                 on_busy=self._on_busy,
                 on_revoked=self._on_revoked,
+                clock=self.clock,
             )
             await self._take_loop(queue, executor)
         except RedisUnavailable as exc:
@@ -187,7 +208,7 @@ class Daemon:
 
     # --- signals and stopping -----------------------------------------------------------------
     def _on_signal(self, sig: signal.Signals) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if self._first_signal_at is None:
             self._first_signal_at = now
             logger.info(
@@ -293,7 +314,7 @@ class Daemon:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "session": self.session_name,
-            "started": utc_iso(datetime.now(UTC)),
+            "started": utc_iso(self.clock.now()),
         }
         warned = False
         scan = True
@@ -316,6 +337,20 @@ class Daemon:
                 if left > 0:
                     logger.info("handed back {} commands left by a previous run", left)
                 return True
+            dead = await self.link.call(
+                lambda: take_over_dead_holder(self._redis, queue.lease_key, queue.token),
+                "dead predecessor",
+            )
+            if dead is not None:
+                # Our predecessor under this WORKER_ID was killed: its lease is gone now, and
+                # the next recovery hands its commands back (counting the delivery) at once.
+                logger.warning(
+                    "worker lease {} was held by a dead process ({}); taking it over",
+                    self.worker_id,
+                    dead.rpartition("|")[2],
+                )
+                scan = True
+                continue
             if not warned:
                 warned = True
                 logger.warning(
@@ -386,7 +421,7 @@ class Daemon:
     # --- taking -------------------------------------------------------------------------------
     async def _take_loop(self, queue: WorkQueue, executor: CommandExecutor) -> None:
         s = self.settings
-        reconciled = time.monotonic()
+        reconciled = self.clock.monotonic()
         while not self.stop.is_set():
             # A command waiting for its chat (another command on it runs here) takes no slot,
             # but at most PARALLELISM_MAX of them are held, so one chat cannot hoard the queue.
@@ -395,9 +430,12 @@ class Daemon:
                 self._slot_freed.clear()
                 await self._wait_any(self._slot_freed, 1.0)
                 continue
-            if time.monotonic() - reconciled >= s.worker_lease_seconds:
+            if executor.storage_failures >= STORAGE_FAILURES_PAUSE:
+                await self._storage_pause(executor)
+                continue
+            if self.clock.monotonic() - reconciled >= s.worker_lease_seconds:
                 await self._adopt_orphans(queue, executor)
-                reconciled = time.monotonic()
+                reconciled = self.clock.monotonic()
             raw = await self.link.call(
                 lambda: queue.take(s.command_pop_timeout_seconds), "take command"
             )
@@ -406,6 +444,30 @@ class Daemon:
             if self.stop.is_set():
                 break  # it stays in the processing list; release_all hands it back
             self._spawn(executor, raw)
+
+    async def _storage_pause(self, executor: CommandExecutor) -> None:
+        """Our storage failed several executions in a row (disk full, read-only mount, I/O
+        errors): take nothing (other workers take the commands), report unhealthy, and probe
+        the storage until a write works again."""
+        if self._status != "storage_error":
+            logger.error(
+                "{} commands in a row failed on storage; not taking commands until {} is "
+                "writable again",
+                executor.storage_failures,
+                self.settings.data_dir,
+                event="storage_unhealthy",
+            )
+            self._write_health("storage_error")
+        await self._sleep(min(5.0, max(0.5, self.settings.worker_lease_seconds / 3)))
+        if self.stop.is_set():
+            return
+        problem = await asyncio.to_thread(_probe_storage, self.settings.data_dir, self.worker_id)
+        if problem is None:
+            logger.info("storage is writable again; taking commands", event="storage_healthy")
+            executor.storage_failures = 0
+            self._write_health("busy" if self._running else "idle")
+        else:
+            logger.debug("storage still failing: {}", problem)
 
     def _spawn(self, executor: CommandExecutor, raw: bytes) -> None:
         task = asyncio.create_task(executor.execute(raw))
@@ -441,7 +503,7 @@ class Daemon:
         s = self.settings
         interval = s.worker_lease_seconds / 3
         info = {"host": socket.gethostname(), "pid": os.getpid(), "session": self.session_name}
-        while not self.force.is_set():
+        while not self.halt.is_set() and not self.force.is_set():
             try:
                 try:
                     got = await queue.claim_lease(info)
@@ -470,11 +532,11 @@ class Daemon:
                     )
             self._write_health()
             self._refresh_lag()
-            await self._sleep(interval, until=self.force)
+            await self._sleep(interval, until=self.halt)
 
     def _refresh_lag(self) -> None:
         """``fetch_lag_seconds`` grows while nothing is fetched: recompute it every heartbeat."""
-        now = time.time()
+        now = self.clock.now().timestamp()
         for label, fresh in list(self.tally.fresh_until.items()):
             self.metrics.fetch_lag_seconds.labels(chat=label).set(max(0.0, now - fresh))
 
@@ -541,7 +603,12 @@ class Daemon:
     ) -> None:
         s = self.settings
         self._begin_stop(self.exit_code, self.exit_reason)
-        began = time.monotonic()
+        began = self.clock.monotonic()
+        # The hard-stop guard is armed first: whatever below waits on Redis or on a task gives
+        # up at the hard end of the grace period (force aborts RedisLink calls and the waits).
+        hard_end = began + max(0.2, s.shutdown_grace_seconds - 1.0)
+        loop = asyncio.get_running_loop()
+        guard = loop.call_later(max(0.1, hard_end - self.clock.monotonic()), self._hard_stop)
         logger.info(
             "shutdown started ({}): {} commands running, grace {:.0f}s",
             self.exit_reason,
@@ -559,7 +626,7 @@ class Daemon:
             logger.info("waiting for {} running commands to checkpoint", len(self._tasks))
             pending = set(self._tasks)
             while pending and not self.force.is_set():
-                left = deadline - time.monotonic()
+                left = deadline - self.clock.monotonic()
                 if left <= 0:
                     break
                 _done, pending = await asyncio.wait(pending, timeout=min(left, 0.2))
@@ -567,15 +634,14 @@ class Daemon:
                 logger.warning("cancelling {} commands (grace over or forced)", len(pending))
                 for task in pending:
                     task.cancel()
-                await asyncio.wait(pending, timeout=5.0)
+                await asyncio.wait(pending, timeout=self._left(hard_end, 5.0))
+        self.halt.set()
         for task in background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        # Redis calls below give up at the hard end of the grace period.
-        hard_end = began + s.shutdown_grace_seconds - 1.0
-        guard = asyncio.get_running_loop().call_later(
-            max(0.1, hard_end - time.monotonic()), self.force.set
-        )
+        if background:
+            _done, stuck = await asyncio.wait(background, timeout=self._left(hard_end, 2.0))
+            if stuck:
+                logger.warning("background tasks still running: {}", [t.get_name() for t in stuck])
         try:
             if queue is not None:
                 with contextlib.suppress(RedisUnavailable):
@@ -596,14 +662,15 @@ class Daemon:
                 await self.link.call(sessions.release, "release session")
         finally:
             guard.cancel()
+            end = began + s.shutdown_grace_seconds
             if self.telegram is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.telegram.close(), timeout=3.0)
+                    await asyncio.wait_for(self.telegram.close(), timeout=self._left(end, 3.0))
             if self.client is not None:
                 with contextlib.suppress(Exception):
-                    await self.client.aclose()
+                    await asyncio.wait_for(self.client.aclose(), timeout=self._left(end, 1.0))
             self.health.remove()
-            waited = time.monotonic() - began
+            waited = self.clock.monotonic() - began
             last = self.tally.last_command or {}
             logger.info(
                 "worker {} stopped ({}), exit {}, {} commands served, {:.1f}s to stop, "
@@ -629,13 +696,22 @@ class Daemon:
     async def _stop_exporters(self, began: float) -> None:
         """The last stage: final push and delete of our Pushgateway group, stop serving, then
         flush the log shipper (so what the exporters said on the way out is shipped too)."""
-        left = self.settings.shutdown_grace_seconds - (time.monotonic() - began)
+        left = self.settings.shutdown_grace_seconds - (self.clock.monotonic() - began)
         if self.exporters is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.exporters.stop, max(1.0, min(5.0, left - 0.5)))
         if self._shipper is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self._shipper.close, max(0.5, min(5.0, left - 1.0)))
+
+    def _hard_stop(self) -> None:
+        """The grace period is (nearly) over: every wait and Redis call gives up now."""
+        self.force.set()
+        self.halt.set()
+
+    def _left(self, until: float, cap: float) -> float:
+        """A bounded wait: at most ``cap``, never past ``until`` (but a little, to finish)."""
+        return max(0.1, min(cap, until - self.clock.monotonic()))
 
     # --- helpers --------------------------------------------------------------------------------
     @property
@@ -652,9 +728,48 @@ class Daemon:
             await asyncio.wait_for(event.wait(), timeout=seconds)
 
 
+def _probe_storage(data_dir: Any, worker_id: str) -> str | None:
+    """Write, fsync and delete a small file in ``data_dir``; ``None`` if that worked."""
+    path = Path(data_dir) / f".probe-{worker_id}"
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b"probe\n" * 512)
+            fh.flush()
+            os.fsync(fh.fileno())
+        path.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def run(settings: WorkerSettings) -> int:
-    """Run the daemon until stopped; the process's exit code."""
-    return asyncio.run(Daemon(settings).run())
+    """Run the daemon until stopped; the process's exit code.
+
+    Not ``asyncio.run``: that waits without a bound for every task left over to honour its
+    cancellation, and one that lost it (see :attr:`Daemon.halt`) would keep the process alive.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(Daemon(settings).run())
+    finally:
+        try:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=1.0))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            with contextlib.suppress(TimeoutError):
+                loop.run_until_complete(
+                    asyncio.wait_for(loop.shutdown_default_executor(), timeout=2.0)
+                )
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 __all__ = ["Daemon", "run"]

@@ -20,20 +20,22 @@ two share the map of running commands, the task → entry map and the :class:`Ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from fleet.clock import utc_iso
+from fleet.clock import Clock, SystemClock, utc_iso
 from fleet.deadletters import new_dead_letter
 from fleet.events import EventPublisher, ProgressThrottle, make_event
-from fleet.redisconn import RedisLink
+from fleet.redisconn import REDIS_DOWN, RedisLink
 from worker import parts
 from worker.commands import CommandLimits, FetchCommand, parse_command, salvage_identity, today_in
 from worker.errors import (
@@ -44,6 +46,7 @@ from worker.errors import (
     RateLimited,
     SessionRevoked,
     ShutdownRequested,
+    StorageError,
 )
 from worker.metrics import WorkerMetrics
 from worker.queue import WorkQueue
@@ -56,10 +59,10 @@ class Running:
 
     entry: bytes  # as it is in the processing list
     cmd: FetchCommand
+    started: float  # the executor's clock, monotonic
+    started_at: str  # UTC, ISO 8601
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     taken_over: bool = False  # the lease expired and another worker may run it
-    started: float = field(default_factory=time.monotonic)
-    started_at: str = field(default_factory=lambda: utc_iso(datetime.now(UTC)))
 
 
 @dataclass
@@ -95,8 +98,10 @@ class CommandExecutor:
         slot_freed: asyncio.Event,
         on_busy: Callable[[], None],
         on_revoked: Callable[[SessionRevoked], None],
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()
         self.worker_id = worker_id
         self.queue = queue
         self.publisher = publisher
@@ -113,6 +118,9 @@ class CommandExecutor:
         self._on_revoked = on_revoked
         self._chat_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.waiting = 0  # tasks waiting for their chat's lock
+        # Executions in a row that failed on this worker's storage (disk full, read-only...):
+        # the daemon stops taking commands at STORAGE_FAILURES_PAUSE and probes the storage.
+        self.storage_failures = 0
 
     async def execute(self, raw: bytes) -> None:
         """One command taken from the queue, from its raw bytes to its ack (or hand-back)."""
@@ -127,7 +135,7 @@ class CommandExecutor:
             )
             return
         limits = CommandLimits(
-            today=today_in(s.tz, datetime.now(UTC)),
+            today=today_in(s.tz, self.clock.now()),
             max_range_days=s.max_range_days,
             max_command_bytes=s.max_command_bytes,
             default_strategy=s.fetch_strategy,
@@ -170,6 +178,10 @@ class CommandExecutor:
         lock = self._chat_locks[parts.lock_key(entry, cmd)]
         if lock.locked():
             log.info("chat {} is busy in this worker; the command waits", cmd.chat.display)
+            # A command waiting here does not run: if the worker dies meanwhile, the command
+            # is not what killed it, so its delivery count starts again from this death.
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.queue.made_progress(cmd.command_id)
             self.waiting += 1
             self._slot_freed.set()
             try:
@@ -196,13 +208,20 @@ class CommandExecutor:
                 # The same command_id is being executed by a live worker: run it at most once.
                 # Come back later; by then it completed (skipped) or that worker died (ours).
                 delay = max(1.0, s.worker_lease_seconds)
-                await self.link.call(
+                deferred = await self.link.call(
                     lambda: self.queue.retry_later(entry, cmd.command_id, delay, count=False),
                     "defer",
                 )
+                if deferred < 0:
+                    return  # recovered away from us meanwhile: not ours to defer
                 log.info("same command running on {}; this copy deferred {:g}s", owner, delay)
                 return
-            running = Running(entry=entry, cmd=cmd)
+            running = Running(
+                entry=entry,
+                cmd=cmd,
+                started=self.clock.monotonic(),
+                started_at=utc_iso(self.clock.now()),
+            )
             if self.stop.is_set():
                 running.stop.set()
             self.running[cmd.command_id] = running
@@ -246,15 +265,16 @@ class CommandExecutor:
             error_message=f"{reason} (dead letter {letter.id})",
             retryable=False,
         )
-        await self.publisher.publish(event)
-        await self.link.call(lambda: self.queue.dead_letter(raw, letter), "dead letter")
+        await self.link.call(
+            lambda: self.queue.dead_letter(raw, letter, event=event), "dead letter"
+        )
 
     async def _run_fetch(self, running: Running, log: Any) -> None:
         from worker.fetch import Fetcher, FetchOutcome
 
         s = self.settings
         cmd = running.cmd
-        running.started = started = time.monotonic()
+        running.started = started = self.clock.monotonic()
         self._on_busy()
 
         def event(kind: Any, outcome: FetchOutcome | None = None, **extra: Any) -> dict[str, Any]:
@@ -267,14 +287,24 @@ class CommandExecutor:
                 worker_id=self.worker_id,
                 processed=outcome.processed if outcome else 0,
                 errors=outcome.errors if outcome else 0,
-                duration_sec=time.monotonic() - started,
+                duration_sec=self.clock.monotonic() - started,
                 **extra,
             )
 
         throttle = ProgressThrottle(self.publisher, s.progress_event_interval_seconds)
 
+        progressed = False
+
         async def on_progress(outcome: FetchOutcome) -> None:
+            nonlocal progressed
             throttle.offer(event("progress", outcome))
+            if not progressed and (outcome.processed > 0 or outcome.days_completed):
+                # Poison detection counts deaths of attempts that made no progress only: a
+                # command killed with its worker every few seconds while it advances is not
+                # poison. Once per execution: deliveries only grow between executions.
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.queue.made_progress(cmd.command_id)
+                    progressed = True
 
         log.info(
             "command started: {} {} ({} days)",
@@ -305,9 +335,9 @@ class CommandExecutor:
                 log.info(
                     "command interrupted by shutdown after {:.1f}s; progress saved, it goes "
                     "back to the queue (no terminal event: it is not over)",
-                    time.monotonic() - started,
+                    self.clock.monotonic() - started,
                     event="command_interrupted",
-                    duration_ms=int((time.monotonic() - started) * 1000),
+                    duration_ms=int((self.clock.monotonic() - started) * 1000),
                 )
             return
         except SessionRevoked as exc:
@@ -331,18 +361,23 @@ class CommandExecutor:
             raise
         except Exception as exc:
             await throttle.drain()
+            if not await self._internal_error(running, event, exc, log):
+                return
             self._finished(running, "error", type(exc).__name__, None)
             log.opt(exception=exc).error(
                 "internal error in command; dead-lettered",
                 event="command_failed",
                 error_type=type(exc).__name__,
-                duration_ms=int((time.monotonic() - started) * 1000),
+                duration_ms=int((self.clock.monotonic() - started) * 1000),
             )
-            await self._internal_error(running, event, exc)
             return
         await throttle.drain()
         if failure is None and outcome is not None and outcome.days_failed:
             failure = outcome.first_error
+        if isinstance(failure, StorageError):
+            self.storage_failures += 1
+        elif outcome is not None and (outcome.days_completed or outcome.processed):
+            self.storage_failures = 0
         if failure is not None:
             await self._retry_or_fail(running, event, failure, outcome)
             return
@@ -350,9 +385,7 @@ class CommandExecutor:
         if not await self._still_ours(running, log):
             return
         status = "partial" if outcome.days_partial else "ok"
-        await self.publisher.publish(
-            event("completed", outcome, status=status, files=outcome.files)
-        )
+        done = event("completed", outcome, status=status, files=outcome.files)
         # issue 14: a command with after_id advances the chat's mark in the ack itself, after
         # its day files and progress are written. With a limit, messages above the last one
         # written may be missing, so no mark is claimed.
@@ -361,9 +394,14 @@ class CommandExecutor:
             if cmd.after_id is not None and cmd.limit is None
             else None
         )
-        await self.link.call(
-            lambda: self.queue.ack(running.entry, cmd.command_id, completed=True, mark=mark)
-        )
+        if not await self._terminal(
+            running,
+            log,
+            lambda: self.queue.ack(
+                running.entry, cmd.command_id, completed=True, event=done, mark=mark
+            ),
+        ):
+            return
         self.tally.served += 1
         self._finished(running, status, None, outcome)
         self.tally.last_success = (
@@ -388,7 +426,7 @@ class CommandExecutor:
             else 0
         )
         return {
-            "duration_ms": int((time.monotonic() - running.started) * 1000),
+            "duration_ms": int((self.clock.monotonic() - running.started) * 1000),
             "message_count": outcome.fetched if outcome is not None else 0,
             "processed": outcome.processed if outcome is not None else 0,
             "days_done": done,
@@ -402,7 +440,7 @@ class CommandExecutor:
         m = self.metrics
         cmd = running.cmd
         m.commands_total.labels(status=status).inc()
-        m.observe_fetch(cmd.chat.display, time.monotonic() - running.started)
+        m.observe_fetch(cmd.chat.display, self.clock.monotonic() - running.started)
         if error_type is not None:
             m.fetch_errors_total.labels(type=error_type).inc()
         if outcome is not None and outcome.fresh_until is not None:
@@ -413,12 +451,13 @@ class CommandExecutor:
             if label != "other":
                 fresh = max(fresh, self.tally.fresh_until.get(label, fresh))
             self.tally.fresh_until[label] = fresh
-            m.fetch_lag_seconds.labels(chat=label).set(max(0.0, time.time() - fresh))
+            now = self.clock.now().timestamp()
+            m.fetch_lag_seconds.labels(chat=label).set(max(0.0, now - fresh))
         self.tally.last_command = {
             "command_id": cmd.command_id,
             "chat": cmd.chat.display,
             "status": status,
-            "finished": utc_iso(datetime.now(UTC)),
+            "finished": utc_iso(self.clock.now()),
         }
 
     async def _still_ours(self, running: Running, log: Any) -> bool:
@@ -431,6 +470,21 @@ class CommandExecutor:
             running.taken_over = True
             log.warning("command was recovered by another worker while we ran it; no event")
         return held
+
+    async def _terminal(self, running: Running, log: Any, step: Callable[[], Any]) -> bool:
+        """The terminal step (ack / retry later / dead letter with its event) as one script that
+        does nothing, and publishes nothing, unless the command is still in our processing list
+        and our lease is ours: the check and the step cannot be separated by a pause of this
+        process (SIGSTOP, a long GC, a swapped-out VM) during which another worker took over."""
+        await _test_pause(running.cmd.command_id)
+        result = await self.link.call(step, "terminal step")
+        ours = result is True or (not isinstance(result, bool) and int(result) >= 0)
+        if not ours:
+            running.taken_over = True
+            log.warning("command was recovered by another worker while we ran it; no event")
+        else:
+            self.publisher.published += 1
+        return ours
 
     async def _retry_or_fail(
         self, running: Running, event: Callable[..., dict[str, Any]], exc: FetchError, outcome: Any
@@ -445,6 +499,11 @@ class CommandExecutor:
         done = await self.link.call(lambda: self.queue.retries(cmd.command_id), "retry count")
         if not exc.retryable or done >= s.command_retry_max:
             why = "" if not exc.retryable else f" (gave up after {done} retries)"
+            if isinstance(exc, StorageError):
+                # Not the command's fault: keep it in the dead letters for a requeue once the
+                # storage is repaired (`python -m worker dead-letters --requeue ID`).
+                await self._storage_dead_letter(running, event, exc, why, outcome)
+                return
             await self._finish_failed(
                 running, event, exc, retryable=False, suffix=why, outcome=outcome
             )
@@ -455,18 +514,19 @@ class CommandExecutor:
             delay = min(s.command_retry_max_seconds, s.command_retry_base_seconds * 2**done)
         delay *= random.uniform(1.0, 1.1)  # workers failing together do not retry together
         message = f"{exc} (retry {done + 1}/{s.command_retry_max} in {delay:.0f}s)"
-        await self.publisher.publish(
-            event(
-                "failed",
-                outcome,
-                error_type=exc.type_name,
-                error_message=message,
-                retryable=True,
-            )
+        failed = event(
+            "failed",
+            outcome,
+            error_type=exc.type_name,
+            error_message=message,
+            retryable=True,
         )
-        await self.link.call(
-            lambda: self.queue.retry_later(running.entry, cmd.command_id, delay), "retry later"
-        )
+        if not await self._terminal(
+            running,
+            log,
+            lambda: self.queue.retry_later(running.entry, cmd.command_id, delay, event=failed),
+        ):
+            return
         self._finished(running, "retrying", exc.type_name, outcome)
         log.bind(error_type=exc.type_name, **self._summary(running, outcome)).warning(
             "command failed, will retry: {}",
@@ -474,6 +534,47 @@ class CommandExecutor:
             event="command_failed",
             retryable=True,
             wait_seconds=round(delay, 3),
+        )
+
+    async def _storage_dead_letter(
+        self,
+        running: Running,
+        event: Callable[..., dict[str, Any]],
+        exc: StorageError,
+        why: str,
+        outcome: Any,
+    ) -> None:
+        cmd = running.cmd
+        log = logger.bind(
+            worker_id=self.worker_id, command_id=cmd.command_id, chat=cmd.chat.display
+        )
+        letter = new_dead_letter(
+            running.entry,
+            reason=f"storage error: {exc}{why}",
+            error_type=exc.type_name,
+            command_id=cmd.command_id,
+            chat=cmd.chat.display,
+            worker_id=self.worker_id,
+            source="storage",
+        )
+        failed = event(
+            "failed",
+            outcome,
+            error_type=exc.type_name,
+            error_message=f"{exc}{why} (dead letter {letter.id})",
+            retryable=False,
+        )
+        if not await self._terminal(
+            running, log, lambda: self.queue.dead_letter(running.entry, letter, event=failed)
+        ):
+            return
+        self._finished(running, "failed", exc.type_name, outcome)
+        log.bind(error_type=exc.type_name, **self._summary(running, outcome)).error(
+            "command failed on storage{}; dead letter {}",
+            why,
+            letter.id,
+            event="command_failed",
+            retryable=False,
         )
 
     async def _finish_failed(
@@ -492,25 +593,31 @@ class CommandExecutor:
         )
         if not await self._still_ours(running, log):
             return
-        await self.publisher.publish(
-            event(
-                "failed",
-                outcome,
-                error_type=exc.type_name,
-                error_message=f"{exc}{suffix}",
-                retryable=retryable,
-            )
+        failed = event(
+            "failed",
+            outcome,
+            error_type=exc.type_name,
+            error_message=f"{exc}{suffix}",
+            retryable=retryable,
         )
-        await self.link.call(lambda: self.queue.ack(running.entry, cmd.command_id, completed=False))
+        if not await self._terminal(
+            running,
+            log,
+            lambda: self.queue.ack(running.entry, cmd.command_id, completed=False, event=failed),
+        ):
+            return
         self._finished(running, "failed", exc.type_name, outcome)
         log.bind(error_type=exc.type_name, **self._summary(running, outcome)).error(
             "command failed: {}{}", exc, suffix, event="command_failed", retryable=False
         )
 
     async def _internal_error(
-        self, running: Running, event: Callable[..., dict[str, Any]], exc: Exception
-    ) -> None:
+        self, running: Running, event: Callable[..., dict[str, Any]], exc: Exception, log: Any
+    ) -> bool:
+        """Dead letter + ``failed``, on the same ownership terms as every terminal step."""
         cmd = running.cmd
+        if not await self._still_ours(running, log):
+            return False
         letter = new_dead_letter(
             running.entry,
             reason=f"internal error: {type(exc).__name__}: {exc}",
@@ -520,15 +627,34 @@ class CommandExecutor:
             worker_id=self.worker_id,
             source="internal",
         )
-        await self.publisher.publish(
-            event(
-                "failed",
-                error_type=type(exc).__name__,
-                error_message=f"internal error: {exc} (dead letter {letter.id})",
-                retryable=False,
-            )
+        failed = event(
+            "failed",
+            error_type=type(exc).__name__,
+            error_message=f"internal error: {exc} (dead letter {letter.id})",
+            retryable=False,
         )
-        await self.link.call(lambda: self.queue.dead_letter(running.entry, letter), "dead letter")
+        return await self._terminal(
+            running, log, lambda: self.queue.dead_letter(running.entry, letter, event=failed)
+        )
+
+
+async def _test_pause(command_id: str) -> None:
+    """Fault-test hook, inert unless the test harness sets ``WORKER_TEST_PAUSE_FILE``: before
+    the first terminal step of this process, write the command id to that file and wait until
+    the test removes it (the test then SIGSTOPs us past our lease and lets another worker take
+    the command over, reproducing a pause in the window between ownership check and ack)."""
+    path = os.environ.get("WORKER_TEST_PAUSE_FILE")
+    if not path or _paused:
+        return
+    _paused.append(command_id)
+    marker = Path(path)
+    await asyncio.to_thread(marker.write_text, command_id, "utf-8")
+    # Another process (the test) removes the file: nothing in this process could set an Event.
+    while await asyncio.to_thread(marker.exists):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+_paused: list[str] = []  # the hook pauses once per process
 
 
 __all__ = ["CommandExecutor", "Running", "Tally"]

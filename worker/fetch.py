@@ -149,9 +149,7 @@ class Fetcher:
         todo: list[date] = []
         for day in cmd.days:
             if not cmd.force and await asyncio.to_thread(self.store.is_complete, cmd.chat.key, day):
-                outcome.days_skipped.append(day)
-                outcome.files.append(self._relative(cmd.chat.key, day))
-                outcome.fresh_to(day_bounds(day, self.tz)[1])
+                self._skip(cmd, day, outcome)
             else:
                 todo.append(day)
         log.debug("days to fetch: {} (skipped {} complete)", len(todo), len(outcome.days_skipped))
@@ -224,7 +222,9 @@ class Fetcher:
         self._check_stop()
         now = self.clock.now()
         pending = list(days)
-        writer = await self._open(cmd, pending[0])
+        writer = await self._open_next(cmd, pending, outcome)
+        if writer is None:
+            return
         try:
             start, _ = day_bounds(pending[0], self.tz)
             _, end = day_bounds(pending[-1], self.tz)
@@ -234,7 +234,7 @@ class Fetcher:
             pages = self.telegram.iter_history(chat, start, end, after_id=after)
             async for page in pages:
                 for day, part in self._split_by_day(page):
-                    while day > pending[0]:
+                    while writer is not None and day > pending[0]:
                         # part[0] is the first message after the day: the proof starts there.
                         await self._finish(
                             cmd,
@@ -246,7 +246,10 @@ class Fetcher:
                             budget=budget,
                             boundary_id=part[0].id,
                         )
-                        writer = await self._open(cmd, pending[0])
+                        writer = None
+                        writer = await self._open_next(cmd, pending, outcome)
+                    if writer is None:
+                        break  # the remaining days were completed by an overlapping command
                     if day < pending[0]:
                         # before the interval (resume overlap); already written
                         self._deduplicated("resume_overlap", len(part))
@@ -265,18 +268,22 @@ class Fetcher:
                         await self._finish(
                             cmd, writer, pending[0], outcome, now, chat=chat, limited=True
                         )
-                        writer = None  # type: ignore[assignment]
+                        writer = None
                         await progress.report(force=True)
                         raise _LimitReached
+                if writer is None:
+                    aclose = getattr(pages, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                    break
                 await progress.report()
                 self._check_stop()
-            while pending:
+            while writer is not None:
                 await self._finish(
                     cmd, writer, pending.pop(0), outcome, now, chat=chat, budget=budget
                 )
-                if pending:
-                    writer = await self._open(cmd, pending[0])
-            writer = None  # type: ignore[assignment]
+                writer = None
+                writer = await self._open_next(cmd, pending, outcome)
             await progress.report(force=True)
         finally:
             if writer is not None:
@@ -325,6 +332,29 @@ class Fetcher:
         """Messages dropped as already written (``deduplicated_messages_total{source}``)."""
         if count > 0 and self.metrics is not None:
             self.metrics.deduplicated_messages_total.labels(source=source).inc(count)
+
+    def _skip(self, cmd: FetchCommand, day: date, outcome: FetchOutcome) -> None:
+        """A day already complete: not fetched, but reported (``files``) like a written one."""
+        outcome.days_skipped.append(day)
+        outcome.files.append(self._relative(cmd.chat.key, day))
+        outcome.fresh_to(day_bounds(day, self.tz)[1])
+
+    async def _open_next(
+        self, cmd: FetchCommand, pending: list[date], outcome: FetchOutcome
+    ) -> DayWriter | None:
+        """Open ``pending[0]``, skipping (and popping) days found complete on opening: an
+        overlapping command on the same chat completed them after this run chose its days, or
+        while this run waited for the day's lock. ``None`` when no day is left."""
+        while pending:
+            writer = await self._open(cmd, pending[0])
+            if not writer.complete:
+                return writer
+            await asyncio.to_thread(writer.close)
+            logger.bind(command_id=cmd.command_id, chat=cmd.chat.display).info(
+                "day {} was completed by another execution meanwhile; skipped", pending[0]
+            )
+            self._skip(cmd, pending.pop(0), outcome)
+        return None
 
     async def _open(self, cmd: FetchCommand, day: date) -> DayWriter:
         started = time.perf_counter()

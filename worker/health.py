@@ -8,9 +8,11 @@ The worker rewrites it on every heartbeat (a third of ``WORKER_LEASE_SECONDS``) 
      "redis": "up", "processed_commands": 12}
 
 ``status`` is ``starting`` | ``waiting_session`` | ``idle`` | ``busy`` | ``redis_down`` |
-``stopping``. ``python -m worker check`` (the Docker ``HEALTHCHECK``) exits 0 when the file is
-younger than ``HEALTH_MAX_AGE_SECONDS`` and the status is not ``redis_down``, else 1 with the
-reason on stderr. The file is removed when the worker exits.
+``storage_error`` (its storage failed several commands in a row: it takes none until a probe
+write in ``DATA_DIR`` works) | ``stopping``. ``python -m worker check`` (the Docker
+``HEALTHCHECK``) exits 0 when the file is younger than ``HEALTH_MAX_AGE_SECONDS`` and the
+status is neither ``redis_down`` nor ``storage_error``, else 1 with the reason on stderr.
+The file is removed when the worker exits.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from fleet.clock import utc_iso
 
-UNHEALTHY = frozenset({"redis_down"})
+UNHEALTHY = frozenset({"redis_down", "storage_error"})
 
 
 class HealthFile:

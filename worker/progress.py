@@ -7,10 +7,22 @@ Layout (``worker/schemas/progress.schema.json``)::
                                             "message_count": 2, "timezone": "UTC",
                                             "updated_at": "2025-11-08T01:00:03Z"}}}}
 
-Several worker *processes* update the file at once. Every update takes an exclusive
-``fcntl.flock`` on ``DATA_DIR/.progress.lock``, re-reads the file, changes one entry, writes a
-temporary file, fsyncs it and ``os.replace``s it over the old one, so no update is lost and a
-reader (which takes no lock) always sees a whole file.
+The authoritative record is per chat: ``DATA_DIR/<chat_key>/.progress.json`` (the same entries,
+``{"schema_version", "timezone", "chat_key", "days": {date: entry}}``), updated under that chat's
+own lock ``DATA_DIR/<chat_key>/.progress.lock``: re-read, change one entry, write a temporary
+file, fsync, ``os.replace``, so no update is lost and a reader (no lock) sees a whole file. A
+process stalled while holding a lock (SIGSTOP, a hung NFS call) stalls that one chat only.
+
+``progress.json`` is a derived, readable copy of every chat's record (CONTRACT §5), rewritten
+after each update under ``DATA_DIR/.progress.lock`` taken with a short timeout: when that lock is
+held too long the copy is skipped (a debug line) and the next update of any chat rebuilds it
+from all chat records. Readers in the worker use the chat records; a chat without one yet (data
+written by an older version) is read from ``progress.json``, and its first update seeds its
+record from there.
+
+Storage errors are classified: errors of the environment (disk full, read-only or failing file
+system, permissions, a lock held too long) are *retryable* (``StorageError.retryable``): the
+command is retried later and, when its retries are used up, dead-lettered for a requeue.
 
 Completion is decided by this file alone: a day file on disk without a ``complete`` entry here
 (written under the current ``timezone``) is fetched again and merged, never trusted blindly. A
@@ -24,6 +36,7 @@ All calls block on file I/O (and on the lock, up to ``lock_timeout_s``); async c
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -41,6 +54,35 @@ from worker.errors import StorageError
 
 PROGRESS_FILE = "progress.json"
 PROGRESS_LOCK = ".progress.lock"
+CHAT_PROGRESS_FILE = ".progress.json"  # in DATA_DIR/<chat_key>/
+COPY_LOCK_TIMEOUT_S = 0.5  # the derived progress.json is skipped behind a stalled holder
+
+# errno values that say "the environment, not the data": worth retrying later.
+RETRYABLE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EIO,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.ESTALE,
+        errno.ENOMEM,
+    }
+)
+
+
+def storage_error(
+    message: str, exc: OSError | None = None, *, retryable: bool | None = None
+) -> StorageError:
+    """A :class:`StorageError`, retryable when ``exc`` is an error of the environment."""
+    err = StorageError(message)
+    if retryable is None:
+        retryable = exc is not None and exc.errno in RETRYABLE_ERRNOS
+    err.retryable = retryable
+    return err
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +148,7 @@ def acquire_fd_lock(path: Path, timeout_s: float, what: str) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise StorageError(f"cannot open lock file {path}: {exc.strerror or exc}") from exc
+        raise storage_error(f"cannot open lock file {path}: {exc.strerror or exc}", exc) from exc
     try:
         _acquire(fd, path, timeout_s, what)
     except BaseException:
@@ -125,13 +167,14 @@ def _acquire(fd: int, path: Path, timeout_s: float, what: str) -> None:
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                raise StorageError(
-                    f"{what} is locked by another writer ({path}); gave up after {timeout_s:g}s"
+                raise storage_error(
+                    f"{what} is locked by another writer ({path}); gave up after {timeout_s:g}s",
+                    retryable=True,
                 ) from None
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
         except OSError as exc:
-            raise StorageError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+            raise storage_error(f"cannot lock {path}: {exc.strerror or exc}", exc) from exc
 
 
 def fsync_dir(path: Path) -> None:
@@ -165,13 +208,51 @@ class ProgressStore:
 
     # --- reading -------------------------------------------------------------------------------
 
+    def chat_path(self, chat_key: str) -> Path:
+        """The chat's own progress record (authoritative)."""
+        return self.data_dir / chat_key / CHAT_PROGRESS_FILE
+
+    def chat_lock_path(self, chat_key: str) -> Path:
+        return self.data_dir / chat_key / PROGRESS_LOCK
+
     def get(self, chat_key: str, day: date) -> DayProgress | None:
         """The entry for (chat, day), whatever time zone it was written under."""
-        chats = self._read_unlocked()["chats"]
-        days = chats.get(chat_key)
-        if not isinstance(days, dict):
+        days = self._days(chat_key)
+        if days is None:
             return None
         return DayProgress.from_json(days.get(day.isoformat()))
+
+    def _days(self, chat_key: str) -> dict[str, Any] | None:
+        """The chat's entries: its own record, else (older data) its section of the copy."""
+        from worker.dayfile import validate_chat_key
+
+        with contextlib.suppress(StorageError):
+            validate_chat_key(chat_key)
+            days = self._chat_days(chat_key)
+            if days is not None:
+                return days
+        found = self._read_unlocked()["chats"].get(chat_key)
+        return found if isinstance(found, dict) else None
+
+    def _chat_days(self, chat_key: str) -> dict[str, Any] | None:
+        """The days of the chat's own record; ``None`` if it has none (or it is damaged: then
+        the copy is read, and the next update rewrites the record)."""
+        path = self.chat_path(chat_key)
+        try:
+            raw = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise storage_error(f"cannot read {path}: {exc.strerror or exc}", exc) from exc
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("days"), dict):
+            logger.warning("{} is damaged; reading progress.json instead", path)
+            return None
+        days: dict[str, Any] = doc["days"]
+        return days
 
     def is_complete(self, chat_key: str, day: date) -> bool:
         """True if the day was completed under the current time zone."""
@@ -179,8 +260,11 @@ class ProgressStore:
         return entry is not None and entry.complete and entry.timezone == self.timezone
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole document (empty if missing or corrupt)."""
-        return self._read_unlocked()
+        """The whole document as ``progress.json`` should read (empty if there is nothing),
+        built from every chat's record over the copy."""
+        doc = self._read_unlocked()
+        self._merge_chat_records(doc)
+        return doc
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -205,14 +289,29 @@ class ProgressStore:
             updated_at=utc_iso(self.clock.now()),
         )
         self._ensure_dir()
+        chat_dir = self.data_dir / chat_key
+        try:
+            chat_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise storage_error(f"cannot create {chat_dir}: {exc.strerror or exc}", exc) from exc
         started = time.perf_counter()
-        with file_lock(self.lock_path, self.lock_timeout_s, "progress.json"):
-            doc = self._load(locked=True)
-            doc["chats"].setdefault(chat_key, {})
-            if not isinstance(doc["chats"][chat_key], dict):
-                doc["chats"][chat_key] = {}
-            doc["chats"][chat_key][day.isoformat()] = entry.to_json()
-            size = self._write(doc)
+        with file_lock(
+            self.chat_lock_path(chat_key), self.lock_timeout_s, f"progress of {chat_key}"
+        ):
+            days = self._chat_days(chat_key)
+            if days is None:  # first update since an older version wrote only the copy
+                seeded = self._read_unlocked()["chats"].get(chat_key)
+                days = dict(seeded) if isinstance(seeded, dict) else {}
+            days[day.isoformat()] = entry.to_json()
+            record = {
+                "schema_version": self.schema_version,
+                "timezone": self.timezone,
+                "chat_key": chat_key,
+                "days": dict(sorted(days.items())),
+            }
+            size = self._write_json(self.chat_path(chat_key), record)
+            # Still under the chat's lock, so that copies of this chat are written in order.
+            self._refresh_copy()
         logger.bind(chat_key=chat_key, day=day.isoformat()).debug(
             "progress.json updated (complete={}, last_id={}, {} bytes) in {:.1f} ms",
             complete,
@@ -228,7 +327,9 @@ class ProgressStore:
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot create {self.data_dir}: {exc.strerror or exc}") from exc
+            raise storage_error(
+                f"cannot create {self.data_dir}: {exc.strerror or exc}", exc
+            ) from exc
 
     def _empty(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "timezone": self.timezone, "chats": {}}
@@ -261,7 +362,7 @@ class ProgressStore:
         except FileNotFoundError:
             return self._empty()
         except OSError as exc:
-            raise StorageError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+            raise storage_error(f"cannot read {self.path}: {exc.strerror or exc}", exc) from exc
         try:
             doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -285,8 +386,8 @@ class ProgressStore:
         try:
             os.replace(self.path, target)
         except OSError as exc:
-            raise StorageError(
-                f"{self.path} is corrupt and cannot be moved aside: {exc.strerror or exc}"
+            raise storage_error(
+                f"{self.path} is corrupt and cannot be moved aside: {exc.strerror or exc}", exc
             ) from exc
         logger.warning(
             "progress.json is corrupt: moved to {} and starting from an empty one "
@@ -294,26 +395,60 @@ class ProgressStore:
             target.name,
         )
 
+    def _merge_chat_records(self, doc: dict[str, Any]) -> None:
+        try:
+            records = sorted(self.data_dir.glob(f"*/{CHAT_PROGRESS_FILE}"))
+        except OSError:
+            return
+        for path in records:
+            with contextlib.suppress(StorageError):
+                days = self._chat_days(path.parent.name)
+                if days is not None:
+                    doc["chats"][path.parent.name] = days
+
+    def _refresh_copy(self) -> None:
+        """Rewrite ``progress.json`` from every chat's record; skipped (never fatal) when its
+        lock is held longer than ``COPY_LOCK_TIMEOUT_S`` or it cannot be written: the chat
+        records are the truth, and the next update rebuilds the whole copy."""
+        try:
+            fd = acquire_fd_lock(self.lock_path, COPY_LOCK_TIMEOUT_S, "progress.json")
+        except StorageError as exc:
+            logger.debug("progress.json copy skipped: {}", exc)
+            return
+        try:
+            doc = self._load(locked=True)
+            self._merge_chat_records(doc)
+            self._write(doc)
+        except StorageError as exc:
+            logger.warning("progress.json copy not written: {}", exc)
+        finally:
+            os.close(fd)
+
+    def _write_json(self, path: Path, doc: dict[str, Any]) -> int:
+        data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise storage_error(f"cannot write {path}: {exc.strerror or exc}", exc) from exc
+        return len(data)
+
     def _write(self, doc: dict[str, Any]) -> int:
         # Sorted, so the file diffs well and does not depend on who wrote first.
         out = {
             "schema_version": self.schema_version,
             "timezone": self.timezone,
             "chats": {
-                key: dict(sorted(days.items())) for key, days in sorted(doc["chats"].items())
+                key: dict(sorted(days.items()))
+                for key, days in sorted(doc["chats"].items())
+                if isinstance(days, dict)
             },
         }
-        data = json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        tmp = self.path.with_name(PROGRESS_FILE + ".tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            fsync_dir(self.data_dir)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise StorageError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        return len(data)
+        return self._write_json(self.path, out)

@@ -15,15 +15,16 @@ file in ``fleet/lua`` from the one registry :func:`fleet.scripts.scripts_for`.
 from __future__ import annotations
 
 import json
-import time
-import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
 
+from fleet.clock import Clock, SystemClock
 from fleet.deadletters import DeadLetter
 from fleet.keys import Keys
 from fleet.scripts import as_bytes, scripts_for, text
+from worker.sessions import lease_token
 
 
 class WorkQueue:
@@ -39,15 +40,20 @@ class WorkQueue:
         completed_ttl_s: float = 7 * 86400,
         dead_letters_max: int = 10_000,
         dead_letter_payload_max_bytes: int = 1 << 20,
+        events_maxlen: int = 10_000,
+        clock: Clock | None = None,
     ) -> None:
+        self.clock: Clock = clock or SystemClock()
         self.client = client
         self.keys = keys
         self.worker_id = worker_id
-        self.token = uuid.uuid4().hex
+        # Random, then "|host:pid": a restart on the same host can prove this holder dead.
+        self.token = lease_token()
         self.lease_ms = max(1, int(lease_s * 1000))
         self.completed_ttl_ms = int(completed_ttl_s * 1000)
         self.dead_letters_max = dead_letters_max
         self.payload_max = dead_letter_payload_max_bytes
+        self.events_maxlen = events_maxlen
         self.scripts = scripts_for(client)
         self.processing = keys.processing(worker_id)
         self.lease_key = keys.worker_lease(worker_id)
@@ -94,16 +100,28 @@ class WorkQueue:
         command without one survives a crash)."""
         return bool(await self.scripts.replace(keys=[self.processing], args=[old, new]))
 
+    @property
+    def owner(self) -> str:
+        """What ``running[command_id]`` holds for an execution of this process: the worker id
+        and its lease token (a restart under the same ``WORKER_ID`` is another owner)."""
+        return f"{self.worker_id}|{self.token}"
+
+    def _event_args(self, event: Mapping[str, Any] | None) -> list[Any]:
+        data = "" if event is None else json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        return [self.token, data, self.keys.events_channel, self.events_maxlen]
+
     async def ack(
         self,
         raw: bytes,
         command_id: str | None,
         *,
         completed: bool,
+        event: Mapping[str, Any] | None = None,
         mark: tuple[str, int, str] | None = None,
     ) -> bool:
-        """The execution ended; ``completed`` also records the id as done. ``False`` if the
-        command had already been taken away from this worker (its lease had expired).
+        """The execution ended; ``completed`` also records the id as done, ``event`` (the
+        terminal event) is published in the same step. ``False``, with nothing done or
+        published, if the command had been taken away from this worker (its lease expired).
         ``mark`` = ``(chat key, message id, day)``: advance that chat's high-water mark in the
         same atomic step (a completed command with ``after_id``; issue 14)."""
         keys = [
@@ -112,13 +130,26 @@ class WorkQueue:
             self.keys.deliveries,
             self.keys.retries,
             self.keys.running,
+            self.lease_key,
+            self.keys.events_stream,
         ]
-        args: list[Any] = [raw, command_id or "", "1" if completed else "0", self.completed_ttl_ms]
+        args: list[Any] = [
+            raw,
+            command_id or "",
+            "1" if completed else "0",
+            self.completed_ttl_ms,
+            *self._event_args(event),
+        ]
         if mark is not None:
             keys.append(self.keys.hwm)
             args.extend(mark)
         removed = await self.scripts.ack(keys=keys, args=args)
         return int(removed) > 0
+
+    async def made_progress(self, command_id: str) -> None:
+        """This execution completed a day or wrote a page: the deaths of earlier executions
+        were not the command's fault (recover.lua counts only attempts without progress)."""
+        await self.client.hdel(self.keys.deliveries, command_id)
 
     async def completed_at(self, command_id: str) -> float | None:
         """When (Unix seconds) ``command_id`` completed, if within the retention."""
@@ -126,7 +157,7 @@ class WorkQueue:
         if score is None:
             return None
         seconds = float(score) / 1000.0
-        if seconds < time.time() - self.completed_ttl_ms / 1000.0:
+        if seconds < self.clock.now().timestamp() - self.completed_ttl_ms / 1000.0:
             return None
         return seconds
 
@@ -135,47 +166,79 @@ class WorkQueue:
         return int(value) if value is not None else 0
 
     async def retry_later(
-        self, raw: bytes, command_id: str, delay_s: float, *, count: bool = True
+        self,
+        raw: bytes,
+        command_id: str,
+        delay_s: float,
+        *,
+        count: bool = True,
+        event: Mapping[str, Any] | None = None,
     ) -> int:
-        """Park the command until ``delay_s`` from now (Redis time); returns its retry count.
+        """Park the command until ``delay_s`` from now (Redis time) and publish ``event`` in
+        the same step; returns its retry count, -1 (nothing done) if it was not ours any more.
         ``count=False``: a deferral (a duplicate of a command running elsewhere), not a retry."""
         return int(
             await self.scripts.retry_later(
-                keys=[self.processing, self.keys.delayed, self.keys.retries, self.keys.running],
-                args=[raw, command_id, max(0, int(delay_s * 1000)), "1" if count else "0"],
+                keys=[
+                    self.processing,
+                    self.keys.delayed,
+                    self.keys.retries,
+                    self.keys.running,
+                    self.lease_key,
+                    self.keys.events_stream,
+                    self.keys.deliveries,
+                ],
+                args=[
+                    raw,
+                    command_id,
+                    max(0, int(delay_s * 1000)),
+                    "1" if count else "0",
+                    *self._event_args(event),
+                ],
             )
         )
 
     async def claim_run(self, command_id: str) -> str | None:
-        """Record that this worker executes ``command_id``; ``None`` if it may, else the id of
-        the live worker already executing it (a worker whose lease is gone does not count)."""
-        if await self.client.hsetnx(self.keys.running, command_id, self.worker_id):
+        """Record that this process executes ``command_id``; ``None`` if it may, else the id of
+        the live worker already executing it. Owners are compared by lease token, not worker id:
+        an entry left by a dead process (even one restarted under our ``WORKER_ID``), or by a
+        worker whose lease is gone or now held under another token, does not count."""
+        if await self.client.hsetnx(self.keys.running, command_id, self.owner):
             return None
-        owner = await self.client.hget(self.keys.running, command_id)
-        owner_id = None if owner is None else text(owner)
-        if owner_id in (None, self.worker_id) or not await self.client.exists(
-            self.keys.worker_lease(owner_id or "")
-        ):
-            await self.client.hset(self.keys.running, command_id, self.worker_id)
-            return None
-        return owner_id
+        found = await self.client.hget(self.keys.running, command_id)
+        owner = "" if found is None else text(found)
+        owner_id, _, owner_token = owner.partition("|")
+        if owner and owner != self.owner and owner_token:
+            holder = await self.client.get(self.keys.worker_lease(owner_id))
+            if holder is not None and text(holder) == owner_token:
+                return owner_id
+        await self.client.hset(self.keys.running, command_id, self.owner)
+        return None
 
-    async def dead_letter(self, raw: bytes, letter: DeadLetter) -> None:
-        await self.scripts.dead_letter(
+    async def dead_letter(
+        self, raw: bytes, letter: DeadLetter, *, event: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Move the command to the dead letters and publish ``event`` in the same step;
+        ``False`` (no letter, no event) if it was not ours any more."""
+        removed = await self.scripts.dead_letter(
             keys=[
                 self.processing,
                 self.keys.dead_letters,
                 self.keys.deliveries,
                 self.keys.retries,
                 self.keys.running,
+                self.lease_key,
+                self.keys.events_stream,
             ],
             args=[
                 raw,
                 letter.to_json(self.payload_max),
                 self.dead_letters_max,
                 letter.command_id or "",
+                *self._event_args(event),
             ],
         )
+        return int(removed) > 0
 
     async def release_all(self) -> int:
         """Hand every held command back to the head of the queue (stopping); -1 if the lease

@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -65,6 +66,58 @@ class BadMark:
         )
 
 
+_OWN_TOKENS: set[str] = set()  # every lease token this process made
+
+
+def lease_token() -> str:
+    """A lease token: random, then ``|host:pid`` of the process holding the lease."""
+    token = f"{uuid.uuid4().hex}|{socket.gethostname()}:{os.getpid()}"
+    _OWN_TOKENS.add(token)
+    return token
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    try:  # a zombie (killed, not yet reaped by its parent) is dead for our purpose
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def holder_is_dead(token: str | None, own_token: str) -> bool:
+    """Is the process that holds a lease under ``token`` provably dead? Only for a holder on
+    this host (same hostname): its pid no longer runs, or it is our own pid (a container
+    restarted under the same hostname reuses small pids) under a token this process never
+    made. Anything else (another host, an unparsable token, a live pid) is not provably dead:
+    wait for the TTL."""
+    if not token or token == own_token or token in _OWN_TOKENS:
+        return False
+    _, sep, where = token.rpartition("|")
+    host, colon, pid_text = where.rpartition(":")
+    if not sep or not colon or host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    return pid == os.getpid() or not _pid_alive(pid)
+
+
+async def take_over_dead_holder(client: Redis, key: str, own_token: str) -> str | None:
+    """Delete the lease ``key`` if its holder is provably dead (compare-and-delete, so a
+    lease renewed or re-taken meanwhile is left alone); the dead token, or ``None``."""
+    found = await client.get(key)
+    token = None if found is None else text(found)
+    if token is None or not holder_is_dead(token, own_token):
+        return None
+    if int(await scripts_for(client).unlease(keys=[key], args=[token])) != 1:
+        return None
+    return token
+
+
 class SessionLeases:
     """Claims, refreshes and releases this worker's session lease."""
 
@@ -82,8 +135,9 @@ class SessionLeases:
         self.keys = keys
         self.settings = settings
         self.link = link
-        # The part after '|' tells `status` who holds a session.
-        self.token = f"{uuid.uuid4().hex}|{socket.gethostname()}:{os.getpid()}"
+        # The part after '|' tells `status` who holds a session, and a restarted worker on
+        # the same host that its holder is dead (see holder_is_dead).
+        self.token = lease_token()
         self.ttl_ms = int(settings.session_lease_seconds * 1000)
         self.name: str | None = None
         self.scripts = scripts_for(client)
@@ -127,11 +181,17 @@ class SessionLeases:
         return out
 
     # --- lease ------------------------------------------------------------------------------
-    async def claim(self, stop: asyncio.Event) -> str | None:
+    async def claim(
+        self, stop: asyncio.Event, on_wait: Callable[[], None] | None = None
+    ) -> str | None:
         """Hold a free session and return its name; wait politely (logging why, once per
-        change) while none is free; ``None`` if ``stop`` is set first. ``SessionRevoked`` if
-        the pinned ``TELEGRAM_SESSION`` is marked bad."""
+        change) while none is free, calling ``on_wait`` every round (the daemon refreshes its
+        health file); ``None`` if ``stop`` is set first. ``SessionRevoked`` if the pinned
+        ``TELEGRAM_SESSION`` is marked bad. A session held by a provably dead process on this
+        host (a worker killed and restarted) is taken over at once, not after its TTL."""
         while not stop.is_set():
+            if on_wait is not None:
+                on_wait()
             names = self.candidates()
             bad = await self.bad_sessions()
             pinned = self.settings.telegram_session
@@ -150,6 +210,23 @@ class SessionLeases:
                         keys=[self.keys.session_lease(n)], args=[self.token, self.ttl_ms]
                     )
                 )
+                if int(got) == 0:
+                    dead = await self._call(
+                        lambda n=name: take_over_dead_holder(
+                            self.client, self.keys.session_lease(n), self.token
+                        )
+                    )
+                    if dead is not None:
+                        logger.warning(
+                            "session {} was held by a dead process ({}); taking it over",
+                            name,
+                            dead.rpartition("|")[2],
+                        )
+                        got = await self._call(
+                            lambda n=name: self.scripts.lease(
+                                keys=[self.keys.session_lease(n)], args=[self.token, self.ttl_ms]
+                            )
+                        )
                 if int(got) in (1, 2):
                     self.name = name
                     logger.info("holding telegram session {}", name)

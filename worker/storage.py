@@ -56,14 +56,15 @@ from worker.dayfile import (
     validate_chat_key,
 )
 from worker.errors import StorageError
-from worker.progress import ProgressStore, acquire_fd_lock, fsync_dir
+from worker.progress import ProgressStore, acquire_fd_lock, fsync_dir, storage_error
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
 
 
 def _os_error(action: str, path: Path, exc: OSError) -> StorageError:
-    return StorageError(f"cannot {action} {path}: {exc.strerror or exc}")
+    """Retryable when the environment failed (disk full, read-only, I/O error...)."""
+    return storage_error(f"cannot {action} {path}: {exc.strerror or exc}", exc)
 
 
 class DayStore:
@@ -255,7 +256,10 @@ class DayWriter:
         if self.complete:
             raise RuntimeError("the day is complete; open it with force=True to fetch it again")
         if self._broken:
-            raise StorageError(f"{self.journal_path} is in an unknown state after a write error")
+            # A new writer truncates the journal to its last whole line: retry later.
+            raise storage_error(
+                f"{self.journal_path} is in an unknown state after a write error", retryable=True
+            )
         fresh: dict[int, Mapping[str, Any]] = {}
         for message in messages:
             msg_id = check_message(message)
@@ -299,7 +303,10 @@ class DayWriter:
         if self.complete or self._finished:
             return self.path
         if self._broken:
-            raise StorageError(f"{self.journal_path} is in an unknown state after a write error")
+            # A new writer truncates the journal to its last whole line: retry later.
+            raise storage_error(
+                f"{self.journal_path} is in an unknown state after a write error", retryable=True
+            )
         started = time.perf_counter()
         old = self._old_messages()
         try:

@@ -12,12 +12,19 @@
 -- KEYS[4] deliveries              hash  command_id -> recoveries
 -- KEYS[5] dead                    list  newest first
 -- KEYS[6] workers                 hash  worker_id -> JSON registration
+-- KEYS[7] running                 hash  command_id -> "worker_id|lease token" of its execution
 --
 -- ARGV[1] worker_id   ARGV[2] MAX deliveries   ARGV[3] cap of the dead-letter list
 -- ARGV[4] timestamp for dead-letter entries (ISO 8601, caller's clock, display only)
 -- ARGV[5] id prefix for dead-letter entries (unique per call)
 --
 -- Returns {moved, dead_entry_json, dead_entry_json, ...}; {-1} if the worker is alive.
+--
+-- A recovered command's running[cid] entry naming the dead worker is removed: left there, a
+-- process restarted under the same WORKER_ID could be taken for the command's live owner.
+-- Deliveries count deaths without progress: an execution that completes a day or writes a page
+-- resets its command's count (worker/executor.py), so only an attempt that made no progress
+-- moves a command toward the dead letters.
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {-1}
@@ -35,6 +42,12 @@ while true do
   if ok and type(decoded) == 'table' then
     if type(decoded['command_id']) == 'string' then cid = decoded['command_id'] end
     if type(decoded['chat']) == 'string' then chat = decoded['chat'] end
+  end
+  if cid and KEYS[7] then
+    local owner = redis.call('HGET', KEYS[7], cid)
+    if owner and (owner == ARGV[1] or string.sub(owner, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|') then
+      redis.call('HDEL', KEYS[7], cid)
+    end
   end
   local counter = cid or ('sha1:' .. redis.sha1hex(raw))
   local count = redis.call('HINCRBY', KEYS[4], counter, 1)

@@ -6,6 +6,7 @@
 -- KEYS[3] deliveries    hash
 -- KEYS[4] retries       hash
 -- KEYS[5] completed     zset
+-- KEYS[6] running       hash  (its entry, left by the execution that died, is removed)
 --
 -- ARGV[1] the dead-letter entry, exactly as stored   ARGV[2] the payload to requeue
 -- ARGV[3] command_id ('' when unknown)
@@ -20,5 +21,8 @@ if ARGV[3] ~= '' then
   redis.call('HDEL', KEYS[3], ARGV[3])
   redis.call('HDEL', KEYS[4], ARGV[3])
   redis.call('ZREM', KEYS[5], ARGV[3])
+  if KEYS[6] then
+    redis.call('HDEL', KEYS[6], ARGV[3])
+  end
 end
 return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -154,13 +155,33 @@ def test_invalid_chat_key_is_refused(progress: ProgressStore) -> None:
         progress.update("../x", DAY, complete=True, last_processed_msg_id=1, message_count=1)
 
 
-def test_update_waits_for_the_lock_then_gives_up(progress: ProgressStore) -> None:
-    progress.data_dir.mkdir(parents=True)
+def test_update_waits_for_the_chat_s_lock_then_gives_up_retryably(
+    progress: ProgressStore,
+) -> None:
+    (progress.data_dir / "chat").mkdir(parents=True)
     with (
-        file_lock(progress.lock_path, 1.0, "test"),
-        pytest.raises(StorageError, match="locked by another writer"),
+        file_lock(progress.chat_lock_path("chat"), 1.0, "test"),
+        pytest.raises(StorageError, match="locked by another writer") as raised,
     ):
         progress.update("chat", DAY, complete=True, last_processed_msg_id=1, message_count=1)
+    assert raised.value.retryable  # a lock held too long is the environment: retry later
+
+
+def test_a_stalled_holder_of_the_progress_json_lock_stalls_no_update(
+    progress: ProgressStore,
+) -> None:
+    progress.data_dir.mkdir(parents=True)
+    progress.update("chat", DAY, complete=False, last_processed_msg_id=1, message_count=None)
+    with file_lock(progress.lock_path, 1.0, "test"):  # held "forever" by a paused process
+        started = time.monotonic()
+        progress.update("chat", DAY, complete=True, last_processed_msg_id=5, message_count=5)
+        progress.update("other", DAY, complete=True, last_processed_msg_id=2, message_count=2)
+        assert time.monotonic() - started < 3  # two skipped copies, not two lock timeouts
+        assert progress.is_complete("chat", DAY) and progress.is_complete("other", DAY)
+        assert not validate(progress.path)["chats"]["chat"]["2025-11-07"]["complete"]
+    progress.update("other", DAY, complete=True, last_processed_msg_id=3, message_count=3)
+    chats = validate(progress.path)["chats"]  # the next update rebuilt the whole copy
+    assert chats["chat"]["2025-11-07"]["complete"] and chats["other"]["2025-11-07"]["complete"]
 
 
 def test_unwritable_data_dir_is_a_storage_error(tmp_path: Path) -> None:

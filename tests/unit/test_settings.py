@@ -129,9 +129,34 @@ SETTINGS_MODULES = ("fleet/settings.py", "worker/settings.py", "governor/setting
 SIM_SETTINGS = "worker/sim/settings.py"
 
 
-def _documented_keys() -> list[str]:
+_KEY = re.compile(r"^#?\s*([A-Z][A-Z0-9_]+)=", re.M)
+#: .env.example ends with two sections the programs do not read: Compose's ${…} variables and
+#: the test suite's switches. Each has its own reader check below.
+_COMPOSE_MARK = "# --- Docker Compose"
+_TESTS_MARK = "# --- tests"
+
+
+def _sections() -> tuple[str, str, str]:
     text = (ROOT / ".env.example").read_text()
-    return re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, re.M)
+    programs, rest = text.split(_COMPOSE_MARK, 1)
+    compose, tests = rest.split(_TESTS_MARK, 1)
+    return programs, compose, tests
+
+
+def _documented_keys() -> list[str]:
+    return _KEY.findall(_sections()[0])
+
+
+def test_every_documented_compose_variable_is_used_by_the_compose_file_or_the_image() -> None:
+    used = (ROOT / "docker-compose.yml").read_text() + (ROOT / "Dockerfile").read_text()
+    unused = [k for k in _KEY.findall(_sections()[1]) if not re.search(rf"\b{k}\b", used)]
+    assert not unused, f"Compose variables in .env.example that nothing uses: {unused}"
+
+
+def test_every_documented_test_switch_is_read_by_the_tests() -> None:
+    code = "\n".join(p.read_text() for p in sorted((ROOT / "tests").rglob("*.py")))
+    unused = [k for k in _KEY.findall(_sections()[2]) if f'"{k}"' not in code]
+    assert not unused, f"test switches in .env.example that no test reads: {unused}"
 
 
 def _owner(key: str) -> tuple[type, tuple[str, ...]]:

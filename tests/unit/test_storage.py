@@ -272,6 +272,7 @@ def test_missing_progress_refetches_and_merges_to_the_same_bytes(store: DayStore
     path = write_day(store, pages(range(1, 30)))
     before = messages_bytes(path)
     store.progress.path.unlink()
+    store.progress.chat_path(KEY).unlink()  # the chat's record is the truth; both are lost
     assert not store.is_complete(KEY, DAY)
     with store.open_day(KEY, CHAT, DAY) as writer:
         assert not writer.complete and writer.resume_after_id == 0
