@@ -341,7 +341,7 @@ async def _verify(settings: WorkerSettings, args: argparse.Namespace) -> int:
 def _cmd_login(settings: WorkerSettings, args: argparse.Namespace) -> int:
     import getpass
 
-    from worker.telegram import login
+    from worker.login import login
 
     simulated = backend_for(settings).login_name(args.session)
     if simulated is not None:

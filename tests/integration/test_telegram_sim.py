@@ -391,7 +391,7 @@ async def test_login_on_the_simulator_needs_no_prompt(clean_env: object) -> None
 
 async def test_login_on_telethon_needs_credentials(clean_env: object) -> None:
     from fleet.settings import ConfigError
-    from worker.telegram import login
+    from worker.login import login
 
     with pytest.raises(ConfigError, match="TELEGRAM_API_HASH"):
         await login(WorkerSettings(), "acct1", ask=input, ask_secret=input)

@@ -13,8 +13,8 @@ from telethon.crypto import AuthKey, rsa
 from telethon.sessions import MemorySession
 
 from fleet.settings import ConfigError
+from worker.endpoint import apply_endpoint, uses_ipv6
 from worker.settings import TEST_DC, WorkerSettings
-from worker.tgclient import apply_endpoint, uses_ipv6
 
 
 def client(**kwargs: object) -> TelegramClient:

@@ -11,8 +11,8 @@ from telethon import errors
 from telethon.tl import types
 
 from worker.errors import PermanentError, RateLimited, SessionRevoked, TransientError
-from worker.telegram import login_error
-from worker.tgclient import rpc_reason, rpc_string, translate
+from worker.login import login_error
+from worker.rpcerrors import rpc_reason, rpc_string, translate
 
 
 def rpc(code: int, message: str) -> errors.RPCError:
