@@ -270,7 +270,7 @@ def test_a_horizon_file_makes_messages_appear_at_runtime(tmp_path: Path) -> None
     """Issue 14: raising SIM_HORIZON_FILE appends exactly the history up to the new time."""
     import os
 
-    from worker.sim.world import Horizon
+    from worker.sim.horizon import Horizon
 
     real = datetime(2024, 1, 5, 12, 0, tzinfo=UTC)
     path = tmp_path / "horizon"

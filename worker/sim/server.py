@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 from telethon.errors import rpc_message_to_error
 from telethon.tl import functions, types
 
+from worker.sim.history import _signed64, _u64
+from worker.sim.horizon import Horizon
 from worker.sim.limits import Limits, SimLimits
-from worker.sim.world import Horizon, World, _signed64, _u64
+from worker.sim.world import World
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
