@@ -259,16 +259,34 @@ class SimServer:
         if every and self.history_served % every == 0:
             self._delete_while_paging(chat.id, request)
         total = world.total(chat.id)
-        # Telegram's getHistory: positions count from the newest message (0). Start at the
-        # first message older than offset_id / offset_date, move add_offset (negative: newer),
-        # take limit, clamp the window to the history (a window reaching past the newest
-        # message is cut, not shifted: Telethon's reverse paging stops at the first id it has
-        # already seen, so a shifted window would lose the newest messages), then drop what
-        # is outside (min_id, max_id).
+        first, last = self._window(chat.id, request, total)
+        messages = world.history_slice(chat, total - last, total - first) if last > first else []
+        if request.min_id or request.max_id:
+            lo, hi = request.min_id or 0, request.max_id or 2**31
+            messages = [m for m in messages if lo < m.id < hi]
+        return types.messages.ChannelMessages(
+            pts=total + 1,
+            count=total,
+            messages=messages,
+            topics=[],
+            chats=[world.channel(chat)],
+            users=_senders(world.users(chat), messages),
+        )
+
+    def _window(self, chat_id: int, request: Any, total: int) -> tuple[int, int]:
+        """``[first, last)`` of the page, as positions counted from the newest message (0).
+
+        Telegram's getHistory: start at the first message older than offset_id / offset_date,
+        move add_offset (negative: newer), take limit, clamp the window to the history (a
+        window reaching past the newest message is cut, not shifted: Telethon's reverse paging
+        stops at the first id it has already seen, so a shifted window would lose the newest
+        messages); the caller then drops what is outside (min_id, max_id).
+        """
+        world = self.world
         if request.offset_id:
-            start = total - world.count_id_below(chat.id, request.offset_id)
+            start = total - world.count_id_below(chat_id, request.offset_id)
         elif request.offset_date and not self.settings.sim_ignore_offset_date:
-            start = total - world.count_date_below(chat.id, _unix(request.offset_date))
+            start = total - world.count_date_below(chat_id, _unix(request.offset_date))
         else:
             start = 0
         limit = max(0, min(request.limit or 0, 100))
@@ -278,25 +296,18 @@ class SimServer:
             # the newer messages *and* older ones already seen (SIM_SHIFTED_WINDOW).
             first = 0
         last = min(total, first + limit)
-        first = max(0, first)
-        messages = world.history_slice(chat, total - last, total - first) if last > first else []
-        if request.min_id or request.max_id:
-            lo, hi = request.min_id or 0, request.max_id or 2**31
-            messages = [m for m in messages if lo < m.id < hi]
-        users_by_id = {u.id: u for u in world.users(chat)}
-        wanted: dict[int, Any] = {}
-        for m in messages:
-            from_id = m.from_id
-            if isinstance(from_id, types.PeerUser) and from_id.user_id in users_by_id:
-                wanted[from_id.user_id] = users_by_id[from_id.user_id]
-        return types.messages.ChannelMessages(
-            pts=total + 1,
-            count=total,
-            messages=messages,
-            topics=[],
-            chats=[world.channel(chat)],
-            users=list(wanted.values()),
-        )
+        return max(0, first), last
+
+
+def _senders(users: list[types.User], messages: list[Any]) -> list[types.User]:
+    """The users who sent the page's messages (a real answer carries exactly those)."""
+    users_by_id = {u.id: u for u in users}
+    wanted: dict[int, Any] = {}
+    for m in messages:
+        from_id = m.from_id
+        if isinstance(from_id, types.PeerUser) and from_id.user_id in users_by_id:
+            wanted[from_id.user_id] = users_by_id[from_id.user_id]
+    return list(wanted.values())
 
 
 def _day_of(world: World, request: Any) -> int:
