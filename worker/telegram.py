@@ -2,7 +2,7 @@
 
 :class:`TelegramSession` owns the session's :class:`~worker.tgclient.GatedClient` (the real
 Telethon client, gated and with Telethon's own flood sleeping and retries off; see
-:mod:`worker.tgclient` for how every Telethon error is translated), resolves chats with a cache,
+:mod:`worker.rpcerrors` for how every Telethon error is translated), resolves chats with a cache,
 and pages through a day's history oldest to newest, 100 messages per request, resuming after a
 message id. Resolving is :mod:`worker.resolver`, the check that an answer is still the chat
 the name named is :mod:`worker.rightchat`, and ``login`` is :mod:`worker.login`. Nothing
