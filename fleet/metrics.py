@@ -86,7 +86,8 @@ DEDUP_SOURCES = ("storage", "resume_overlap")
 RATE_LIMIT_HITS: tuple[tuple[str, str], ...] = (
     *(
         ("telegram", r)
-        for r in ("flood_wait", "flood_premium_wait", "slow_mode_wait", "flood_test_phone_wait")
+        # the RPC names Telegram sends, without their number (worker.rpcerrors.rpc_reason)
+        for r in ("FLOOD_WAIT", "FLOOD_PREMIUM_WAIT", "SLOWMODE_WAIT", "FLOOD_TEST_PHONE_WAIT")
     ),
     *(("bucket", r) for r in ("session", "fleet", "paused", "held", "local_pause")),
 )

@@ -112,7 +112,7 @@ def _one_command(metrics: WorkerMetrics) -> None:
     """What a worker records over one fetch command, roughly."""
     metrics.command_queue_length.set(4)
     metrics.token_wait_seconds.labels(request_class="history").observe(0.002)
-    metrics.rate_limit_hits_total.labels(source="telegram", reason="flood_wait").inc()
+    metrics.rate_limit_hits_total.labels(source="telegram", reason="FLOOD_WAIT").inc()
     metrics.record_retry("telegram", "timeout", 1.5)
     metrics.set_breaker_state("telegram", "open")
     metrics.set_breaker_state("telegram", "half_open")
@@ -157,7 +157,7 @@ def test_governor_metrics_endpoint_exports_every_named_metric(
     metrics.dead_letters.set(2)
     metrics.set_breaker_state("fleet", "closed")
     metrics.record_retry("redis", "ConnectionError", 0.5)
-    metrics.rate_limit_hits_total.labels(source="telegram", reason="flood_wait").inc()
+    metrics.rate_limit_hits_total.labels(source="telegram", reason="FLOOD_WAIT").inc()
     exporters = serve(metrics.registry, job=GOVERNOR_JOB, instance="gov-1")
     _, _, body = _get(f"{exporters.url}/metrics")
     names = _names(body)
@@ -327,11 +327,11 @@ def test_the_known_label_values_are_the_ones_the_code_records() -> None:
 
     from fleet.bucket import Reason
     from worker.fleet_gate import BREAKER_COMPONENT
-    from worker.tgclient import _FLOOD_REASONS
+    from worker.rpcerrors import FLOOD, rpc_reason
 
     telegram = {r for s, r in RATE_LIMIT_HITS if s == "telegram"}
     bucket = {r for s, r in RATE_LIMIT_HITS if s == "bucket"}
-    assert set(_FLOOD_REASONS.values()) == telegram
+    assert {rpc_reason(cls(request=None, capture=3)) for cls in FLOOD} == telegram
     refusals = set(get_args(Reason)) - {"ok", "probe", "breaker"}  # admitted, or not a rate limit
     assert bucket == refusals | {"local_pause"}
     assert BREAKER_COMPONENT == "telegram"
