@@ -198,11 +198,18 @@ class RedisView:
 
 
 def day_files(data_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every day file under ``data_dir`` (relative path -> JSON), ``fetched_at`` removed."""
+    """Every day file under ``data_dir`` (relative path -> JSON), without what describes the
+    run rather than the data: ``fetched_at``, and how completeness was proven (a batch proves a
+    day by the next day's first message, a per-day fetch by asking for the day's end; a proof
+    may need resumes). The proven facts (``server_last_id``, ``missing_ids``) stay."""
     out = {}
     for path in sorted(data_dir.rglob("discussions_*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
         data.pop("fetched_at", None)
+        proof = data.get("completeness")
+        if isinstance(proof, dict):
+            proof.pop("method", None)
+            proof.pop("resumed", None)
         out[str(path.relative_to(data_dir))] = data
     return out
 
