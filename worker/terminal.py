@@ -67,7 +67,7 @@ class TerminalSteps:
     async def _reject(
         self, raw: bytes, reason: str, command_id: str | None, chat: str | None
     ) -> None:
-        """An invalid command: ``failed`` (not retryable) and a dead letter, never parsed on."""
+        """An invalid command: ``failed`` (not retryable) and a dead letter keeping its bytes."""
         letter = new_dead_letter(
             raw,
             reason=reason,
