@@ -19,9 +19,19 @@ ALWAYS = {"ts", "level", "message", "service", "environment", "worker_id", "comp
 COMMAND_LOGGERS = (
     "worker.fetch",
     "worker.executor",
+    "worker.terminal",
     "worker.storage",
     "worker.progress",
     "worker.fleet_gate",
+)
+#: The daemon's lifecycle, split by stage: during a command, their lines carry its id too.
+DAEMON_LOGGERS = (
+    "worker.daemon",
+    "worker.startup",
+    "worker.heartbeat",
+    "worker.intake",
+    "worker.shutdown",
+    "worker.status",
 )
 
 
@@ -104,7 +114,7 @@ def test_every_line_is_json_and_every_line_of_a_command_carries_its_id(
     ours = [
         line
         for line in during
-        if line["logger"].startswith(COMMAND_LOGGERS) or line["logger"] == "worker.daemon"
+        if line["logger"].startswith(COMMAND_LOGGERS) or line["logger"] in DAEMON_LOGGERS
     ]
     assert len(ours) > 10
     for line in ours:
