@@ -263,8 +263,10 @@ class Daemon:
         self.begin_stop(Exit.SESSION_REVOKED, f"session revoked: {exc}")
 
     def _on_busy(self) -> None:
-        """A command's fetch starts."""
-        self.status = "busy"
+        """A command's fetch starts. A storage pause stays reported: a command that was
+        already waiting for its chat may still start while the worker takes nothing new."""
+        if self.status != "storage_error":
+            self.status = "busy"
 
     # --- observability ------------------------------------------------------------------------
     def _setup_logging(self) -> None:
