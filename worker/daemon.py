@@ -234,6 +234,10 @@ class Daemon:
                 self.settings.shutdown_grace_seconds,
             )
             self.begin_stop(Exit.OK, sig.name)
+            # Armed at the signal, not when the shutdown sequence starts: a worker still
+            # starting (Redis unreachable, waiting for a lease) must stop within the grace too.
+            grace = self.settings.shutdown_grace_seconds
+            asyncio.get_running_loop().call_later(max(0.2, grace - 1.0), self.hard_stop)
         elif now - self._first_signal_at < 1.0:
             # rq's lesson: process managers and terminals often deliver the same stop twice.
             return

@@ -202,3 +202,31 @@ def _pings(client: object) -> bool:
         return bool(client.ping())  # type: ignore[attr-defined]
     except Exception:
         return False
+
+
+def test_a_worker_started_without_redis_stops_within_the_grace_period_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """Seen in Compose: started while Redis was unreachable, a worker ignored SIGTERM until
+    REDIS_MAX_OUTAGE_SECONDS (300 s) had passed, so `docker stop` ended in SIGKILL."""
+    from tests.redis_server import free_port
+
+    grace = 3.0
+    env = base_env(
+        f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        tmp_path / "data",
+        tmp_path,
+        REDIS_MAX_OUTAGE_SECONDS=300,
+        SHUTDOWN_GRACE_SECONDS=grace,
+    )
+    fleet = Fleet(env, tmp_path)
+    try:
+        [w] = fleet.start(1, wait_ready=False)
+        wait_for(lambda: "unreachable" in w.log(), 20, "the worker saw Redis down")
+        w.signal()
+        signalled = time.monotonic()
+        code = w.wait(grace + 10)
+        assert time.monotonic() - signalled <= grace + 1.0, w.log()
+        assert code == 0, w.log()
+    finally:
+        fleet.stop_all()
