@@ -126,6 +126,10 @@ def cmd_listen(settings: WorkerSettings, args: argparse.Namespace) -> int:
             await client.xrevrange(keys.events_stream, count=max(1, args.replay)) or []
         )
         start_id = text(last[0][0]) if last else "0-0"
+        if args.command_id and args.replay <= 0:
+            # One command's events are read from the start of the (capped) stream: a command
+            # that ended before `listen` started must not leave `--until-terminal` waiting.
+            start_id = "0-0"
         for _entry_id, fields in reversed(last if args.replay > 0 else []):
             done = _show(fields, args.command_id, args.json, args.until_terminal)
             if done is not None:

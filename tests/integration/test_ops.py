@@ -121,6 +121,29 @@ def test_send_wait_and_listen_follow_a_command_to_its_end(
         fleet.stop_all()
 
 
+def test_listen_for_a_command_that_already_ended_prints_its_events_and_exits(
+    env: dict[str, str], rv: RedisView, tmp_path: Path
+) -> None:
+    """`send` then `listen --until-terminal` used to wait forever when the command ended
+    before `listen` subscribed."""
+    fleet = Fleet(env, tmp_path)
+    try:
+        fleet.start(1)
+        sent = cli(
+            env, "send", "--chat", "@ru_python", "--date", "2025-03-01", "--command-id", "op-2"
+        )
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: "op-2" in rv.completed_ids(), 30, "op-2 completed")
+        begun = time.monotonic()
+        late = cli(env, "listen", "--command-id", "op-2", "--until-terminal", "--timeout", "20")
+        assert late.returncode == 0, late.stderr
+        lines = late.stdout.strip().splitlines()
+        assert "started" in lines[0] and "completed" in lines[-1]
+        assert time.monotonic() - begun < 15
+    finally:
+        fleet.stop_all()
+
+
 def test_status_shows_queue_workers_sessions_and_dead_letters(
     env: dict[str, str], rv: RedisView, tmp_path: Path
 ) -> None:
