@@ -542,12 +542,11 @@ def plot(document: dict[str, Any], directory: Path) -> list[Path]:
                                  squeeze=False)  # fmt: skip
         for ax, r in zip(axes[:, 0], results.values(), strict=True):
             timeline = r["timeline_ok_per_s"]
-            n = len(next(iter(timeline.values())))
+            n = int(r["seconds"])  # whole seconds only: the last bin is a partial one
             xs = list(range(n))
             total = [sum(t[i] for t in timeline.values()) for i in xs]
             ax.plot(xs, total, color="black", lw=1.2, label="answered/s, fleet")
-            accounts = {tuple(p["accounts"]) for p in sc["phases"]}
-            if any(len({tuple(a) for a in acc}) > 1 for acc in accounts):
+            if any(len({tuple(a) for a in p["accounts"]}) > 1 for p in sc["phases"]):
                 for name, t in timeline.items():
                     ax.plot(xs, t, lw=0.8, alpha=0.7, label=f"answered/s, {name}")
             limit_x, limit_y = [], []
