@@ -35,7 +35,8 @@ workers12  12 workers, the fleet limit binds (60–85% of the accounts' sum)
 Outside ``high``/``low`` the configured rates are the truth × 0.8–1.25 (an operator's guess).
 
 Reported per scenario and policy: ``share`` = history requests answered ÷ what the limits
-allowed (per phase: the sum over accounts of each one's limit, capped by the fleet limit);
+allowed (per phase: the sum over accounts of what each one's window allows, capped by the
+fleet's: K per window started in the first phase, which starts idle, K / W per second after);
 ``acct`` = the lowest account's answered ÷ its own limit (what it could have had alone);
 FloodWaits; ``settle`` = FloodWaits from a drop until 5 s without any; ``lost`` = worker-seconds
 asleep because of FloodWaits (a worker's own sleeps plus the fleet holds a flood imposed on
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -97,6 +99,26 @@ class Phase:
         total = sum(self.account_rates())
         if self.fleet[0] > 0:
             total = min(total, self.fleet[0] / self.fleet[1])
+        return total
+
+    def account_allows(self, i: int, seconds: float, from_idle: bool) -> float:
+        """Requests account ``i``'s window allows within ``seconds``. From idle (the first
+        phase) a window-type limit allows its K at once and K per window started after (a 30 s
+        run of a 28 s window allows 2 K); later phases start with a window already in use, so
+        K / W per second."""
+        k, w = self.accounts[i]
+        if k <= 0:
+            return 1e12
+        return k * math.ceil(seconds / w - 1e-9) if from_idle else k / w * seconds
+
+    def allows(self, seconds: float, from_idle: bool) -> float:
+        """Requests the limits allow the whole fleet within ``seconds`` of this phase."""
+        n = len(self.accounts)
+        total = sum(self.account_allows(i, seconds, from_idle) for i in range(n))
+        f, wf = self.fleet
+        if f > 0:
+            fleet = f * math.ceil(seconds / wf - 1e-9) if from_idle else f / wf * seconds
+            total = min(total, fleet)
         return total
 
 
@@ -404,9 +426,9 @@ def summarize(
                 {"t": round(ts - t_start, 3), "session": row["session"], "n": row["flood_wait"]}
             )
     durations = [bounds[i + 1] - bounds[i] for i in range(len(sc.phases))]
-    allowed = sum(p.allowed() * d for p, d in zip(sc.phases, durations, strict=True))
     pairs = list(zip(sc.phases, durations, strict=True))
-    own_allowed = {s: sum(min(p.account_rates()[i], 1e9) * d for p, d in pairs)
+    allowed = sum(p.allows(d, n == 0) for n, (p, d) in enumerate(pairs))
+    own_allowed = {s: sum(p.account_allows(i, d, n == 0) for n, (p, d) in enumerate(pairs))
                    for i, s in enumerate(sessions)}  # fmt: skip
     account_share = {s: round(per_account_ok[s] / own_allowed[s], 3) for s in sessions}
     # Settle: FloodWaits from a drop until the first quiet SETTLE_QUIET_S.
@@ -436,8 +458,8 @@ def summarize(
         "allowed_requests": round(allowed, 1),
         "share": round(len(ok_times) / allowed, 3),
         "share_per_phase": [
-            round(n / (p.allowed() * d), 3)
-            for n, p, d in zip(per_phase_ok, sc.phases, durations, strict=True)
+            round(n / p.allows(d, i == 0), 3)
+            for i, (n, p, d) in enumerate(zip(per_phase_ok, sc.phases, durations, strict=True))
         ],
         "account_share_of_own_limit": account_share,
         "min_account_share": min(account_share.values()),
