@@ -570,7 +570,7 @@ def plot(document: dict[str, Any], directory: Path) -> list[Path]:
             ax.plot(xs, total, color="black", lw=1.2, label="answered/s, fleet")
             if any(len({tuple(a) for a in p["accounts"]}) > 1 for p in sc["phases"]):
                 for name, t in timeline.items():
-                    ax.plot(xs, t, lw=0.8, alpha=0.7, label=f"answered/s, {name}")
+                    ax.plot(xs, t[:n], lw=0.8, alpha=0.7, label=f"answered/s, {name}")
             limit_x, limit_y = [], []
             changes = [*r["change_at_s"], r["seconds"]]
             for i, phase in enumerate(sc["phases"]):
