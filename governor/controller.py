@@ -459,8 +459,14 @@ class RateController:
         climb back would only waste the fleet's slots.
         """
         margin = self.settings.aimd_recovery_margin
-        in_streak = since_cut is not None and since_cut < self.settings.aimd_quiet_seconds
         old_target = self._ceiling(memory)
+        # A flood met while probing above the cruise is the probe's answer, not one more cut of
+        # a streak: counting it as one took a margin off the ceiling at every probe, and the
+        # fleet ratcheted down probe after probe.
+        probing = old_target is not None and current > old_target * margin * (1 + 1e-6)
+        in_streak = (
+            not probing and since_cut is not None and since_cut < self.settings.aimd_quiet_seconds
+        )
         memory.suspect = (
             not in_streak and old_target is not None and current <= old_target * margin * (1 + 1e-6)
         )

@@ -252,3 +252,31 @@ async def test_the_measured_rate_covers_exactly_the_window_between_samples(
     for at, value in ((10.0, 0), (10.5, 6)):
         controller._samples.append(Counters(at, {name: value}))
     assert controller._measured(controller._samples[-1], name) == pytest.approx(12.0)
+
+
+async def test_probe_floods_do_not_ratchet_the_fleet_ceiling_down(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Each probe above the cruise that meets the same limit lands back under that limit, and
+    probes come less often; they do not count as a streak of cuts taking a margin off each."""
+    s = settings(fleet_rate_history_per_second=30.0, governor_probe_quiet_seconds=5)
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    first = await controller._decide("fleet", "history", 0.0, 30.0, 24.0, True, 1)
+    assert first is not None
+    cruise = 0.97 * 24.0
+    rate = first.new
+    for at in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5):  # climbing back, before any probe
+        change = await controller._decide("fleet", "history", at, rate, rate, True, 0)
+        rate = change.new if change is not None else rate
+    assert rate == pytest.approx(cruise, rel=0.01)
+    # Probes every few seconds above the cruise meet the same limit (24/s measured).
+    for flood_at in (20.0, 26.0, 32.0):
+        probe = await controller._decide("fleet", "history", flood_at - 1, rate, rate, True, 0)
+        rate = probe.new if probe is not None else rate
+        back = await controller._decide("fleet", "history", flood_at, max(rate, 25.0), 24.0,
+                                        True, 1)  # fmt: skip
+        assert back is not None and "straight to the cruise" in back.decision.why
+        assert back.new == pytest.approx(cruise, rel=0.01)
+        rate = back.new
+    memory = controller._memory[("fleet", "history")]
+    assert memory.probe_backoff > 1.0
