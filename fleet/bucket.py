@@ -23,6 +23,13 @@ from fleet.keys import Keys, check_class, check_session
 from fleet.scripts import Scripts, scripts_for, text
 from fleet.settings import FleetSettings
 
+#: Two sessions flooding the same request class within this long of each other is evidence that
+#: they share the limit (a fleet-wide one): only then does a flood hold the class fleet-wide.
+#: A full shared window refuses every session sending into it, so their floods come within a
+#: few requests' time of each other; floods of two accounts' own limits coincide only by chance.
+#: A lone account's flood belongs to its own limit and pauses only that account.
+SHARED_FLOOD_WINDOW_S = 0.5
+
 Reason = Literal["ok", "session", "fleet", "paused", "held", "probe", "breaker"]
 
 
@@ -119,6 +126,7 @@ class TokenBucket:
         self.probe_lease_ms = int(settings.circuit_breaker_probe_lease_seconds * 1000)
         self.max_wait_us = int(settings.flood_wait_max_seconds * 1_000_000)
         self.rate_limit_hits = 0
+        self.shared_flood_window_s = SHARED_FLOOD_WINDOW_S
         # ARGV[3:7] of bucket.lua per class: the same strings every call, so build them once.
         self._argv: dict[str, tuple[str, ...]] = {
             c: (
@@ -167,8 +175,9 @@ class TokenBucket:
     async def record_flood(
         self, session: str, request_class: RequestClass, seconds: float
     ) -> float:
-        """Telegram said FLOOD_WAIT_N: pause that session+class N s plus jitter, hold the whole
-        class fleet-wide for min(N, ``FLOOD_FLEET_HOLD_SECONDS``), and record it.
+        """Telegram said FLOOD_WAIT_N: pause that session+class N s plus jitter, record it, and,
+        if another session flooded the class within ``SHARED_FLOOD_WINDOW_S`` (the limit is
+        shared), hold the whole class fleet-wide for min(N, ``FLOOD_FLEET_HOLD_SECONDS``).
 
         Returns the pause now in force, in seconds (an existing longer pause is kept).
         """
@@ -197,6 +206,7 @@ class TokenBucket:
             self.keys.floods,
             self.keys.counters,
             self.keys.fleet_hold(request_class),
+            self.keys.flooded(request_class),
         )
         args: tuple[EncodableT, ...] = (
             session,
@@ -208,6 +218,7 @@ class TokenBucket:
             self.worker_id,
             math.ceil(hold_s * 1000),
             self.keys.holds_channel,
+            round(self.shared_flood_window_s * 1000),
         )
         remaining_us = await self.scripts.flood(keys, args)
         return int(remaining_us) / 1_000_000

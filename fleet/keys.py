@@ -19,6 +19,7 @@ key                                        type    TTL                 written b
 ``pause:<session>:<cls>``                  string  the pause           flood.lua / bucket.lua
 ``hold:<cls>``                             string  the hold            flood.lua / bucket.lua
 ``holds`` (pub/sub channel)                —       —                   flood.lua / workers
+``flooded:<cls>``                          hash    shared window + 1 s flood.lua / flood.lua
 ``floods``                                 stream  capped (MAXLEN ~)   flood.lua / governor
 ``counters``                               hash    none                bucket.lua, flood.lua /
                                                                        governor (each tick)
@@ -39,6 +40,9 @@ key                                        type    TTL                 written b
 - ``hold:<cls>`` holds the µs until which *no* session may send that class: the fleet hold a
   FloodWait sets (min(N, ``FLOOD_FLEET_HOLD_SECONDS``)), so the window Telegram just found full
   drains before anyone else sends into it; its PX TTL ends with the hold.
+- ``flooded:<cls>`` maps each session to the µs of its last FloodWait on the class: a flood
+  that comes within the shared-flood window of another session's is evidence of a limit the
+  sessions share, and only such a flood holds the class fleet-wide.
 - ``floods`` has one entry per FloodWait: ``session``, ``class``, ``seconds``, ``worker``.
 - ``counters`` (monotonic; the governor diffs them each tick) has fields
   ``<cls>:admits``, ``<cls>:waits`` (admits that had to wait), ``<cls>:fleet_waits`` (the
@@ -181,6 +185,10 @@ class Keys:
 
     def fleet_hold(self, request_class: str) -> str:
         return self._k("hold", check_class(request_class))
+
+    def flooded(self, request_class: str) -> str:
+        """Hash: session → µs of its last FloodWait on the class (shared-flood evidence)."""
+        return self._k("flooded", check_class(request_class))
 
     @property
     def holds_channel(self) -> str:

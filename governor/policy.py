@@ -15,7 +15,17 @@ Lessons this encodes (docs: ANCHORS.md, "Adapting to FloodWait"):
   ceiling floods again once the bucket's burst comes on top. It probes higher (additively) only
   after ``PROBE_QUIET_FACTOR`` quiet periods, so a limit that really rose is still found.
   Without this memory each cut costs a long slow climb at 70–85% of the limit.
+- Configured rates are a first guess: a bucket that never flooded and is saturated grows
+  multiplicatively (``slow_start_factor`` per tick, TCP's slow start), so a configuration 5× too
+  low is left behind within seconds; once a flood has set a ceiling, probes above it grow by
+  ``probe_factor`` per tick after ``probe_quiet_s`` without a flood, so a limit that rose is
+  found within a few ticks.
 - Always within ``[min_rate, max_rate]``.
+
+Learned apart (issue 10): each session's own limit and the fleet's shared limit are separate
+buckets with separate memories; :func:`attribute` decides which one a FloodWait is evidence
+about, and :func:`window_estimate` turns a FloodWait's N into the rate a window-type limit
+(K requests per W s) allows.
 """
 
 from __future__ import annotations
@@ -41,6 +51,15 @@ class AimdParams:
     cut_cooldown_s: float = 2.0
     recovery_margin: float = 0.97
     recovery_speed: float = 0.5
+    #: × per tick while saturated with no flood ever seen (1.0: additive steps instead).
+    slow_start_factor: float = 1.0
+    #: Probing above the last flood starts after this long without one (None: 3 quiet periods).
+    probe_quiet_s: float | None = None
+    #: × per tick while probing (1.0: one additive step per tick).
+    probe_factor: float = 1.0
+    #: Additive steps are at least this × the current rate (0: the configured step only), so a
+    #: bucket that started 5× too low does not climb in steps 5× too small.
+    relative_step: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0 < self.min_rate <= self.max_rate < math.inf):
@@ -53,6 +72,22 @@ class AimdParams:
             raise ValueError("AIMD periods must be >= 0")
         if not (0 < self.recovery_margin <= 1 and 0 < self.recovery_speed <= 1):
             raise ValueError("AIMD recovery margin and speed must be in (0, 1]")
+        if not (1.0 <= self.slow_start_factor < math.inf and 1.0 <= self.probe_factor < math.inf):
+            raise ValueError("slow start and probe factors must be >= 1")
+        if not 0 <= self.relative_step < 1:
+            raise ValueError("relative_step must be in [0, 1)")
+        if self.probe_quiet_s is not None and not self.probe_quiet_s >= 0:
+            raise ValueError("probe_quiet_s must be >= 0")
+
+    def step(self, current: float) -> float:
+        """One additive step from ``current``."""
+        return max(self.increase_step, current * self.relative_step)
+
+    @property
+    def probe_after_s(self) -> float:
+        if self.probe_quiet_s is not None:
+            return self.probe_quiet_s
+        return PROBE_QUIET_FACTOR * self.quiet_period_s
 
     def clamp(self, rate: float) -> float:
         if math.isnan(rate):
@@ -108,22 +143,31 @@ def decide(inputs: TickInputs, params: AimdParams) -> Decision:
         target = params.clamp(inputs.ceiling * params.recovery_margin)
         if current < target:
             if inputs.ceiling_suspect:
-                step = params.increase_step
+                step = params.step(current)
                 why = f"climbing step by step toward {target:.3g}/s (the limit fell)"
             else:
-                step = max(params.increase_step, (target - current) * params.recovery_speed)
+                step = max(params.step(current), (target - current) * params.recovery_speed)
                 why = f"recovering toward {target:.3g}/s (below the last flood)"
             return Decision(min(target, current + step), "raise", why)
     since_flood = inputs.seconds_since_flood
-    if since_flood is not None and since_flood < params.quiet_period_s:
+    if inputs.ceiling is None and params.slow_start_factor > 1.0 and cooled:
+        # Never flooded: the configured rate was only a guess, grow fast until Telegram says.
+        new = params.clamp(max(current * params.slow_start_factor, current + params.step(current)))
+        if new <= current:
+            return Decision(current, "hold", "saturated at max_rate")
+        return Decision(new, "raise", "saturated, no flood seen yet: slow start")
+    if since_flood is not None and since_flood < min(params.quiet_period_s, params.probe_after_s):
         return Decision(current, "hold", "saturated, but within the quiet period after a flood")
     if inputs.ceiling is not None and (
-        since_flood is not None and since_flood < PROBE_QUIET_FACTOR * params.quiet_period_s
+        since_flood is not None and since_flood < params.probe_after_s
     ):
         # Cruise just below the rate that flooded (with the bucket's burst on top, closing in
         # on it floods again); probe above it only now and then.
         return Decision(current, "hold", "cruising below the last flood; probing later")
-    new = params.clamp(current + params.increase_step)
+    step = params.step(current)
+    if inputs.ceiling is not None:
+        step = max(step, current * (params.probe_factor - 1.0))
+    new = params.clamp(current + step)
     if new <= current:
         return Decision(current, "hold", "saturated at max_rate")
     return Decision(new, "raise", "saturated and quiet")
@@ -145,6 +189,10 @@ def params_for(
     cut_cooldown_s: float = 2.0,
     recovery_margin: float = 0.97,
     recovery_speed: float = 0.5,
+    slow_start_factor: float = 1.0,
+    probe_quiet_s: float | None = None,
+    probe_factor: float = 1.0,
+    relative_step: float = 0.0,
 ) -> AimdParams:
     """Parameters for one bucket: the additive step is a fraction of its configured rate, so
     a 0.33/s resolve bucket and a 10/s history bucket recover in the same number of ticks."""
@@ -158,4 +206,74 @@ def params_for(
         cut_cooldown_s=cut_cooldown_s,
         recovery_margin=recovery_margin,
         recovery_speed=recovery_speed,
+        slow_start_factor=slow_start_factor,
+        probe_quiet_s=probe_quiet_s,
+        probe_factor=probe_factor,
+        relative_step=relative_step,
     )
+
+
+# --- learning two limits apart -----------------------------------------------------------------
+
+
+def window_estimate(admitted: float, span_s: float, wait_s: float) -> float:
+    """The rate a window-type limit allows, from one FloodWait.
+
+    ``admitted`` requests went out over the last ``span_s`` seconds (since the bucket's window
+    last freed: its previous flood's wait, or its first request) and Telegram then said "wait
+    ``wait_s``". Had the bucket sent them spread over ``span_s + wait_s`` it would not have been
+    refused: for K requests per W s sent from idle, the flood comes after K requests at
+    ``span_s`` and the wait is what is left of the window, so this is exactly K / W. A burst the
+    server allows is kept as a burst (the bucket's rate becomes K / W, not the burst's rate).
+    """
+    if admitted <= 0 or span_s + wait_s <= 0:
+        return 0.0
+    return admitted / (span_s + wait_s)
+
+
+@dataclass(frozen=True, slots=True)
+class FloodSeen:
+    """One FloodWait as the governor read it from the flood stream."""
+
+    at_s: float
+    session: str
+    wait_s: float
+    own_rate: float  # the session's measured rate when it flooded (requests/s)
+    own_limit: float | None  # the session's learned own limit, None if it never flooded alone
+    fleet_rate: float = 0.0  # the class's measured fleet rate when it flooded
+
+
+def attribute(
+    floods: list[FloodSeen],
+    recent: list[FloodSeen],
+    *,
+    shared_window_s: float,
+    fleet_shared: bool,
+    at_own_limit: float = 0.8,
+) -> list[bool]:
+    """For each of ``floods``: True if it is evidence of the fleet's shared limit, False if it
+    belongs to the session's own limit.
+
+    A flood of a session running at ``at_own_limit`` × its own learned limit or above is its
+    own: its own limit explains it. Otherwise it is shared when another session (not itself at
+    its own limit) flooded within ``shared_window_s`` of it (``recent`` are earlier floods of
+    the same class; several sessions flooding close together is a limit binding whichever
+    sessions run), or when the fleet's limit is already known to bind and this session runs
+    below a limit it learned alone. A lone flood with no such evidence belongs to the session.
+    """
+
+    def own(f: FloodSeen) -> bool:
+        return f.own_limit is not None and f.own_rate >= at_own_limit * f.own_limit
+
+    pool = [*recent, *floods]
+    out = []
+    for f in floods:
+        if own(f):
+            out.append(False)
+            continue
+        company = any(
+            g.session != f.session and abs(g.at_s - f.at_s) <= shared_window_s and not own(g)
+            for g in pool
+        )
+        out.append(company or (fleet_shared and f.own_limit is not None))
+    return out

@@ -36,6 +36,16 @@ class GovernorSettings(FleetSettings):
     parser_historical_strategy: Literal["batch", "per_day"] = "batch"
     # --- end of the incremental scheduler's keys ----------------------------------------------
 
+    # --- rate learning (issue 10: each account's limit and the fleet's, learned apart) ---
+    # A bucket that never flooded grows × this per tick while saturated (configured rates are
+    # only a first guess; 1 = additive AIMD steps only).
+    governor_slow_start_factor: float = Field(1.25, ge=1.0, le=4.0)
+    # Above the rate of its last shared flood, a saturated fleet bucket probes after this long
+    # without one… (a session's own bucket: after 3 x AIMD_QUIET_SECONDS)
+    governor_probe_quiet_seconds: float = Field(5.0, ge=0)
+    # …growing x this per tick (1 = AIMD_INCREASE_FRACTION steps only).
+    governor_probe_factor: float = Field(1.1, ge=1.0, le=2.0)
+
     @field_validator("schedule_daily_at")
     @classmethod
     def _hh_mm(cls, value: str) -> str:

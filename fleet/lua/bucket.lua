@@ -111,8 +111,14 @@ if probing then
 end
 
 -- 6. Book the slot in both buckets (a booking at `at` moves each TAT as a request sent then).
+-- The fleet bucket is charged when *it* would have admitted the request (f_at <= at): if the
+-- session's own bucket is what delays it, charging the fleet at `at` would move the fleet's
+-- TAT past every slot in between and stall the other sessions behind one slow account. The
+-- fleet still admits at most rate x W + burst per window; a session delays at most its one
+-- booked request past its fleet slot.
+local f_at = math.max(now, f_allow)
 local s_new = math.ceil(math.max(s_tat, at) + s_T)
-local f_new = math.ceil(math.max(f_tat, at) + f_T)
+local f_new = math.ceil(math.max(f_tat, f_at) + f_T)
 redis.call('SET', KEYS[1], fmt(s_new) .. string.format(' %.3f', s_T),
   'PX', math.ceil((s_new - now) / 1000) + 1000)
 redis.call('SET', KEYS[2], fmt(f_new) .. string.format(' %.3f', f_T),

@@ -141,8 +141,12 @@ async def test_flood_pauses_only_that_session_and_class_for_n_seconds_plus_jitte
     assert not paused.admitted and paused.reason == "paused"
     assert 2.9 <= paused.wait_s <= 3.5
     assert (await b.acquire("alice", "other")).admitted
-    # Every other session's history is held fleet-wide for min(N, FLOOD_FLEET_HOLD_SECONDS),
-    # refused with the time left, not booked.
+    # A lone account's flood is its own limit's: the others are not held.
+    assert (await b.acquire("bob", "history")).admitted
+    # A second account flooding within SHARED_FLOOD_WINDOW_S: the limit is shared, and every
+    # other session's history is held fleet-wide for min(N, FLOOD_FLEET_HOLD_SECONDS), refused
+    # with the time left, not booked.
+    await b.record_flood("carol", "history", 3)
     admits = (await b.counters()).get("history:admits")
     held = await b.acquire("bob", "history")
     assert not held.admitted and held.reason == "held" and 0.9 <= held.wait_s <= 1.0
@@ -153,11 +157,12 @@ async def test_flood_pauses_only_that_session_and_class_for_n_seconds_plus_jitte
     events = await b.recent_floods()
     assert [(e.session, e.request_class, e.seconds, e.worker) for e in events] == [
         ("alice", "history", 1.0, "w1"),
+        ("carol", "history", 3.0, "w1"),
         ("alice", "history", 3.0, "w1"),
     ]
     counters = await b.counters()
-    assert counters.get("history:floods") == 2
-    assert counters.get("rate_limit_hits") == 2 == b.rate_limit_hits
+    assert counters.get("history:floods") == 3
+    assert counters.get("rate_limit_hits") == 3 == b.rate_limit_hits
     assert counters.get("session:alice:history:floods") == 2
     # Lifting the pause by hand.
     assert await b.pause("alice", "history", 0) == 0
@@ -169,6 +174,7 @@ async def test_flood_pauses_only_that_session_and_class_for_n_seconds_plus_jitte
 async def test_a_hold_is_not_shortened_and_zero_disables_it(redis_client: aioredis.Redis) -> None:
     b = TokenBucket(redis_client, Keys(), settings(flood_fleet_hold_seconds=0.5), worker_id="w1")
     await b.record_flood("alice", "history", 30)
+    await b.record_flood("dave", "history", 30)  # shared: held 0.5 s
     await b.record_flood("carol", "history", 0.1)  # a shorter hold keeps the longer one
     held = await b.acquire("bob", "history")
     assert held.reason == "held" and 0.4 <= held.wait_s <= 0.5
@@ -176,6 +182,7 @@ async def test_a_hold_is_not_shortened_and_zero_disables_it(redis_client: aiored
     assert set(snap["holds_s"]) == {"history"}
     off = TokenBucket(redis_client, Keys("off:"), settings(flood_fleet_hold_seconds=0))
     await off.record_flood("alice", "history", 30)
+    await off.record_flood("dave", "history", 30)
     assert (await off.acquire("bob", "history")).admitted
 
 

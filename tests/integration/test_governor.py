@@ -35,36 +35,69 @@ async def fleet_rate(client: aioredis.Redis, c: str = "history") -> float | None
     return float(raw) if raw is not None else None
 
 
-async def test_a_tick_after_floods_cuts_the_fleet_rate_to_a_share_of_the_measured_rate(
+async def test_floods_of_two_sessions_together_cut_the_fleet_rate_not_their_own(
     redis_client: aioredis.Redis,
 ) -> None:
     s = settings(
-        fleet_rate_history_per_second=200.0,
+        fleet_rate_history_per_second=90.0,
         fleet_rate_history_burst=50,
-        rate_history_per_second=200.0,
+        rate_history_per_second=90.0,
     )
     bucket = TokenBucket(redis_client, Keys(), s)
     controller = RateController(bucket, s)
     assert await controller.tick() == []  # the first reading is only a baseline
     t0 = time.monotonic()
-    for _ in range(20):
-        assert (await bucket.acquire("alice", "history")).admitted
+    for i in range(20):
+        assert (await bucket.acquire("alice" if i % 2 else "bob", "history")).admitted
+    # One full shared window: both sessions refused within a few ms of each other.
     await bucket.record_flood("alice", "history", 3)
-    await asyncio.sleep(0.3)
+    await bucket.record_flood("bob", "history", 3)
+    measured_at = time.monotonic() - t0
+    assert [c for c in await controller.tick() if c.decision.action == "cut"] == []
+    await asyncio.sleep(0.6)  # judged once no other session can still join them
     changes = await controller.tick()
-    elapsed = time.monotonic() - t0
     fleet = [c for c in changes if c.scope == "fleet" and c.request_class == "history"]
     assert len(fleet) == 1 and fleet[0].decision.action == "cut"
-    measured_low, measured_high = 20 / (elapsed + 0.05), 20 / max(0.01, elapsed - 0.05)
+    # N = 3 s after 20 requests sent at once: a window-type limit, used as such. The fleet
+    # rate becomes what the window allows, 20 per (their span + 3 s), a margin below it.
     new = await fleet_rate(redis_client)
-    assert new is not None and 0.7 * measured_low <= new <= 0.7 * measured_high
-    assert fleet[0].old == 200.0
-    # The flooded session got its own override; the other classes were left alone.
-    assert await redis_client.hget(Keys().rates, "session:alice:history:rate") is not None
+    assert new is not None and 0.97 * 20 / (3 + measured_at + 0.1) <= new <= 0.97 * 20 / 3
+    assert "the window allows" in fleet[0].decision.why
+    assert fleet[0].old == 90.0
+    # The evidence was shared: neither account's own rate was cut; other classes untouched.
+    assert not [c for c in changes if c.scope != "fleet" and c.decision.action == "cut"]
+    own = await redis_client.hget(Keys().rates, "session:alice:history:rate")
+    assert own is None or float(own) >= 90.0
     assert await fleet_rate(redis_client, "other") is None
-    # A flood within the cut cooldown does not cut again.
+    # Floods within the cut cooldown do not cut again.
     await bucket.record_flood("alice", "history", 3)
+    await bucket.record_flood("bob", "history", 3)
+    await asyncio.sleep(0.6)
     assert [c for c in await controller.tick() if c.scope == "fleet"] == []
+
+
+async def test_a_lone_session_flood_cuts_only_its_own_rate_with_no_burst(
+    redis_client: aioredis.Redis,
+) -> None:
+    s = settings(fleet_rate_history_per_second=90.0, rate_history_per_second=40.0)
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+    for _ in range(20):
+        assert (await bucket.acquire("alice", "history")).admitted
+        assert (await bucket.acquire("bob", "history")).admitted
+    await bucket.record_flood("alice", "history", 1)
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    cuts = [(c.scope, c.decision.action) for c in changes if c.decision.action == "cut"]
+    assert cuts == [("session:alice", "cut")]
+    own = await redis_client.hget(Keys().rates, "session:alice:history:rate")
+    assert own is not None and float(own) < 40.0
+    assert await redis_client.hget(Keys().rates, "session:alice:history:burst") == b"1"
+    assert await fleet_rate(redis_client) is None  # bob and the fleet go on as before
+    assert await redis_client.hget(Keys().rates, "session:bob:history:rate") is None
+    # No fleet hold either: bob is admitted at once.
+    assert (await bucket.acquire("bob", "history")).reason != "held"
 
 
 async def test_with_the_fixed_strategy_floods_change_no_rate(
@@ -77,7 +110,8 @@ async def test_with_the_fixed_strategy_floods_change_no_rate(
     for _ in range(20):
         assert (await bucket.acquire("alice", "history")).admitted
     await bucket.record_flood("alice", "history", 3)
-    await asyncio.sleep(0.3)
+    await bucket.record_flood("bob", "history", 3)
+    await asyncio.sleep(0.6)
     assert await controller.tick() == []
     assert await fleet_rate(redis_client) is None  # still the configured rate
 
@@ -108,7 +142,8 @@ async def test_a_tick_raises_the_rate_only_while_saturated_and_quiet(
     await asyncio.gather(hammer("alice", until), hammer("bob", until))
     changes = await controller.tick()
     assert [(c.scope, c.decision.action) for c in changes] == [("fleet", "raise")]
-    assert await fleet_rate(redis_client) == pytest.approx(22.0)
+    # It never flooded: the configured rate was a guess, so it grows by the slow-start factor.
+    assert await fleet_rate(redis_client) == pytest.approx(20.0 * 1.25)
 
 
 async def test_leader_lease_is_held_by_one_and_extended_only_by_its_holder(
@@ -217,3 +252,31 @@ async def test_the_measured_rate_covers_exactly_the_window_between_samples(
     for at, value in ((10.0, 0), (10.5, 6)):
         controller._samples.append(Counters(at, {name: value}))
     assert controller._measured(controller._samples[-1], name) == pytest.approx(12.0)
+
+
+async def test_probe_floods_do_not_ratchet_the_fleet_ceiling_down(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Each probe above the cruise that meets the same limit lands back under that limit, and
+    probes come less often; they do not count as a streak of cuts taking a margin off each."""
+    s = settings(fleet_rate_history_per_second=30.0, governor_probe_quiet_seconds=5)
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    first = await controller._decide("fleet", "history", 0.0, 30.0, 24.0, True, 1)
+    assert first is not None
+    cruise = 0.97 * 24.0
+    rate = first.new
+    for at in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5):  # climbing back, before any probe
+        change = await controller._decide("fleet", "history", at, rate, rate, True, 0)
+        rate = change.new if change is not None else rate
+    assert rate == pytest.approx(cruise, rel=0.01)
+    # Probes every few seconds above the cruise meet the same limit (24/s measured).
+    for flood_at in (20.0, 26.0, 32.0):
+        probe = await controller._decide("fleet", "history", flood_at - 1, rate, rate, True, 0)
+        rate = probe.new if probe is not None else rate
+        back = await controller._decide("fleet", "history", flood_at, max(rate, 25.0), 24.0,
+                                        True, 1)  # fmt: skip
+        assert back is not None and "straight to the cruise" in back.decision.why
+        assert back.new == pytest.approx(cruise, rel=0.01)
+        rate = back.new
+    memory = controller._memory[("fleet", "history")]
+    assert memory.probe_backoff > 1.0

@@ -293,3 +293,90 @@ def test_after_a_flood_below_the_old_ceiling_the_rate_climbs_one_step_per_tick()
     assert next_rate(fast, p) == pytest.approx(10 + (20 * p.recovery_margin - 10) * 0.5)
     d = decide(slow, p)
     assert d.action == "raise" and d.rate == pytest.approx(11.0) and "limit fell" in d.why
+
+
+# --- learning each account's limit and the fleet's apart (issue 10) -------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from governor.policy import FloodSeen, attribute, window_estimate  # noqa: E402
+
+
+def test_the_window_estimate_of_a_burst_from_idle_is_exactly_k_per_w() -> None:
+    # 30 requests per 30 s, sent at 1.2/s from idle: the 31st, at 25 s, is told to wait 5 s.
+    assert window_estimate(30, 25.0, 5.0) == pytest.approx(1.0)
+    # 20 per 2 s sent at 50/s: flooded after 0.4 s, told to wait what is left of the window.
+    assert window_estimate(20, 0.4, 1.6) == pytest.approx(10.0)
+    assert window_estimate(0, 3.0, 1.0) == 0.0
+    assert window_estimate(5, 0.0, 0.0) == 0.0
+
+
+def flood(
+    at: float, session: str, own_rate: float = 5.0, own_limit: float | None = None
+) -> FloodSeen:
+    return FloodSeen(at, session, 1.0, own_rate=own_rate, own_limit=own_limit)
+
+
+def test_a_lone_flood_belongs_to_its_account() -> None:
+    assert attribute([flood(10.0, "a")], [], shared_window_s=0.5, fleet_shared=False) == [False]
+
+
+def test_floods_of_two_accounts_within_the_window_are_shared_evidence() -> None:
+    floods = [flood(10.0, "a"), flood(10.2, "b")]
+    assert attribute(floods, [], shared_window_s=0.5, fleet_shared=False) == [True, True]
+    # The first of them was read a tick earlier: it still counts as company.
+    assert attribute([flood(10.2, "b")], [flood(10.0, "a")], shared_window_s=0.5,
+                     fleet_shared=False) == [True]  # fmt: skip
+    # Too far apart: two accounts' own limits.
+    far = [flood(10.0, "a"), flood(11.0, "b")]
+    assert attribute(far, [], shared_window_s=0.5, fleet_shared=False) == [False, False]
+    # The same account twice is no company.
+    same = [flood(10.0, "a"), flood(10.1, "a")]
+    assert attribute(same, [], shared_window_s=0.5, fleet_shared=False) == [False, False]
+
+
+def test_an_account_running_at_its_own_learned_limit_explains_its_flood() -> None:
+    at_limit = flood(10.0, "a", own_rate=9.5, own_limit=10.0)
+    below = flood(10.1, "b", own_rate=4.0, own_limit=10.0)
+    # a is at its own limit: its flood is its own, and it is no company for b's.
+    assert attribute([at_limit, below], [], shared_window_s=0.5, fleet_shared=False) == [
+        False,
+        False,
+    ]
+    # Once a shared limit is known to bind, an account flooding below its own learned limit
+    # is evidence of it even alone; one that never learned a limit is not.
+    assert attribute([below], [], shared_window_s=0.5, fleet_shared=True) == [True]
+    assert attribute([flood(10.0, "c")], [], shared_window_s=0.5, fleet_shared=True) == [False]
+
+
+def test_a_bucket_that_never_flooded_grows_by_the_slow_start_factor() -> None:
+    p = replace(P, slow_start_factor=1.25)
+    grown = decide(TickInputs(4.0, 4.0, True, 0), p)
+    assert grown.action == "raise" and grown.rate == pytest.approx(5.0)
+    # From 5x too low to the configured rate within 8 ticks.
+    rate = 1.0
+    for _ in range(8):
+        rate = next_rate(TickInputs(rate, rate, True, 0), p)
+    assert rate >= 5.0
+    # Not while idle, and never once a flood has set a ceiling.
+    assert decide(TickInputs(4.0, 1.0, False, 0), p).action == "hold"
+    after = decide(TickInputs(8.0, 8.0, True, 0, 100.0, 100.0, ceiling=8.0), p)
+    assert after.rate == pytest.approx(9.0)  # one additive probe step, not x 1.25
+
+
+def test_probing_grows_by_the_probe_factor_after_the_probe_quiet() -> None:
+    p = replace(P, probe_quiet_s=5.0, probe_factor=1.1)
+    cruising = TickInputs(20.0, 20.0, True, 0, 4.0, 4.0, ceiling=20.5)
+    assert decide(cruising, p).action == "hold"
+    probe = decide(replace(cruising, seconds_since_flood=5.0, seconds_since_cut=5.0), p)
+    assert probe.action == "raise" and probe.rate == pytest.approx(22.0)
+
+
+def test_relative_steps_scale_with_the_current_rate() -> None:
+    p = replace(P, increase_step=0.1, relative_step=0.05)
+    assert p.step(100.0) == pytest.approx(5.0)
+    assert p.step(1.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        replace(P, relative_step=1.5)
+    with pytest.raises(ValueError):
+        replace(P, slow_start_factor=0.5)
