@@ -24,6 +24,7 @@ from fleet.chats import ChatId
 from fleet.clock import Clock, SystemClock
 from worker.commands import FetchCommand, day_bounds
 from worker.dayfile import read_final_header
+from worker.daywriter import DayWriter
 from worker.errors import (
     ChatMoved,
     FetchError,
@@ -32,7 +33,7 @@ from worker.errors import (
     SessionRevoked,
     ShutdownRequested,
 )
-from worker.storage import DayStore, DayWriter
+from worker.storage import DayStore
 from worker.telegram import FetchedMessage, Landmark, ResolvedChat
 
 if TYPE_CHECKING:
