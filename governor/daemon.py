@@ -46,8 +46,9 @@ from redis.asyncio import Redis
 from fleet.bucket import TokenBucket
 from fleet.clock import utc_iso
 from fleet.exitcodes import Exit
+from fleet.exporters import health_details, start_exporters
 from fleet.keys import Keys
-from fleet.metrics import GOVERNOR_JOB, health_details, package_version, start_exporters
+from fleet.metrics import GOVERNOR_JOB, package_version
 from fleet.redisconn import REDIS_DOWN, RedisLink, connect
 from fleet.scripts import text
 from governor.controller import COUNTER_SAMPLE_S, RateController

@@ -37,8 +37,9 @@ from redis.asyncio import Redis
 from fleet.clock import Clock, SystemClock, utc_iso
 from fleet.events import EventPublisher, poison_event
 from fleet.exitcodes import Exit
+from fleet.exporters import Exporters, health_details, start_exporters
 from fleet.keys import Keys
-from fleet.metrics import WORKER_JOB, Exporters, health_details, package_version, start_exporters
+from fleet.metrics import WORKER_JOB, package_version
 from fleet.recovery import recover
 from fleet.redisconn import REDIS_DOWN, RedisLink, RedisUnavailable, connect
 from fleet.settings import ConfigError
