@@ -19,7 +19,18 @@ from fleet.push import Pusher
 from fleet.settings import ConfigError
 
 if TYPE_CHECKING:
+    from loguru import Record
+
     from fleet.settings import FleetSettings
+
+
+def _as_metrics(record: Record) -> None:
+    """Exporter lines keep ``logger=fleet.metrics``, the name they had before the exporters had
+    a module of their own and the one log queries filter on."""
+    record["name"] = "fleet.metrics"
+
+
+_log = logger.patch(_as_metrics)
 
 
 @dataclass
@@ -82,7 +93,7 @@ def start_exporters(
         bind_port = settings.metrics_port if port is None else port
         exporters.server = _serve(settings, registry, bind_port, health, details, secrets)
     elif mode in ("scrape", "both"):
-        logger.warning(
+        _log.warning(
             "METRICS_MODE={mode} but METRICS_PORT=0: no /metrics or /health is served",
             mode=mode,
             event="metrics_server_disabled",
@@ -102,7 +113,7 @@ def _wants_push(settings: FleetSettings) -> bool:
         return True
     if settings.metrics_mode is not None:
         raise ConfigError(f"PUSHGATEWAY_URL: required when METRICS_MODE={mode}")
-    logger.warning(
+    _log.warning(
         "METRICS_MODE defaults to both in production but PUSHGATEWAY_URL is not set; "
         "metrics are not pushed",
         event="metrics_push_disabled",
@@ -131,7 +142,7 @@ def _serve(
     ).start()
     # The address the socket is really bound on (0.0.0.0 means every interface), not a
     # loopback URL: an operator reading this must know what is exposed.
-    logger.info(
+    _log.info(
         "metrics and health served on {address}",
         address=server.bound,
         event="metrics_server_started",

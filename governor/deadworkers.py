@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
@@ -24,6 +24,15 @@ from fleet.recovery import recover
 from fleet.scripts import text
 from governor.settings import GovernorSettings
 
+if TYPE_CHECKING:
+    from loguru import Record
+
+
+def _as_daemon(record: Record) -> None:
+    """Recovery lines keep ``logger=governor.daemon``, the name they had before the recovery
+    loop had a module of its own and the one log queries filter on."""
+    record["name"] = "governor.daemon"
+
 
 class DeadWorkers:
     """Recovery state carried from tick to tick (``metrics`` is set once the daemon has it)."""
@@ -33,7 +42,7 @@ class DeadWorkers:
         self.keys = keys
         self.governor_id = governor_id
         self.metrics: Any = None
-        self._log = log
+        self._log = log.patch(_as_daemon)
         self.back_at = -math.inf  # when Redis came back after an outage (monotonic)
         self.next_lease_expiry = math.inf  # monotonic time the earliest worker lease ends
         self._last_reap = -math.inf

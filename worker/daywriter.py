@@ -36,8 +36,16 @@ from worker.errors import StorageError
 from worker.journal import journal_header, journal_lines, recover
 
 if TYPE_CHECKING:
+    from loguru import Record
+
     from worker.progress import DayProgress
     from worker.storage import DayStore
+
+
+def _as_storage(record: Record) -> None:
+    """Its lines (and the journal's) keep ``logger=worker.storage``, the name they had before
+    the day writer had a module of its own and the one log queries filter on."""
+    record["name"] = "worker.storage"
 
 
 class DayWriter:
@@ -70,7 +78,7 @@ class DayWriter:
         self._broken = False
         self._dirty = False
         self._last_checkpoint = float("-inf")
-        self._log = logger.bind(chat_key=chat_key, day=day.isoformat())
+        self._log = logger.patch(_as_storage).bind(chat_key=chat_key, day=day.isoformat())
 
         self._last_id = self._prepare(store.progress.get(chat_key, day))
         self.resume_after_id = self._last_id

@@ -27,12 +27,21 @@ from worker.errors import (
 )
 
 if TYPE_CHECKING:
+    from loguru import Record
+
     from worker.executor import CommandExecutor, Running
     from worker.fetch import FetchOutcome
 
 
+def _as_parts(record: Record) -> None:
+    """A part's lines keep ``logger=worker.parts``, the name they had before running a part had
+    a module of its own and the one log queries filter on."""
+    record["name"] = "worker.parts"
+
+
 async def run_part(ex: CommandExecutor, running: Running, parent: str, log: Any) -> None:
     """Fetch the part's day, then hand it on, retry it, or count it into its parent."""
+    log = log.patch(_as_parts)
     tried = _tried(running.entry)
     if _session(ex) in tried and len(tried) < await ex.link.call(
         lambda: _live_sessions(ex), "sessions"
