@@ -1,22 +1,24 @@
 """The pydantic model of a fetch command's fields (CONTRACT §3) and its rejection reasons.
 
 :func:`worker.commands.parse_command` checks size and nesting first (they protect the parser),
-then hands the parsed object to :func:`validate`. Every reason is ours, in words, because the
-``failed`` event shows it to whoever sent the command.
+then validates the parsed object with :class:`CommandFields`. Every reason is ours, in words,
+because the ``failed`` event shows it to whoever sent the command. The names the model needs
+(``CommandLimits``, ``Mode``, ``Strategy``, ``COMMAND_ID``) are defined here and re-exported by
+:mod:`worker.commands`, so the two modules import one way and load together at start.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -24,11 +26,24 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fleet.chats import parse_chat
-from worker.commands import COMMAND_ID, CommandLimits, FetchCommand, Mode, Strategy
-from worker.errors import CommandRejected
 
+Mode = Literal["date", "days", "range"]
+Strategy = Literal["batch", "per_day"]
+
+#: What a command id may be: safe to echo in events and logs, and to use in Redis keys.
+COMMAND_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _STRATEGIES = {"batch": "batch", "per_day": "per_day", "auto": "batch", "sequential": "per_day"}
+
+
+@dataclass(frozen=True)
+class CommandLimits:
+    """What a command is validated against (the model's validation context)."""
+
+    today: date  # today in DAY_TIMEZONE
+    max_range_days: int = 366
+    max_command_bytes: int = 65536
+    default_strategy: Strategy = "batch"
 
 
 class _Missing:
@@ -45,7 +60,7 @@ def _rejected(reason: str) -> PydanticCustomError:
     return PydanticCustomError("rejected", "{reason}", {"reason": reason})
 
 
-class _Command(BaseModel):
+class CommandFields(BaseModel):
     """The fields of a fetch command, checked in this order; the first failing check is the
     reason given (fields after a failed one that depend on it skip their checks).
 
@@ -216,9 +231,9 @@ class _Command(BaseModel):
             raise _rejected(f"'{info.field_name}' must be a string of at most 256 characters")
         return value
 
-    def to_command(self, limits: CommandLimits) -> FetchCommand:
-        """The validated fields as a :class:`FetchCommand`: the days named, and the command
-        normalised for requeueing (``raw``)."""
+    def command_fields(self, limits: CommandLimits) -> dict[str, Any]:
+        """The validated fields of a :class:`worker.commands.FetchCommand`: the days named, and
+        the command normalised for requeueing (``raw``)."""
         params: dict[str, Any]
         if self.mode == "date":
             assert self.date is not None
@@ -243,33 +258,20 @@ class _Command(BaseModel):
             raw["requested_by"] = self.requested_by
         if self.timestamp is not None:
             raw["timestamp"] = self.timestamp
-        return FetchCommand(
-            chat=parse_chat(self.chat),
-            mode=self.mode,
-            days=days,
-            strategy=self.strategy,
-            command_id=self.command_id,
-            limit=self.limit,
-            force=self.options,
-            requested_by=self.requested_by,
-            timestamp=self.timestamp,
-            params=params,
-            raw=raw,
-            after_id=self.after_id,
-        )
-
-
-def validate(data: dict[str, Any], limits: CommandLimits) -> FetchCommand:
-    """The model's verdict on a parsed command: the first failing check is the reason."""
-    try:
-        model = _Command.model_validate(data, context={"limits": limits})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]  # in field order: the first check that failed
-        if first["type"] == "rejected":
-            raise CommandRejected(first["msg"]) from None
-        where = ".".join(str(part) for part in first["loc"]) or "command"
-        raise CommandRejected(f"invalid {where}: {first['msg']}") from None
-    return model.to_command(limits)
+        return {
+            "chat": parse_chat(self.chat),
+            "mode": self.mode,
+            "days": days,
+            "strategy": self.strategy,
+            "command_id": self.command_id,
+            "limit": self.limit,
+            "force": self.options,
+            "requested_by": self.requested_by,
+            "timestamp": self.timestamp,
+            "params": params,
+            "raw": raw,
+            "after_id": self.after_id,
+        }
 
 
 def _limits(info: ValidationInfo) -> CommandLimits:

@@ -11,20 +11,29 @@ Both the seed-001 form (``mode`` = ``date`` | ``days`` | ``range``) and the lega
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
+from pydantic import ValidationError
+
 from fleet.chats import ChatId
+from worker.commandmodel import COMMAND_ID, CommandFields, CommandLimits, Mode, Strategy
 from worker.errors import CommandRejected
 
-Mode = Literal["date", "days", "range"]
-Strategy = Literal["batch", "per_day"]
+__all__ = [
+    "COMMAND_ID",
+    "CommandLimits",
+    "FetchCommand",
+    "Mode",
+    "Strategy",
+    "day_bounds",
+    "parse_command",
+    "salvage_identity",
+    "today_in",
+]
 
-#: What a command id may be: safe to echo in events and logs, and to use in Redis keys.
-COMMAND_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _MAX_DEPTH = 8
 
 
@@ -50,14 +59,6 @@ class FetchCommand:
     def to_json(self) -> str:
         """The command as JSON again (with its ``command_id``), for putting it back."""
         return json.dumps(self.raw, ensure_ascii=False, separators=(",", ":"))
-
-
-@dataclass(frozen=True)
-class CommandLimits:
-    today: date  # today in DAY_TIMEZONE
-    max_range_days: int = 366
-    max_command_bytes: int = 65536
-    default_strategy: Strategy = "batch"
 
 
 def today_in(tz: ZoneInfo, now: datetime) -> date:
@@ -106,10 +107,7 @@ def parse_command(raw: bytes | str, limits: CommandLimits) -> FetchCommand:
         raise CommandRejected(f"command must be a JSON object, not {type(data).__name__}")
     if _depth(data) > _MAX_DEPTH:
         raise CommandRejected(f"command is nested deeper than {_MAX_DEPTH} levels")
-    # The model builds a FetchCommand, so it imports this module: it is imported here, late.
-    from worker.commandmodel import validate
-
-    return validate(data, limits)
+    return _validate(data, limits)
 
 
 def _depth(value: object, level: int = 0) -> int:
@@ -120,3 +118,15 @@ def _depth(value: object, level: int = 0) -> int:
     if isinstance(value, list):
         return max((_depth(v, level + 1) for v in value), default=level + 1)
     return level
+
+
+def _validate(data: dict[str, Any], limits: CommandLimits) -> FetchCommand:
+    try:
+        model = CommandFields.model_validate(data, context={"limits": limits})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]  # in field order: the first check that failed
+        if first["type"] == "rejected":
+            raise CommandRejected(first["msg"]) from None
+        where = ".".join(str(part) for part in first["loc"]) or "command"
+        raise CommandRejected(f"invalid {where}: {first['msg']}") from None
+    return FetchCommand(**model.command_fields(limits))
