@@ -4,9 +4,8 @@ Each process builds **one** facade on a private ``CollectorRegistry`` (never the
 :class:`WorkerMetrics` in ``python -m worker``, :class:`GovernorMetrics` in
 ``python -m governor``. The metric objects are plain attributes named exactly like the exported
 series (``metrics.retries_total.labels(target="telegram", reason="timeout").inc()``); a few
-helpers apply the label caps. :func:`start_exporters` then serves the registry (when
-``METRICS_PORT`` is set) and pushes it (``METRICS_MODE=push|both``); see
-:mod:`fleet.httpserver` and :mod:`fleet.push`.
+helpers apply the label caps. :func:`fleet.exporters.start_exporters` then serves the registry
+(when ``METRICS_PORT`` is set) and pushes it (``METRICS_MODE=push|both``).
 
 Bounded labels (the whole fleet's series count must not grow with the data):
 
@@ -26,22 +25,16 @@ Under Pushgateway the grouping key ``{job, instance=<worker_id>}`` is added to e
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.process_collector import ProcessCollector
 
 from fleet.gate import REQUEST_CLASSES
-from fleet.httpserver import DetailsProvider, HealthCheck, MetricsServer
-from fleet.push import Pusher, delete_group, list_groups, reap_dead_groups, stale_groups
-from fleet.settings import ConfigError
+from fleet.push import delete_group, list_groups, reap_dead_groups, stale_groups
 
 if TYPE_CHECKING:
     from fleet.logs import LogShipper
-    from fleet.settings import FleetSettings
 
 __all__ = [
     "BREAKER_CLOSED",
@@ -56,17 +49,13 @@ __all__ = [
     "TOKEN_WAIT_BUCKETS",
     "WORKER_JOB",
     "CommonMetrics",
-    "Exporters",
     "LabelCap",
     "delete_group",
     "exported_names",
-    "health_details",
     "list_groups",
     "package_version",
     "reap_dead_groups",
     "stale_groups",
-    "start_exporters",
-    "start_push_only",
 ]
 
 #: Pushgateway ``job`` (and Prometheus scrape job names in ``deploy/prometheus``).
@@ -274,158 +263,3 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
             names.add(family.name + suffix)
         names.update(sample.name for sample in family.samples)
     return names
-
-
-# --------------------------------------------------------------------------------------------
-# exporters
-
-
-@dataclass
-class Exporters:
-    """What :func:`start_exporters` started; :meth:`stop` undoes it, idempotently."""
-
-    mode: str
-    server: MetricsServer | None = None
-    pusher: Pusher | None = None
-    _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def url(self) -> str | None:
-        """``http://host:port`` of the metrics/health server, if one runs."""
-        return self.server.url if self.server is not None else None
-
-    def stop(self, timeout: float = 5.0, *, delete_group: bool = True) -> None:
-        """Last push (then delete the group unless ``delete_group=False``), stop serving.
-
-        Blocking for at most about ``timeout`` seconds; call it last in the shutdown, after
-        the final metric updates (from async code: ``await asyncio.to_thread(ex.stop)``)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        if self.pusher is not None:
-            self.pusher.stop(timeout, delete_group=delete_group)
-        if self.server is not None:
-            self.server.stop()
-
-
-def start_exporters(
-    settings: FleetSettings,
-    registry: CollectorRegistry,
-    *,
-    job: str,
-    instance: str,
-    health: HealthCheck | None = None,
-    details: DetailsProvider | None = None,
-    secrets: Iterable[str] | None = None,
-    port: int | None = None,
-) -> Exporters:
-    """Start the HTTP server and/or the pusher:
-
-    * ``METRICS_PORT`` > 0 (or an explicit ``port``; ``port=0`` binds any free port, for tests
-      and one-shot runs): the HTTP server on ``METRICS_HOST`` serving ``/metrics``,
-      ``/health`` and ``/health/details``, whatever the mode, so health checks always work.
-      ``METRICS_PORT=0`` (the default) means no server; in ``scrape``/``both`` mode that is
-      logged as a warning, since nothing can be scraped.
-    * ``METRICS_MODE`` ``push``/``both`` (``both`` is the production default): a thread
-      pushing to ``PUSHGATEWAY_URL`` every ``PUSH_INTERVAL_SECONDS`` under the grouping key
-      ``{job, instance}``.
-
-    Raises :class:`ConfigError` when push was asked for explicitly without
-    ``PUSHGATEWAY_URL``; when it is only the production default, push is skipped with a
-    warning. ``secrets`` are masked in ``/health/details`` (default: all of the settings')."""
-    from fleet.logs import Scrubber, collect_secrets
-
-    mode = settings.effective_metrics_mode
-    wants_push = mode in ("push", "both")
-    if wants_push and not settings.pushgateway_url:
-        if settings.metrics_mode is not None:
-            raise ConfigError(f"PUSHGATEWAY_URL: required when METRICS_MODE={mode}")
-        logger.warning(
-            "METRICS_MODE defaults to both in production but PUSHGATEWAY_URL is not set; "
-            "metrics are not pushed",
-            event="metrics_push_disabled",
-        )
-        wants_push = False
-    exporters = Exporters(mode=mode)
-    scrubber = Scrubber(collect_secrets(settings) if secrets is None else secrets)
-    bind_port = settings.metrics_port if port is None else port
-    if port is not None or settings.metrics_port > 0:
-        exporters.server = MetricsServer(
-            registry,
-            host=settings.metrics_host,
-            port=bind_port,
-            health=health,
-            details=details,
-            scrubber=scrubber,
-        ).start()
-        # The address the socket is really bound on (0.0.0.0 means every interface), not a
-        # loopback URL: an operator reading this must know what is exposed.
-        logger.info(
-            "metrics and health served on {address}",
-            address=exporters.server.bound,
-            event="metrics_server_started",
-            mode=mode,
-        )
-    elif mode in ("scrape", "both"):
-        logger.warning(
-            "METRICS_MODE={mode} but METRICS_PORT=0: no /metrics or /health is served",
-            mode=mode,
-            event="metrics_server_disabled",
-        )
-    if wants_push:
-        assert settings.pushgateway_url is not None
-        password = settings.pushgateway_password
-        exporters.pusher = Pusher(
-            url=settings.pushgateway_url,
-            job=job,
-            instance=instance,
-            registry=registry,
-            interval_s=settings.push_interval_seconds,
-            username=settings.pushgateway_username,
-            password=password.get_secret_value() if password is not None else None,
-        ).start()
-    return exporters
-
-
-def start_push_only(
-    settings: FleetSettings, registry: CollectorRegistry, *, job: str, instance: str
-) -> Exporters | None:
-    """For one-shot runs (``python -m worker fetch``): push only, and only when it is configured
-    (``PUSHGATEWAY_URL`` set and ``METRICS_MODE`` push/both); never a server, never an error.
-    Stop it with ``exporters.stop(delete_group=False)`` so the run's last values stay."""
-    if settings.effective_metrics_mode not in ("push", "both") or not settings.pushgateway_url:
-        return None
-    password = settings.pushgateway_password
-    pusher = Pusher(
-        url=settings.pushgateway_url,
-        job=job,
-        instance=instance,
-        registry=registry,
-        interval_s=settings.push_interval_seconds,
-        username=settings.pushgateway_username,
-        password=password.get_secret_value() if password is not None else None,
-    ).start()
-    return Exporters(mode="push", pusher=pusher)
-
-
-def health_details(
-    *,
-    version: str,
-    telegram_connected: bool | None = None,
-    session: str | None = None,
-    redis_ok: bool | None = None,
-    breaker: str | None = None,
-    current_command: Mapping[str, object] | None = None,
-    last_success: str | None = None,
-    **more: object,
-) -> dict[str, object]:
-    """The ``/health/details`` document (seed 003's fields) in one consistent shape."""
-    return {
-        "version": version,
-        "telegram": {"connected": telegram_connected, "session": session},
-        "redis": {"ok": redis_ok},
-        "breaker": breaker,
-        "current_command": dict(current_command) if current_command is not None else None,
-        "last_success": last_success,
-        **more,
-    }

@@ -9,7 +9,7 @@ Lifecycle::
           renew the lease (compare-and-extend) ──► rates (governor/controller.py): read
           counters, policy.decide per class and per flooded session, set_rate, log each
           change once (counters are also sampled every 0.25 s between ticks) ──► recover the
-          commands of dead workers (fleet.recovery.recover), forget their Pushgateway groups
+          commands of dead workers (governor/deadworkers.py), forget their Pushgateway groups
           ──► push the scheduled daily fetches that are due, or (FEATURE_INCREMENTAL_PARSING_
           ENABLED) one incremental-scheduler step (governor/incremental.py)
     SIGTERM/SIGINT ──► finish the tick ──► release the lease (a standby takes over at once)
@@ -18,8 +18,8 @@ Lifecycle::
 Only one governor leads: ``governor:leader`` holds the leader's token with a PX TTL of
 ``GOVERNOR_LEASE_SECONDS``; ``fleet/lua/lease.lua`` (the script of the worker and session
 leases too) takes it with NX and extends it only if the token is still ours, so a governor
-that stalled past its TTL steps down instead of fighting the new leader. Rates live in Redis,
-so workers keep the last rates while no governor runs.
+that stalled past its TTL steps down instead of fighting the new leader (governor/leader.py).
+Rates live in Redis, so workers keep the last rates while no governor runs.
 
 Why the leader also wakes on floods: the cut is what protects the rest of the fleet, and the
 workers' requests already in flight at the old rate keep flooding until it lands; waiting for
@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import signal
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,48 +45,21 @@ from redis.asyncio import Redis
 
 from fleet.bucket import TokenBucket
 from fleet.clock import utc_iso
-from fleet.events import EventPublisher, poison_event
 from fleet.exitcodes import Exit
-from fleet.gate import REQUEST_CLASSES
+from fleet.exporters import health_details, start_exporters
 from fleet.keys import Keys
-from fleet.metrics import GOVERNOR_JOB, WORKER_JOB, health_details, package_version, start_exporters
-from fleet.push import delete_group, reap_dead_groups
-from fleet.recovery import recover
+from fleet.metrics import GOVERNOR_JOB, package_version
 from fleet.redisconn import REDIS_DOWN, RedisLink, connect
-from fleet.scripts import scripts_for, text
+from fleet.scripts import text
 from governor.controller import COUNTER_SAMPLE_S, RateController
+from governor.deadworkers import DeadWorkers
+from governor.gauges import GaugeSampler
+from governor.leader import LeaderLease
 from governor.metrics import GovernorMetrics
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
 from governor.settings import GovernorSettings
 
-GAUGE_SAMPLE_S = 5.0  # how often the leader samples bucket tokens and pauses for its gauges
 LEASE_EXPIRY_SLACK_S = 0.005  # wake just after a lease's expiry, when Redis has dropped it
-# --- the leader lease -------------------------------------------------------------------------
-
-
-class LeaderLease:
-    """``governor:leader``: take (NX), extend if ours (compare-and-extend), release if ours."""
-
-    def __init__(self, redis: Redis, keys: Keys, owner: str, ttl_s: float) -> None:
-        self.redis = redis
-        self.key = keys.governor_leader
-        self.token = f"{owner}:{uuid.uuid4().hex[:8]}"
-        self.ttl_ms = max(1, int(ttl_s * 1000))
-        self._scripts = scripts_for(redis)
-
-    async def hold(self) -> bool:
-        """True if we lead after this call (taken now or extended)."""
-        lease = self._scripts.lease
-        return int(await lease(keys=[self.key], args=[self.token, self.ttl_ms])) > 0
-
-    async def release(self) -> bool:
-        return int(await self._scripts.unlease(keys=[self.key], args=[self.token])) > 0
-
-    async def holder(self) -> str | None:
-        raw = await self.redis.get(self.key)
-        return text(raw) if raw is not None else None
-
-
 # --- the daemon -------------------------------------------------------------------------------
 
 
@@ -106,37 +77,25 @@ class Governor:
         self.redis: Redis | None = None
         self.metrics: Any = None
         self._exporters: Any = None
+        self._log = logger.bind(governor_id=self.governor_id)
+        self._dead = DeadWorkers(settings, self.keys, self.governor_id, self._log)
+        self._gauges: GaugeSampler | None = None  # built once Redis is connected
         self.link = RedisLink(
             settings.redis_display(),
             max_outage_s=settings.redis_max_outage_seconds,
             abort=self.stop,
             on_state=self._on_redis_state,
         )
-        self._back_at = -math.inf  # when Redis came back after an outage (monotonic)
-        self._last_sample = -math.inf
-        self._next_lease_expiry = math.inf  # monotonic time the earliest worker lease ends
         self._last_tick_at: str | None = None
         self._flood_id = "0-0"
-        self._last_reap = -math.inf
-        self._registered_before: list[str] = []
         self._incremental: Any = None  # governor.incremental.IncrementalScheduler when enabled
         self._seeded = False
-        self._last_sched_sample = -math.inf
-        self._last_split_sample = -math.inf
-        self._log = logger.bind(governor_id=self.governor_id)
 
     # --- entry point --------------------------------------------------------------------
     async def run(self) -> int:
+        """Start, then lead or stand by until a signal or a long Redis outage; shut down."""
         s = self.settings
-        if s.feature_incremental_parsing_enabled and s.parser_channels_file is not None:
-            # A typo in channels.yaml is a configuration error (exit 78), found before leading.
-            from fleet.settings import ConfigError
-            from governor.channels import load_channels_yaml
-
-            try:
-                load_channels_yaml(s.parser_channels_file)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+        self._check_channels_file()
         if self.install_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,19 +106,11 @@ class Governor:
         self.redis = connect(
             s.redis_dsn(), pop_timeout_s=tick, connect_timeout_s=s.governor_lease_seconds
         )
+        self._gauges = GaugeSampler(self.metrics, self.redis, self.keys, s)
         bucket = TokenBucket(self.redis, self.keys, s, worker_id=self.governor_id)
         lease = LeaderLease(self.redis, self.keys, self.governor_id, s.governor_lease_seconds)
         controller = RateController(bucket, s)
-        schedule = Schedule(
-            parse_chats(s.schedule_chats), parse_daily_at(s.schedule_daily_at), s.tz
-        )
-        scheduler = Scheduler(self.redis, self.keys, schedule) if schedule.enabled else None
-        if s.feature_incremental_parsing_enabled:
-            # The incremental scheduler replaces the daily one; SCHEDULE_CHATS names channels.
-            from governor.incremental import IncrementalScheduler
-
-            self._incremental = IncrementalScheduler(self.redis, self.keys, s)
-            scheduler = None
+        schedule, scheduler = self._schedulers(self.redis)
         self._log.info(
             "governor {} starting: redis {}, tick {:g}s, lease {:g}s, schedule {}",
             self.governor_id,
@@ -170,25 +121,63 @@ class Governor:
             if schedule.enabled
             else "off",
         )
-        failures = 0
         try:
-            while not self.stop.is_set():
-                try:
-                    await self._step(lease, bucket, controller, scheduler)
-                    failures = 0
-                    self.link.mark_up()
-                except REDIS_DOWN as exc:
-                    failures += 1
-                    if failures == 1 and self.link.up:
-                        # After a Redis restart every pooled connection fails once (the client
-                        # retries nothing itself): try again at once before calling it an outage.
-                        continue
-                    if self._redis_down(exc):
-                        break
-                    await self._sleep(min(tick, s.governor_lease_seconds / 3))
+            await self._loop(lease, bucket, controller, scheduler)
         finally:
             await self._shutdown(lease)
         return self.exit_code
+
+    def _check_channels_file(self) -> None:
+        s = self.settings
+        if s.feature_incremental_parsing_enabled and s.parser_channels_file is not None:
+            # A typo in channels.yaml is a configuration error (exit 78), found before leading.
+            from fleet.settings import ConfigError
+            from governor.channels import load_channels_yaml
+
+            try:
+                load_channels_yaml(s.parser_channels_file)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+    def _schedulers(self, redis: Redis) -> tuple[Schedule, Scheduler | None]:
+        """The daily schedule, and its scheduler unless the incremental one replaces it."""
+        s = self.settings
+        schedule = Schedule(
+            parse_chats(s.schedule_chats), parse_daily_at(s.schedule_daily_at), s.tz
+        )
+        scheduler = Scheduler(redis, self.keys, schedule) if schedule.enabled else None
+        if s.feature_incremental_parsing_enabled:
+            # The incremental scheduler replaces the daily one; SCHEDULE_CHATS names channels.
+            from governor.incremental import IncrementalScheduler
+
+            self._incremental = IncrementalScheduler(redis, self.keys, s)
+            scheduler = None
+        return schedule, scheduler
+
+    async def _loop(
+        self,
+        lease: LeaderLease,
+        bucket: TokenBucket,
+        controller: RateController,
+        scheduler: Scheduler | None,
+    ) -> None:
+        """Step until stopped; a Redis outage past REDIS_MAX_OUTAGE_SECONDS ends the loop."""
+        s = self.settings
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                await self._step(lease, bucket, controller, scheduler)
+                failures = 0
+                self.link.mark_up()
+            except REDIS_DOWN as exc:
+                failures += 1
+                if failures == 1 and self.link.up:
+                    # After a Redis restart every pooled connection fails once (the client
+                    # retries nothing itself): try again at once before calling it an outage.
+                    continue
+                if self._redis_down(exc):
+                    break
+                await self._sleep(min(s.governor_tick_seconds, s.governor_lease_seconds / 3))
 
     async def _step(
         self,
@@ -225,19 +214,20 @@ class Governor:
                 self.metrics.bucket_rate_per_second.labels(request_class=change.request_class).set(
                     change.new
                 )
-        await self._recover()
-        await self._sample_bucket(bucket)
+        assert self.redis is not None and self._gauges is not None
+        await self._dead.sweep(self.redis)
+        await self._gauges.bucket(bucket)
         self._last_tick_at = utc_iso(datetime.now(UTC))
         if scheduler is not None:
             for cmd in await scheduler.run_once(datetime.now(UTC)):
                 self._log.info("scheduled fetch of {} pushed ({})", cmd["chat"], cmd["command_id"])
         if self._incremental is not None:
             await self._schedule_incremental()
-        await self._sample_splits()
+        await self._gauges.splits()
         remaining = poll - (time.monotonic() - tick_started)
         # A worker that died shows when its lease expires: tick then rather than up to a tick
         # later, so its commands and its Pushgateway group go without delay.
-        until_expiry = self._next_lease_expiry - time.monotonic() + LEASE_EXPIRY_SLACK_S
+        until_expiry = self._dead.next_lease_expiry - time.monotonic() + LEASE_EXPIRY_SLACK_S
         remaining = min(remaining, max(0.0, until_expiry))
         wake_at = time.monotonic() + remaining
         while remaining > 0 and not self.stop.is_set():
@@ -271,43 +261,8 @@ class Governor:
             for p in result.pushed:
                 self.metrics.scheduler_commands_total.labels(mode=p.mode).inc()
             self.metrics.scheduler_in_flight.set(result.in_flight)
-        if (
-            self.metrics is not None
-            and time.monotonic() - self._last_sched_sample >= GAUGE_SAMPLE_S
-        ):
-            self._last_sched_sample = time.monotonic()
-            await self._scheduler_gauges()
-
-    async def _sample_splits(self) -> None:
-        """``split_commands_in_flight`` and ``split_parts{state}``, at most every
-        ``GAUGE_SAMPLE_S`` (worker/parts.py)."""
-        if self.metrics is None or self.redis is None:
-            return
-        now = time.monotonic()
-        if now - self._last_split_sample < GAUGE_SAMPLE_S:
-            return
-        self._last_split_sample = now
-        from governor.incremental import split_counts
-
-        parents, pending, running = await split_counts(self.redis, self.keys)
-        self.metrics.split_commands_in_flight.set(parents)
-        self.metrics.split_parts.labels(state="running").set(running)
-        self.metrics.split_parts.labels(state="queued").set(max(0, pending - running))
-
-    async def _scheduler_gauges(self) -> None:
-        """Channels by mode and per-channel lag, at most every ``GAUGE_SAMPLE_S``."""
-        from governor.incremental import channel_report
-
-        m = self.metrics
-        assert self.redis is not None
-        report = await channel_report(self.redis, self.keys, self.settings)
-        by_mode = {"historical": 0, "incremental": 0, "paused": 0}
-        for r in report:
-            by_mode[r["mode"]] = by_mode.get(r["mode"], 0) + 1
-            if r["lag_s"] is not None:
-                m.scheduler_channel_lag_seconds.labels(chat=m.chat_label(r["chat"])).set(r["lag_s"])
-        for mode, n in by_mode.items():
-            m.scheduler_channels.labels(mode=mode).set(n)
+        if self._gauges is not None:
+            await self._gauges.channels()
 
     async def _wait_floods(self, client: Redis, seconds: float) -> bool:
         """Block until ``seconds`` passed or a FloodWait is recorded (True: tick at once)."""
@@ -324,83 +279,6 @@ class Governor:
                             f.get("session", ""), f.get("class", "other"), float(f["seconds"])
                         )
         return bool(reply)
-
-    # --- dead workers -------------------------------------------------------------------
-    async def _recover(self) -> None:
-        """Requeue the commands of dead workers; forget their Pushgateway groups."""
-        client = self.redis
-        assert client is not None
-        s = self.settings
-        if time.monotonic() - self._back_at < s.worker_lease_seconds:
-            # Every worker lease may have expired during the outage: give the live workers one
-            # lease period to heart-beat again before treating them as dead.
-            return
-        registered = sorted(text(w) for w in await client.hkeys(self.keys.workers))
-        dead: list[str] = []
-        if registered:
-            async with client.pipeline(transaction=False) as pipe:
-                for wid in registered:
-                    pipe.pttl(self.keys.worker_lease(wid))
-                ttls_ms = await pipe.execute()
-            # PTTL is -2 for a missing key (the lease expired); a live lease has a TTL, and the
-            # earliest one is when the next worker could be found dead: wake up for it then.
-            alive = [int(ttl) != -2 for ttl in ttls_ms]
-            live_ttls = [int(ttl) for ttl in ttls_ms if int(ttl) >= 0]
-            self._next_lease_expiry = (
-                time.monotonic() + min(live_ttls) / 1000 if live_ttls else math.inf
-            )
-            dead = [w for w, a in zip(registered, alive, strict=True) if not a]
-            self._set_gauge("live_workers", len(registered) - len(dead))
-        report = await recover(
-            client,
-            self.keys,
-            max_deliveries=s.command_max_deliveries,
-            dead_letters_max=s.dead_letters_max,
-        )
-        self._set_gauge("dead_letters", await client.llen(self.keys.dead_letters))
-        for wid in dead:
-            self._log.warning(
-                "worker {} is dead (heartbeat expired); {} commands requeued",
-                wid,
-                report.recovered.get(wid, 0),
-            )
-        for wid, count in report.recovered.items():
-            if wid not in dead:
-                self._log.warning("recovered {} commands of dead worker {}", count, wid)
-        if self.metrics is not None and report.total:
-            self.metrics.commands_recovered_total.inc(report.total)
-        if report.dead_lettered:
-            publisher = EventPublisher(client, self.keys, stream_maxlen=s.events_stream_maxlen)
-            for letter in report.dead_lettered:
-                self._log.error("dead-lettered {}: {}", letter.command_id, letter.reason)
-                await publisher.publish(poison_event(letter, self.governor_id))
-        # Workers that left the registry since the last tick without being seen dead here (a
-        # worker's own recovery got them first): their groups go now too, not at the next sweep.
-        gone = [w for w in self._registered_before if w not in registered]
-        self._registered_before = registered
-        if s.pushgateway_url:
-            await self._forget_groups(dead + gone, registered)
-
-    async def _forget_groups(self, dead: list[str], registered: list[str]) -> None:
-        s = self.settings
-        for wid in dead:
-            if await asyncio.to_thread(delete_group, s, WORKER_JOB, wid, timeout=2.0):
-                self._count("pushgateway_groups_deleted_total")
-        # Workers another process recovered first never show up as dead here: sweep now and
-        # then for groups of workers that are not live.
-        now = time.monotonic()
-        if now - self._last_reap >= s.governor_pushgateway_reap_seconds:
-            self._last_reap = now
-            live = [w for w in registered if w not in dead]
-            deleted = await asyncio.to_thread(
-                reap_dead_groups,
-                s,
-                job=WORKER_JOB,
-                live_instances=live,
-                min_age_s=2 * s.push_interval_seconds,
-            )
-            for _ in deleted:
-                self._count("pushgateway_groups_deleted_total")
 
     # --- signals, outages, shutdown -----------------------------------------------------
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -426,7 +304,7 @@ class Governor:
 
     def _on_redis_state(self, up: bool) -> None:
         if up:
-            self._back_at = time.monotonic()
+            self._dead.back_at = time.monotonic()
 
     async def _shutdown(self, lease: LeaderLease) -> None:
         grace = self.settings.shutdown_grace_seconds
@@ -454,6 +332,7 @@ class Governor:
             session_label_max=s.metrics_session_label_max,
             chat_label_max=s.metrics_chat_label_max,
         )
+        self._dead.metrics = self.metrics
         if s.effective_metrics_mode == "off":
             return
         self._exporters = start_exporters(
@@ -478,28 +357,9 @@ class Governor:
             last_tick=self._last_tick_at,
         )
 
-    async def _sample_bucket(self, bucket: TokenBucket) -> None:
-        """``bucket_tokens`` and ``pauses_in_force`` from a bucket snapshot, at most every
-        ``GAUGE_SAMPLE_S`` (the snapshot scans the bucket and pause keys)."""
-        if self.metrics is None or time.monotonic() - self._last_sample < GAUGE_SAMPLE_S:
-            return
-        self._last_sample = time.monotonic()
-        snap = await bucket.snapshot()
-        for c in REQUEST_CLASSES:
-            fleet = snap["rates"]["fleet"][c]
-            tokens = snap["tokens"].get(f"fleet:{c}", float(fleet["burst"]))  # idle: full
-            self.metrics.bucket_tokens.labels(request_class=c).set(tokens)
-            self.metrics.bucket_rate_per_second.labels(request_class=c).set(fleet["per_second"])
-            paused = sum(1 for name in snap["pauses_s"] if name.endswith(f":{c}"))
-            self.metrics.pauses_in_force.labels(request_class=c).set(paused)
-
     def _set_gauge(self, name: str, value: float) -> None:
         if self.metrics is not None:
             getattr(self.metrics, name).set(value)
-
-    def _count(self, name: str) -> None:
-        if self.metrics is not None:
-            getattr(self.metrics, name).inc()
 
 
 def run(settings: GovernorSettings) -> int:

@@ -193,8 +193,17 @@ class IncrementalScheduler:
         return int(seconds) * 1000 + int(micros) // 1000
 
     async def tick(self) -> TickResult:
-        s = self.settings
+        """Plan every channel that is due and push the plan in one atomic call."""
         now = await self.now_ms()
+        planned, inflight = await self._plan(now)
+        if not planned and not inflight:
+            return TickResult()
+        return await self._push(planned)
+
+    async def _plan(self, now: int) -> tuple[list[Planned], dict[str, str]]:
+        """The due channels' commands, and the channels with a run in flight (read in this
+        order: channels, in-flight runs, states, marks)."""
+        s = self.settings
         today = datetime.fromtimestamp(now / 1000, UTC).astimezone(s.tz).date()
         channels = await self.channels.all()
         for broken in set(self.channels.broken) - self._warned_broken:
@@ -225,9 +234,12 @@ class IncrementalScheduler:
                     key, channel, mode, expected + 1, expected, marks.get(key, ""), command, due
                 )
             )
+        return planned, inflight
+
+    async def _push(self, planned: list[Planned]) -> TickResult:
+        """Push the plan, highest priority first, up to PARSER_MAX_CONCURRENCY in flight."""
+        s = self.settings
         result = TickResult()
-        if not planned and not inflight:
-            return result
         planned.sort(key=lambda p: (-p.channel.priority, p.due_ms, p.key))
         args: list[Any] = [
             self.keys.processing_prefix,

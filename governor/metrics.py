@@ -25,8 +25,16 @@ class GovernorMetrics(CommonMetrics):
         chat_label_max: int = 50,
     ) -> None:
         super().__init__(registry, version=version)
-        r = self.registry
         self.session_label = LabelCap(session_label_max)
+        self.chat_label = LabelCap(chat_label_max)
+        # Registered in this order, which is the order of the exposition.
+        self._bucket_metrics(self.registry)
+        self._fleet_metrics(self.registry)
+        self._scheduler_metrics(self.registry)
+        self._known_children()
+
+    def _bucket_metrics(self, r: CollectorRegistry) -> None:
+        """The shared token bucket, the flood waits workers report, the pauses they cause."""
         self.bucket_rate_per_second = Gauge(
             "bucket_rate_per_second",
             "Rate the shared token bucket admits, per request class.",
@@ -57,6 +65,9 @@ class GovernorMetrics(CommonMetrics):
             ["request_class"],
             registry=r,
         )
+
+    def _fleet_metrics(self, r: CollectorRegistry) -> None:
+        """The workers as the leader sees them: alive, dead-lettered, recovered, its lease."""
         self.live_workers = Gauge(
             "live_workers",
             "Workers whose heartbeat is current.",
@@ -82,8 +93,9 @@ class GovernorMetrics(CommonMetrics):
             "Pushgateway groups of dead workers deleted by the governor.",
             registry=r,
         )
-        # --- the incremental scheduler (issue 14) ---------------------------------------------
-        self.chat_label = LabelCap(chat_label_max)
+
+    def _scheduler_metrics(self, r: CollectorRegistry) -> None:
+        """The incremental scheduler and split commands (issue 14)."""
         self.scheduler_ticks_total = Counter(
             "scheduler_ticks_total",
             "Evaluations of the incremental scheduler that swept or pushed commands.",
@@ -123,6 +135,9 @@ class GovernorMetrics(CommonMetrics):
             ["state"],
             registry=r,
         )
+
+    def _known_children(self) -> None:
+        """Label children known in advance, so their panels show 0 rather than no data."""
         for mode in ("historical", "incremental"):
             self.scheduler_commands_total.labels(mode=mode)
         for state in ("queued", "running"):

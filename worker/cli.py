@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_fetch(settings: WorkerSettings, args: argparse.Namespace) -> int:
-    from fleet.metrics import FETCH_JOB, package_version, start_push_only
+    from fleet.exporters import start_push_only
+    from fleet.metrics import FETCH_JOB, package_version
     from worker.metrics import WorkerMetrics
 
     # Metrics of a one-shot run: pushed only when a Pushgateway is configured, and its group is

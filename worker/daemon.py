@@ -37,8 +37,9 @@ from redis.asyncio import Redis
 from fleet.clock import Clock, SystemClock
 from fleet.events import EventPublisher
 from fleet.exitcodes import Exit
+from fleet.exporters import Exporters, start_exporters
 from fleet.keys import Keys
-from fleet.metrics import WORKER_JOB, Exporters, package_version, start_exporters
+from fleet.metrics import WORKER_JOB, package_version
 from fleet.redisconn import RedisLink, RedisUnavailable, connect
 from fleet.settings import ConfigError
 from worker import heartbeat, intake, shutdown, startup, status

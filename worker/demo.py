@@ -20,18 +20,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 
-from fleet.bucket import TokenBucket
 from fleet.events import parse_event
 from fleet.keys import Keys
 from fleet.redisconn import connect_sync
 from worker.cmdline import format_event
+from worker.demoreport import files_report, governor_report, outcomes_report
 from worker.settings import WorkerSettings
 
 WORKERS = 3
@@ -49,6 +48,7 @@ DEMO_CHATS = ("ru_python", "demo_news", "python_jobs", "private_club")
 
 
 def run_demo(settings: WorkerSettings, data_dir: Path, log_dir: Path = Path("logs/demo")) -> int:
+    """Run the demo fleet end to end; 0 when every command ended as expected."""
     binary = shutil.which("redis-server")
     if binary is None:
         print("demo: redis-server is not installed; `make demo` installs it", file=sys.stderr)
@@ -65,28 +65,7 @@ def run_demo(settings: WorkerSettings, data_dir: Path, log_dir: Path = Path("log
         try:
             url = f"redis://127.0.0.1:{port}/0"
             client = _wait_for_redis(url)
-            env = _env(url, data_dir, Path(tmp))
-            metrics_port = _free_port()
-            governor_env = {
-                **env,
-                "METRICS_MODE": "scrape",
-                "METRICS_HOST": "127.0.0.1",
-                "METRICS_PORT": str(metrics_port),
-            }
-            procs.append(
-                _start("governor", [sys.executable, "-m", "governor", "run"], governor_env, log_dir)
-            )
-            for n in range(1, WORKERS + 1):
-                worker_env = {
-                    **env,
-                    "WORKER_ID": f"demo-worker-{n}",
-                    "HEALTH_FILE": str(Path(tmp) / f"health-{n}.json"),
-                }
-                procs.append(
-                    _start(
-                        f"worker-{n}", [sys.executable, "-m", "worker", "run"], worker_env, log_dir
-                    )
-                )
+            metrics_port = _start_fleet(procs, _env(url, data_dir, Path(tmp)), Path(tmp), log_dir)
             print(
                 f"demo: redis on 127.0.0.1:{port}, a governor and {WORKERS} workers on simulated "
                 f"sessions; data in {data_dir}/, logs in {log_dir}/\n"
@@ -97,19 +76,46 @@ def run_demo(settings: WorkerSettings, data_dir: Path, log_dir: Path = Path("log
             keys = Keys(settings.redis_key_prefix)
             expected = _push_commands(client, keys)
             outcomes, completed = _follow(client, keys, expected)
-            code = _report(client, keys, outcomes)
-            _governor_report(url, keys, settings, completed)
+            code = outcomes_report(client, keys, outcomes)
+            governor_report(url, keys, settings, completed)
         finally:
             _stop(procs, settings.shutdown_grace_seconds)
             redis_proc.terminate()
             redis_proc.wait(10)
     _tidy(data_dir)
-    _files_report(data_dir)
+    files_report(data_dir)
     print(
         "\nOn a fleet of your own (README, 'Running the fleet'): python -m governor status, "
         "python -m worker status, python -m worker dead-letters, and /metrics on METRICS_PORT."
     )
     return code
+
+
+def _start_fleet(
+    procs: list[subprocess.Popen[bytes]], env: dict[str, str], tmp: Path, log_dir: Path
+) -> int:
+    """Start the governor (serving its metrics) and the workers into ``procs``; returns the
+    governor's metrics port. ``procs`` is the caller's, so a failed start still stops them all."""
+    metrics_port = _free_port()
+    governor_env = {
+        **env,
+        "METRICS_MODE": "scrape",
+        "METRICS_HOST": "127.0.0.1",
+        "METRICS_PORT": str(metrics_port),
+    }
+    procs.append(
+        _start("governor", [sys.executable, "-m", "governor", "run"], governor_env, log_dir)
+    )
+    for n in range(1, WORKERS + 1):
+        worker_env = {
+            **env,
+            "WORKER_ID": f"demo-worker-{n}",
+            "HEALTH_FILE": str(tmp / f"health-{n}.json"),
+        }
+        procs.append(
+            _start(f"worker-{n}", [sys.executable, "-m", "worker", "run"], worker_env, log_dir)
+        )
+    return metrics_port
 
 
 def _env(url: str, data_dir: Path, tmp: Path) -> dict[str, str]:
@@ -149,9 +155,21 @@ def _start(
 
 def _push_commands(client: redis.Redis, keys: Keys) -> dict[str, str]:
     """Push the demo's commands; returns command id → what the demo expects of it."""
-    today = datetime.now(UTC).date()
+    commands = _demo_commands(datetime.now(UTC).date())
+    for payload, _ in commands:
+        client.rpush(keys.commands, json.dumps(payload))
+        print(f"pushed  {json.dumps(payload)}", flush=True)
+    # The same id again: executed once (idempotency), so no second terminal event is awaited.
+    client.rpush(keys.commands, json.dumps(commands[0][0]))
+    print("pushed  the first command again (same command_id: it runs once)", flush=True)
+    return {payload["command_id"]: outcome for payload, outcome in commands}
+
+
+def _demo_commands(today: date) -> list[tuple[dict[str, Any], str]]:
+    """Several chats, modes and strategies, a private chat and an invalid command, each with
+    the terminal event the demo expects (one literal table: long, but read whole)."""
     week_ago = today - timedelta(days=7)
-    commands: list[tuple[dict[str, Any], str]] = [
+    return [
         (
             {
                 "command": "fetch",
@@ -207,13 +225,6 @@ def _push_commands(client: redis.Redis, keys: Keys) -> dict[str, str]:
             "failed",
         ),
     ]
-    for payload, _ in commands:
-        client.rpush(keys.commands, json.dumps(payload))
-        print(f"pushed  {json.dumps(payload)}", flush=True)
-    # The same id again: executed once (idempotency), so no second terminal event is awaited.
-    client.rpush(keys.commands, json.dumps(commands[0][0]))
-    print("pushed  the first command again (same command_id: it runs once)", flush=True)
-    return {payload["command_id"]: outcome for payload, outcome in commands}
 
 
 def _follow(
@@ -244,91 +255,6 @@ def _follow(
     return outcomes, completed
 
 
-def _report(client: redis.Redis, keys: Keys, outcomes: dict[str, str]) -> int:
-    expected = {
-        "demo-ru-python": "completed",
-        "demo-news-week": "completed",
-        "demo-legacy-form": "completed",
-        "demo-private": "failed",
-        "demo-invalid": "failed",
-    }
-    print()
-    ok = True
-    for cid, want in expected.items():
-        got = outcomes.get(cid, "no terminal event")
-        mark = "ok " if got == want else "!! "
-        ok = ok and got == want
-        print(f"{mark} {cid:<18} expected {want:<9} got {got}")
-    # The dead letters themselves: the demo's Redis is gone once it ends, so no command to run.
-    dead = [json.loads(raw) for raw in client.lrange(keys.dead_letters, 0, -1)]
-    print(f"\ndead letters: {len(dead)}")
-    for letter in dead:
-        error = letter.get("error") or {}
-        reason = error.get("message") if isinstance(error, dict) else error
-        print(f"  {letter.get('command_id', '?')}: {reason or letter.get('reason', letter)}")
-    return 0 if ok else 1
-
-
-def _governor_report(
-    url: str, keys: Keys, settings: WorkerSettings, completed: list[dict[str, Any]]
-) -> None:
-    """What the governor did: FloodWaits absorbed, the rates it settled on, each worker's share."""
-    import asyncio
-
-    async def read() -> tuple[dict[str, Any], list[Any]]:
-        client = aioredis.Redis.from_url(url)
-        try:
-            bucket = TokenBucket(client, keys, settings)
-            return await bucket.snapshot(), await bucket.recent_floods(settings.flood_events_max)
-        finally:
-            await client.aclose()
-
-    snapshot, flood_events = asyncio.run(read())
-    floods = len(flood_events)
-    counters = snapshot["counters"]
-    history = snapshot["rates"]
-    print("\nwhat the governor did (the simulated Telegram allows 0.6 history requests/s per")
-    print("account and 1.5/s for the whole fleet; the fleet starts at 0.9/s and 10/s):")
-    by_session: dict[str, int] = {}
-    for flood in flood_events:
-        by_session[flood.session] = by_session.get(flood.session, 0) + 1
-    per_session = ", ".join(f"{name} {n}" for name, n in sorted(by_session.items()))
-    print(
-        f"  FloodWaits absorbed: {floods} (by session: {per_session or 'none'}); "
-        "every command still completed, none failed for it"
-        if floods
-        else "  FloodWaits: none (the limits did not bind this time)"
-    )
-    admits = counters.get("history:admits", 0)
-    print(f"  history requests admitted by the shared bucket: {admits}")
-    fleet = history["fleet"]["history"]
-    account = history["session"]["history"]
-    print(
-        f"  rates settled on: fleet {fleet['per_second']:.2f}/s (burst {fleet['burst']}), "
-        f"per account {account['per_second']:.2f}/s (burst {account['burst']})"
-    )
-    overrides = {
-        k.split(":")[1]: float(v)
-        for k, v in snapshot["rate_overrides"].items()
-        if k.startswith("session:") and k.endswith(":history:rate") and k.count(":") == 3
-    }
-    if overrides:
-        print("  per-session rates the governor set:")
-    for name, rate in sorted(overrides.items()):
-        print(f"    {name}: {rate:.2f}/s")
-    shares: dict[str, list[int]] = {}
-    for event in completed:
-        share = shares.setdefault(str(event.get("worker_id")), [0, 0])
-        share[0] += 1
-        share[1] += int(event.get("processed") or 0)
-    total = sum(messages for _, messages in shares.values()) or 1
-    print("  each worker's share:")
-    for wid, (commands, messages) in sorted(shares.items()):
-        print(
-            f"    {wid}: {commands} commands, {messages} messages ({100 * messages / total:.0f}%)"
-        )
-
-
 def _tidy(data_dir: Path) -> None:
     """Remove what the stopped fleet leaves behind: the lock files of the demo's chats and of
     progress (only when nobody holds them: another fleet could share the data root) and the
@@ -356,14 +282,6 @@ def _unlink_free_lock(path: Path) -> None:
             path.unlink()
     except OSError:
         pass
-
-
-def _files_report(data_dir: Path) -> None:
-    files = sorted(data_dir.rglob("discussions_*.json"))
-    total = sum(json.loads(p.read_text())["message_count"] for p in files)
-    print(f"\n{len(files)} day files, {total} messages, under {data_dir}/:")
-    for path in files:
-        print(f"  {path}")
 
 
 def _stop(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:

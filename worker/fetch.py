@@ -24,6 +24,7 @@ from loguru import logger
 from fleet.chats import ChatId
 from fleet.clock import Clock, SystemClock
 from worker.commands import FetchCommand, day_bounds
+from worker.daywriter import DayWriter
 from worker.errors import (
     ChatMoved,
     FetchError,
@@ -34,7 +35,7 @@ from worker.errors import (
 from worker.outcome import Budget, FetchOutcome, LimitReached, Progress, ProgressCallback
 from worker.proof import DayProver, Proof, ProofSource
 from worker.rightchat import check_same_chat
-from worker.storage import DayStore, DayWriter
+from worker.storage import DayStore
 from worker.telegram import FetchedMessage, ResolvedChat
 
 __all__ = ["FetchOutcome", "Fetcher", "HistorySource", "ProgressCallback"]

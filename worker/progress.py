@@ -20,9 +20,8 @@ from all chat records. Readers in the worker use the chat records; a chat withou
 written by an older version) is read from ``progress.json``, and its first update seeds its
 record from there.
 
-Storage errors are classified: errors of the environment (disk full, read-only or failing file
-system, permissions, a lock held too long) are *retryable* (``StorageError.retryable``): the
-command is retried later and, when its retries are used up, dead-lettered for a requeue.
+Storage errors are classified as :mod:`worker.diskio` describes (errors of the environment are
+retryable), and the locks are its bounded ``flock``s.
 
 Completion is decided by this file alone: a day file on disk without a ``complete`` entry here
 (written under the current ``timezone``) is fetched again and merged, never trusted blindly. A
@@ -36,12 +35,9 @@ All calls block on file I/O (and on the lock, up to ``lock_timeout_s``); async c
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -50,39 +46,13 @@ from typing import Any
 from loguru import logger
 
 from fleet.clock import Clock, SystemClock, utc_iso
+from worker.diskio import acquire_fd_lock, file_lock, fsync_dir, storage_error
 from worker.errors import StorageError
 
 PROGRESS_FILE = "progress.json"
 PROGRESS_LOCK = ".progress.lock"
 CHAT_PROGRESS_FILE = ".progress.json"  # in DATA_DIR/<chat_key>/
 COPY_LOCK_TIMEOUT_S = 0.5  # the derived progress.json is skipped behind a stalled holder
-
-# errno values that say "the environment, not the data": worth retrying later.
-RETRYABLE_ERRNOS = frozenset(
-    {
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EROFS,
-        errno.EIO,
-        errno.EACCES,
-        errno.EPERM,
-        errno.EAGAIN,
-        errno.EBUSY,
-        errno.ESTALE,
-        errno.ENOMEM,
-    }
-)
-
-
-def storage_error(
-    message: str, exc: OSError | None = None, *, retryable: bool | None = None
-) -> StorageError:
-    """A :class:`StorageError`, retryable when ``exc`` is an error of the environment."""
-    err = StorageError(message)
-    if retryable is None:
-        retryable = exc is not None and exc.errno in RETRYABLE_ERRNOS
-    err.retryable = retryable
-    return err
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,63 +97,6 @@ class DayProgress:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing), waiting up to ``timeout_s``.
-
-    ``flock`` locks belong to the open file description, so two threads or two writers of one
-    process exclude each other too. The lock files stay on disk: deleting them would race.
-    """
-    fd = acquire_fd_lock(path, timeout_s, what)
-    try:
-        yield
-    finally:
-        os.close(fd)  # closing the last descriptor releases the lock
-
-
-def acquire_fd_lock(path: Path, timeout_s: float, what: str) -> int:
-    """Open ``path`` and lock it exclusively; the caller unlocks by closing the returned fd."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise storage_error(f"cannot open lock file {path}: {exc.strerror or exc}", exc) from exc
-    try:
-        _acquire(fd, path, timeout_s, what)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _acquire(fd: int, path: Path, timeout_s: float, what: str) -> None:
-    # Polling instead of a blocking flock keeps the wait bounded without signals or threads.
-    deadline = time.monotonic() + timeout_s
-    pause = 0.001
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise storage_error(
-                    f"{what} is locked by another writer ({path}); gave up after {timeout_s:g}s",
-                    retryable=True,
-                ) from None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
-        except OSError as exc:
-            raise storage_error(f"cannot lock {path}: {exc.strerror or exc}", exc) from exc
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ProgressStore:

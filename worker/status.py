@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fleet.metrics import health_details
+from fleet.exporters import health_details
 
 if TYPE_CHECKING:
     from worker.daemon import Daemon

@@ -13,8 +13,9 @@ import threading
 
 from loguru import logger
 
+from fleet.exporters import start_exporters
 from fleet.logs import setup_logging
-from fleet.metrics import WORKER_JOB, start_exporters
+from fleet.metrics import WORKER_JOB
 from fleet.settings import FleetSettings, load_settings
 from worker.metrics import WorkerMetrics
 

@@ -21,10 +21,11 @@ from telethon import utils
 
 from fleet.clock import FakeClock
 from worker.commands import CommandLimits, FetchCommand, day_bounds, parse_command
+from worker.daywriter import DayWriter
 from worker.fetch import Fetcher, FetchOutcome
 from worker.sim.client import sim_client_factory
 from worker.sim.settings import SimSettings
-from worker.storage import DayStore, DayWriter
+from worker.storage import DayStore
 from worker.telegram import TelegramSession
 
 NOW = datetime(2025, 11, 9, 12, 0, tzinfo=UTC)

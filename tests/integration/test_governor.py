@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from fleet.bucket import TokenBucket
 from fleet.keys import Keys
 from governor.controller import RateController
-from governor.daemon import LeaderLease
+from governor.leader import LeaderLease
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
 from governor.settings import GovernorSettings
 

@@ -49,7 +49,7 @@ def rate(rows: list[dict[str, Any]], session: str, t0: float, t1: float) -> floa
 
 
 class Fleet:
-    """A governor and two fetching worker processes (sessions ``a`` and ``b``) over the simulator."""
+    """A governor and two fetching workers (sessions ``a`` and ``b``) over the simulator."""
 
     def __init__(self, redis_url: str, tmp_path: Path, sim_prefixes: dict[str, str]) -> None:
         self.client = redis.Redis.from_url(redis_url)

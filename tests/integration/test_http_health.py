@@ -14,15 +14,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet.metrics import (
-    GOVERNOR_JOB,
-    RATE_LIMIT_HITS,
-    RETRIES,
-    WORKER_JOB,
-    Exporters,
-    health_details,
-    start_exporters,
-)
+from fleet.exporters import Exporters, health_details, start_exporters
+from fleet.metrics import GOVERNOR_JOB, RATE_LIMIT_HITS, RETRIES, WORKER_JOB
 from fleet.settings import FleetSettings
 from governor.metrics import GovernorMetrics
 from worker.metrics import WorkerMetrics

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 from loguru import logger
 
+from fleet.exporters import start_exporters
 from fleet.logs import reset_logging, setup_logging
-from fleet.metrics import WORKER_JOB, start_exporters
+from fleet.metrics import WORKER_JOB
 from fleet.push import Pusher, delete_group, list_groups, reap_dead_groups
 from fleet.settings import ConfigError, FleetSettings
 from tests.pushgateway import PUSHGATEWAY, Pushgateway, wait_until

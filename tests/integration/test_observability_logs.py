@@ -21,6 +21,9 @@ COMMAND_LOGGERS = (
     "worker.executor",
     "worker.terminal",
     "worker.storage",
+    "worker.daywriter",
+    "worker.journal",
+    "worker.partrun",
     "worker.progress",
     "worker.fleet_gate",
 )
@@ -104,9 +107,9 @@ def test_every_line_is_json_and_every_line_of_a_command_carries_its_id(
         "shutdown_started",
         "shutdown_completed",
     } <= events, events
-    assert any(line["logger"] == "worker.storage" and "ms" in line["message"] for line in lines), (
-        "file write timings"
-    )
+    assert any(
+        line["logger"] == "worker.daywriter" and "ms" in line["message"] for line in lines
+    ), "file write timings"
 
     first = next(i for i, line in enumerate(lines) if line.get("event") == "command_parsed")
     last = next(i for i, line in enumerate(lines) if line.get("event") == "command_completed")

@@ -14,8 +14,9 @@ import pytest
 from loguru import logger
 
 from fleet.clock import FakeClock
+from worker.diskio import file_lock
 from worker.errors import StorageError
-from worker.progress import DayProgress, ProgressStore, file_lock
+from worker.progress import DayProgress, ProgressStore
 
 SCHEMA = json.loads(
     (

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from fleet.clock import FakeClock
 from worker.dayfile import iter_day_messages, validate_chat_key
+from worker.daywriter import DayWriter
 from worker.errors import StorageError
 from worker.progress import DayProgress
-from worker.storage import DayStore, DayWriter
+from worker.storage import DayStore
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "worker" / "schemas"
 DAY = date(2025, 11, 7)
