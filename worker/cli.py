@@ -26,7 +26,9 @@ from worker.errors import CommandRejected, FetchError, PermanentError, SessionRe
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    from worker.fetch import FetchOutcome
     from worker.metrics import WorkerMetrics
+    from worker.telegram import TelegramSession
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,14 +108,11 @@ def _cmd_fetch(settings: WorkerSettings, args: argparse.Namespace) -> int:
 async def _fetch_once(
     settings: WorkerSettings, args: argparse.Namespace, metrics: WorkerMetrics | None = None
 ) -> int:
-    import json
-
-    from worker.fetch import Fetcher, FetchOutcome
+    from worker.fetch import Fetcher
     from worker.storage import store_from_settings
     from worker.telegram import TelegramSession
 
-    now = datetime.now(UTC)
-    today = today_in(settings.tz, now)
+    today = today_in(settings.tz, datetime.now(UTC))
     backend = backend_for(settings)
     session_name = args.session or settings.telegram_session or _default_session(settings, backend)
     telegram = TelegramSession(
@@ -122,27 +121,9 @@ async def _fetch_once(
     started = time.monotonic()
     try:
         await telegram.connect()
-        payload = build_fetch_payload(args, today)
-        max_days = settings.max_range_days
-        if _wants_full(settings, args):
-            first = await _first_message_day(telegram, args.chat, settings)
-            yesterday = today - timedelta(days=1)
-            if first is None or first > yesterday:
-                print(f"{args.chat}: no history before today")
-                return Exit.OK
-            payload.update({"mode": "range", "from": first.isoformat(), "to": str(yesterday)})
-            max_days = (yesterday - first).days + 1
-        limits = CommandLimits(
-            today=today,
-            max_range_days=max_days,
-            max_command_bytes=settings.max_command_bytes,
-            default_strategy=settings.fetch_strategy,
-        )
-        try:
-            cmd = parse_command(json.dumps(payload), limits)
-        except CommandRejected as exc:
-            print(f"invalid request: {exc}", file=sys.stderr)
-            return Exit.USAGE
+        cmd = await _one_shot_command(settings, args, telegram, today)
+        if not isinstance(cmd, FetchCommand):
+            return cmd  # nothing to fetch, or the request was invalid (already said why)
         store = store_from_settings(settings)
         fetcher = Fetcher(
             telegram,
@@ -170,6 +151,44 @@ async def _fetch_once(
         await telegram.close()
     seconds = time.monotonic() - started
     _print_summary(cmd, outcome, seconds)
+    return _record_outcome(metrics, cmd, outcome, seconds)
+
+
+async def _one_shot_command(
+    settings: WorkerSettings, args: argparse.Namespace, telegram: TelegramSession, today: date
+) -> FetchCommand | int:
+    """The command the options describe, validated like a queued one; or the exit code when
+    there is nothing to fetch (``--full`` on a chat with no history before today) or the
+    request is invalid. ``--full`` asks Telegram for the chat's first day, hence the session."""
+    import json
+
+    payload = build_fetch_payload(args, today)
+    max_days = settings.max_range_days
+    if _wants_full(settings, args):
+        first = await _first_message_day(telegram, args.chat, settings)
+        yesterday = today - timedelta(days=1)
+        if first is None or first > yesterday:
+            print(f"{args.chat}: no history before today")
+            return Exit.OK
+        payload.update({"mode": "range", "from": first.isoformat(), "to": str(yesterday)})
+        max_days = (yesterday - first).days + 1
+    limits = CommandLimits(
+        today=today,
+        max_range_days=max_days,
+        max_command_bytes=settings.max_command_bytes,
+        default_strategy=settings.fetch_strategy,
+    )
+    try:
+        return parse_command(json.dumps(payload), limits)
+    except CommandRejected as exc:
+        print(f"invalid request: {exc}", file=sys.stderr)
+        return Exit.USAGE
+
+
+def _record_outcome(
+    metrics: WorkerMetrics | None, cmd: FetchCommand, outcome: FetchOutcome, seconds: float
+) -> int:
+    """The run's exit code, and its duration, status and freshness in the pushed metrics."""
     ok = not outcome.days_failed and not outcome.days_partial
     if metrics is not None:
         metrics.observe_fetch(cmd.chat.display, seconds)

@@ -33,8 +33,14 @@ class WorkerMetrics(CommonMetrics):
         chat_label_max: int = 50,
     ) -> None:
         super().__init__(registry, version=version)
-        r = self.registry
         self.chat_label = LabelCap(chat_label_max)
+        # Families register in this order (fetch, queue, gate) so the exposition keeps its order.
+        self._add_fetch_families(self.registry)
+        self._add_queue_families(self.registry)
+        self._add_gate_families(self.registry)
+        self._zero_known_labels()
+
+    def _add_fetch_families(self, r: CollectorRegistry) -> None:
         self.fetch_duration_seconds = Histogram(
             "fetch_duration_seconds",
             "Wall time of one fetch (a command, or a day per_day).",
@@ -65,6 +71,8 @@ class WorkerMetrics(CommonMetrics):
             ["type"],
             registry=r,
         )
+
+    def _add_queue_families(self, r: CollectorRegistry) -> None:
         self.command_queue_length = Gauge(
             "command_queue_length",
             "Commands waiting in tg_commands (as last seen).",
@@ -77,6 +85,8 @@ class WorkerMetrics(CommonMetrics):
             ["status"],
             registry=r,
         )
+
+    def _add_gate_families(self, r: CollectorRegistry) -> None:
         self.token_wait_seconds = Histogram(
             "token_wait_seconds",
             "Time a request waited for a token of the shared bucket, per request class.",
@@ -84,9 +94,11 @@ class WorkerMetrics(CommonMetrics):
             buckets=TOKEN_WAIT_BUCKETS,
             registry=r,
         )
+
+    def _zero_known_labels(self) -> None:
+        """Known label values start at 0, so rate() and increase() see the first event."""
         for request_class in REQUEST_CLASSES:
             self.token_wait_seconds.labels(request_class=request_class)
-        # Known label values start at 0, so rate() and increase() see the first event.
         for status in COMMAND_STATUSES:
             self.commands_total.labels(status=status)
         for source in DEDUP_SOURCES:
