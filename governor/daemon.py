@@ -51,10 +51,11 @@ from fleet.keys import Keys
 from fleet.metrics import GOVERNOR_JOB, package_version
 from fleet.redisconn import REDIS_DOWN, RedisLink, connect
 from fleet.scripts import text
-from governor.controller import COUNTER_SAMPLE_S, RateController
+from governor.controller import RateController
 from governor.deadworkers import DeadWorkers
 from governor.gauges import GaugeSampler
 from governor.leader import LeaderLease
+from governor.measure import COUNTER_SAMPLE_S
 from governor.metrics import GovernorMetrics
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
 from governor.settings import GovernorSettings

@@ -237,7 +237,7 @@ async def test_the_measured_rate_covers_exactly_the_window_between_samples(
     redis_client: aioredis.Redis,
 ) -> None:
     from fleet.bucket import Counters
-    from governor.controller import MEASURE_WINDOW_S
+    from governor.measure import MEASURE_WINDOW_S
 
     assert MEASURE_WINDOW_S == 2.0
     s = settings()

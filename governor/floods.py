@@ -1,0 +1,92 @@
+"""The FloodWaits the controller has read from the flood stream, and which limit each is about.
+
+Workers append each FloodWait to the stream ``keys.floods`` (class, session, N). The leader
+reads what is new each tick, holds every flood back until ``SHARED_FLOOD_WINDOW_S`` has passed
+(the first of several sessions' floods into one full shared window would otherwise be read
+alone and taken for its account's own), then lets :func:`governor.policy.attribute` judge it
+shared (evidence about the fleet bucket) or own (about that session's bucket).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from fleet.bucket import SHARED_FLOOD_WINDOW_S
+from fleet.scripts import text
+from governor.measure import MEASURE_WINDOW_S
+from governor.policy import FloodSeen, attribute
+
+#: One flood as read from the stream: (Redis time s, session, N seconds).
+RawFlood = tuple[float, str, float]
+
+
+@dataclass
+class FloodLog:
+    """Where the stream was read up to, and the floods of each class judged or waiting."""
+
+    _flood_id: str | None = None  # the last flood stream entry read
+    _recent: dict[str, list[FloodSeen]] = field(default_factory=dict)  # judged, per class
+    _pending: dict[str, list[FloodSeen]] = field(default_factory=dict)  # not yet judged
+
+    def reset(self) -> None:
+        """Start over from the stream's end (a new term as leader judges only new floods)."""
+        self._flood_id = None
+        self._recent.clear()
+        self._pending.clear()
+
+    async def read(self, redis: Redis, key: str) -> dict[str, list[RawFlood]]:
+        """FloodWaits recorded since the last read, per class: (Redis time s, session, N)."""
+        out: dict[str, list[RawFlood]] = {}
+        if self._flood_id is None:
+            newest = await redis.xrevrange(key, count=1)
+            self._flood_id = text(newest[0][0]) if newest else "0-0"
+            return out
+        entries = await redis.xrange(key, min=f"({self._flood_id}", count=1000) or []
+        for entry_id, raw in entries:
+            self._flood_id = text(entry_id)
+            f = {text(k): text(v) for k, v in (raw or {}).items()}
+            try:
+                seconds = float(f.get("seconds") or 0)
+            except ValueError:
+                seconds = 0.0
+            at_s = int(self._flood_id.split("-")[0]) / 1000
+            out.setdefault(f.get("class", ""), []).append((at_s, f.get("session", ""), seconds))
+        return out
+
+    def judge(
+        self,
+        c: str,
+        now_s: float,
+        events: list[RawFlood],
+        seen: Callable[[RawFlood], FloodSeen],
+        *,
+        fleet_shared: bool,
+    ) -> tuple[list[FloodSeen], dict[str, list[FloodSeen]]]:
+        """Split the floods of class ``c`` old enough to judge into shared evidence and each
+        session's own.
+
+        ``seen`` measures each new flood as it comes in (the rates at the flood, not after the
+        pause). A flood is judged once ``SHARED_FLOOD_WINDOW_S`` has passed since it (the next
+        tick); its session is paused meanwhile.
+        """
+        pending = self._pending.setdefault(c, [])
+        pending.extend(seen(event) for event in events)
+        ready = [f for f in pending if f.at_s <= now_s - SHARED_FLOOD_WINDOW_S]
+        self._pending[c] = [f for f in pending if f.at_s > now_s - SHARED_FLOOD_WINDOW_S]
+        recent = [f for f in self._recent.get(c, []) if f.at_s >= now_s - 4 * MEASURE_WINDOW_S]
+        flags = attribute(
+            ready,
+            [*recent, *self._pending[c]],
+            shared_window_s=SHARED_FLOOD_WINDOW_S,
+            fleet_shared=fleet_shared,
+        )
+        self._recent[c] = [*recent, *ready]
+        shared = [f for f, is_shared in zip(ready, flags, strict=True) if is_shared]
+        own: dict[str, list[FloodSeen]] = {}
+        for f, is_shared in zip(ready, flags, strict=True):
+            if not is_shared:
+                own.setdefault(f.session, []).append(f)
+        return shared, own

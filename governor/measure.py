@@ -1,0 +1,98 @@
+"""What the fleet really sent: rates measured from the bucket's counter samples (pure, no I/O).
+
+The leader reads the counters hash every ``COUNTER_SAMPLE_S`` and at each tick
+(:class:`fleet.bucket.Counters`, stamped with Redis time); the controller keeps the last
+``HISTORY_S`` of them in a deque and asks this module two questions: the rate over exactly the
+last ``MEASURE_WINDOW_S`` (what a cut is a fraction of), and where the burst that filled a
+window-type limit began (what :func:`governor.policy.window_estimate` divides by).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from fleet.bucket import Counters
+
+#: Rates are measured over this long (ANCHORS: "0.7× the rate measured over 1–2 s").
+MEASURE_WINDOW_S = 2.0
+#: Between ticks the leader samples the counters this often, so the measured window starts
+#: where it should (a flood's measurement must not reach back into a hold or a ramp-up).
+COUNTER_SAMPLE_S = 0.25
+#: How far back the counter samples go: a window-type limit (K per W s) is measured over the
+#: time since its window last freed, up to this long.
+HISTORY_S = 90.0
+
+
+def keep(samples: deque[Counters], now: Counters) -> None:
+    """Add ``now`` and drop what is older than ``HISTORY_S`` (keeping one sample before it, so
+    a window reaching exactly that far back still has its start)."""
+    samples.append(now)
+    while len(samples) > 2 and samples[1].at_s <= now.at_s - HISTORY_S:
+        samples.popleft()
+
+
+def measured(samples: Sequence[Counters], now: Counters, name: str) -> float:
+    """Per second over exactly the last MEASURE_WINDOW_S (or since the oldest sample).
+
+    Samples come once a tick and at each flood, so the counter's value at the window's
+    start is interpolated between the two samples around it: a window that is really
+    1–2 ticks long would mix in a hold or a rate of before the last change.
+    """
+    start = max(samples[0].at_s, now.at_s - MEASURE_WINDOW_S)
+    before = samples[0]
+    value = float(before.get(name))
+    for sample in samples:
+        if sample.at_s <= start:
+            before = sample
+            value = float(sample.get(name))
+            continue
+        dt = sample.at_s - before.at_s
+        share = (start - before.at_s) / dt if dt > 0 else 1.0
+        value = before.get(name) + (sample.get(name) - before.get(name)) * share
+        break
+    start = _skip_idle_start(samples, name, start, value)
+    span = now.at_s - start
+    if span <= 0:
+        return 0.0
+    return max(0.0, now.get(name) - value) / span
+
+
+def _skip_idle_start(samples: Sequence[Counters], name: str, start: float, value: float) -> float:
+    """A fleet that only just began (idle for a whole window before the first request in
+    this one) is measured from the last sample before the counter moved, or one starting
+    at 30/s reads as 20/s. A pause after work (a hold) stays in: the window admitted it."""
+    earlier = [x for x in samples if x.at_s <= start - MEASURE_WINDOW_S]
+    reference = earlier[-1] if earlier else samples[0]
+    if reference.get(name) >= value:
+        for sample in samples:
+            if sample.at_s <= start:
+                continue
+            if sample.get(name) > value:
+                break
+            start = sample.at_s
+    return start
+
+
+def burst_start(samples: Sequence[Counters], name: str, start_s: float) -> Counters:
+    """The sample a burst counted from ``start_s`` on is measured from: the last one at or
+    before ``start_s``, moved on to where the counter first rose (idle time before the burst
+    is not the window)."""
+    before = samples[0]
+    for sample in samples:
+        if sample.at_s > start_s:
+            break
+        before = sample
+    for sample in samples:
+        if sample.at_s <= before.at_s:
+            continue
+        if sample.get(name) > before.get(name):
+            break
+        before = sample
+    return before
+
+
+def per_s(now: Counters, base: Counters, name: str) -> float:
+    """The counter's rate between two readings (0 if they are not apart in time)."""
+    dt = now.at_s - base.at_s
+    return max(0, now.get(name) - base.get(name)) / dt if dt > 0 else 0.0

@@ -1,0 +1,195 @@
+"""What the controller remembers of each bucket between ticks, and how a flood moves it (pure).
+
+One :class:`BucketMemory` per governed bucket (the fleet's per class, each session's own per
+class): the rate of the last flood (the ceiling), the streak of cuts, whether the last flood
+came at a rate the ceiling had called safe (the limit fell), a window-type limit's window, and
+how far apart probes have spaced out. :func:`cut` decides how deep a flood cuts from that
+memory; the AIMD maths itself is :mod:`governor.policy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from governor.policy import AimdParams, Decision, TickInputs
+
+#: A FloodWait at least this long comes from a window-type limit (K requests per W s, bursts
+#: allowed): the bucket's rate becomes what the window allows (:func:`policy.window_estimate`)
+#: instead of a cut of the burst's rate, and it probes no sooner than two windows later.
+WINDOW_WAIT_S = 3.0
+#: With a short N, the window estimate wins over the policy's cut only when it is below this ×
+#: the cut: a burst far above the limit (a configuration 5× too high) measures a rate whose 0.7×
+#: still floods, while a fleet that crept up on its limit measures the limit itself and its
+#: window estimate is diluted by the slower climb before.
+BURST_EVIDENCE = 0.5
+#: A probe's flood measuring more than this × the last ceiling found headroom (the limit rose).
+PROBE_HEADROOM = 1.05
+#: Probes that find no headroom space out up to this × the configured probe quiet.
+MAX_PROBE_BACKOFF = 4.0
+
+
+@dataclass
+class BucketMemory:
+    """What the controller remembers of one bucket between ticks (Redis time, seconds)."""
+
+    last_flood_s: float | None = None
+    last_cut_s: float | None = None
+    ceiling: float | None = None  # the rate measured when the last cut was made
+    streak: int = 0  # cuts in a row, each within a quiet period of the one before
+    suspect: bool = False  # the last cut's flood came at a rate the ceiling said was safe
+    free_at_s: float | None = None  # when the window its last flood found full freed (flood + N)
+    window_s: float | None = None  # a window-type limit's window, once one was seen
+    shared: bool = False  # fleet buckets: a shared limit was seen to bind
+    probe_backoff: float = 1.0  # × the probe quiet: doubled by each probe that found no headroom
+
+    def target(self, margin: float) -> float | None:
+        """The ceiling the policy recovers toward. Cuts in a row mean the limit fell and the
+        rate measured at each flood still overshoots it: each cut of a streak takes one more
+        recovery margin off, so the cascade after a drop ends sooner."""
+        if self.ceiling is None:
+            return None
+        return self.ceiling * margin ** max(0, self.streak - 1)
+
+    def inputs(
+        self,
+        now_s: float,
+        current: float,
+        measured: float,
+        saturated: bool,
+        floods: int,
+        margin: float,
+    ) -> TickInputs:
+        """The policy's view of this bucket: a flooded tick is judged on the flood alone; a
+        quiet one also on the ceiling to recover toward and whether it is to be trusted."""
+        since_cut = None if self.last_cut_s is None else now_s - self.last_cut_s
+        if floods > 0:
+            return TickInputs(current, measured, saturated, floods, None, since_cut)
+        since_flood = None if self.last_flood_s is None else now_s - self.last_flood_s
+        return TickInputs(
+            current,
+            measured,
+            saturated,
+            0,
+            since_flood,
+            since_cut,
+            self.target(margin),
+            self.suspect,
+        )
+
+    def adjust(self, params: AimdParams) -> AimdParams:
+        """The configured parameters, with probes spaced as this bucket's history asks."""
+        if self.probe_backoff > 1.0:
+            params = replace(params, probe_quiet_s=params.probe_after_s * self.probe_backoff)
+        if self.window_s is not None:
+            # A window-type limit: probing sooner than two windows after the last flood only
+            # buys a flood (the window still holds the requests that made the last one).
+            probe_after = max(params.probe_after_s, 2 * self.window_s)
+            params = replace(params, probe_quiet_s=probe_after, quiet_period_s=probe_after)
+        return params
+
+    def note_window(self, flood_at_s: float, wait_s: float, span_s: float) -> bool:
+        """Remember when the window this flood found full frees, and (a long N) how long the
+        window is. False when the window estimate says nothing this time."""
+        first = self.free_at_s is None
+        self.free_at_s = flood_at_s + wait_s
+        if wait_s >= WINDOW_WAIT_S:
+            self.window_s = span_s + wait_s
+            return True
+        # A short N after earlier floods: the window is about as long as the measuring
+        # window, and the rate measured at the flood says more than a count diluted by
+        # the pause and climb since the last one.
+        return first
+
+
+def cut(
+    memory: BucketMemory,
+    decision: Decision,
+    *,
+    now_s: float,
+    current: float,
+    measured: float,
+    estimate: float,
+    wait_s: float,
+    margin: float,
+    quiet_s: float,
+) -> Decision:
+    """Remember a cut, and decide how deep it goes.
+
+    A flood that ends a quiet cruise at or below the recovery target means the limit
+    itself fell (how far is unknown): the policy's deep cut stands and the climb back is
+    step by step (``suspect``). So does the first flood ever. A flood in a streak (the fleet
+    was already closing in on the limit after a cut) or while probing just above the last
+    ceiling measured a rate that *is* the limit, near enough: the rate goes straight to the
+    cruise a margin below it. The hold has drained the window already, and a 0.7× dip and
+    climb back would only waste the fleet's slots.
+    """
+    near_the_limit = _remember_cut(memory, now_s, current, measured, margin, quiet_s)
+    return _depth(memory, decision, current, estimate, wait_s, margin, near_the_limit)
+
+
+def _remember_cut(
+    memory: BucketMemory,
+    now_s: float,
+    current: float,
+    measured: float,
+    margin: float,
+    quiet_s: float,
+) -> bool:
+    """Update the ceiling, streak, suspicion and probe spacing; True if the flood measured the
+    limit itself (a streak, or a probe's answer) rather than a fallen one."""
+    since_cut = None if memory.last_cut_s is None else now_s - memory.last_cut_s
+    old_target = memory.target(margin)
+    # A flood met while probing above the cruise is the probe's answer, not one more cut of
+    # a streak: counting it as one took a margin off the ceiling at every probe, and the
+    # fleet ratcheted down probe after probe.
+    probing = old_target is not None and current > old_target * margin * (1 + 1e-6)
+    in_streak = not probing and since_cut is not None and since_cut < quiet_s
+    memory.suspect = (
+        not in_streak and old_target is not None and current <= old_target * margin * (1 + 1e-6)
+    )
+    near_the_limit = in_streak or (old_target is not None and not memory.suspect)
+    previous = memory.ceiling
+    memory.streak = memory.streak + 1 if in_streak else 1
+    memory.last_cut_s = now_s
+    # What the fleet really sent when Telegram said "too much": the next climb stops a
+    # margin below it.
+    memory.ceiling = min(current, measured) if measured > 0 else current
+    if previous is not None and not in_streak and not memory.suspect:
+        # A probe's flood: if it found the limit where the last one was, probe half as
+        # often (each probe costs a flood); if the limit had risen, as often as configured.
+        found_more = memory.ceiling > previous * PROBE_HEADROOM
+        backoff = min(MAX_PROBE_BACKOFF, 2 * memory.probe_backoff)
+        memory.probe_backoff = 1.0 if found_more else backoff
+    return near_the_limit
+
+
+def _depth(
+    memory: BucketMemory,
+    decision: Decision,
+    current: float,
+    estimate: float,
+    wait_s: float,
+    margin: float,
+    near_the_limit: bool,
+) -> Decision:
+    """The cut's rate: what the window allows, the cruise below a limit just measured, or the
+    policy's own cut."""
+    window = estimate > 0 and (wait_s >= WINDOW_WAIT_S or estimate < BURST_EVIDENCE * decision.rate)
+    if window and not memory.suspect:
+        # The FloodWait's N says what the window allows: the burst that filled it was
+        # allowed (a window-type limit), or the rate measured over a burst far above the
+        # limit would make a cut that still floods. Go to what the window allows.
+        memory.ceiling = estimate
+        return Decision(
+            min(current, estimate * margin),
+            "cut",
+            f"{decision.why}; the window allows {estimate:.3g}/s (N = {wait_s:g} s)",
+        )
+    ceiling = memory.target(margin)
+    if near_the_limit and ceiling is not None and ceiling * margin > decision.rate:
+        return Decision(
+            min(current, ceiling * margin),
+            "cut",
+            f"{decision.why}; straight to the cruise below it",
+        )
+    return decision
