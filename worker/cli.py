@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -125,13 +126,8 @@ async def _fetch_once(
         if not isinstance(cmd, FetchCommand):
             return cmd  # nothing to fetch, or the request was invalid (already said why)
         store = store_from_settings(settings)
-        fetcher = Fetcher(
-            telegram,
-            store,
-            tz=settings.tz,
-            concurrency=settings.fetch_concurrency,
-            metrics=metrics,
-        )
+        concurrency = settings.fetch_concurrency
+        fetcher = Fetcher(telegram, store, tz=settings.tz, concurrency=concurrency, metrics=metrics)
         bar = _ProgressPrinter(cmd)
         outcome: FetchOutcome = await fetcher.run(cmd, on_progress=bar.update)
         bar.done()
@@ -157,11 +153,8 @@ async def _fetch_once(
 async def _one_shot_command(
     settings: WorkerSettings, args: argparse.Namespace, telegram: TelegramSession, today: date
 ) -> FetchCommand | int:
-    """The command the options describe, validated like a queued one; or the exit code when
-    there is nothing to fetch (``--full`` on a chat with no history before today) or the
-    request is invalid. ``--full`` asks Telegram for the chat's first day, hence the session."""
-    import json
-
+    """The command the options describe, validated like a queued one, or the exit code when there
+    is nothing to fetch or it is invalid. ``--full`` asks Telegram for the chat's first day."""
     payload = build_fetch_payload(args, today)
     max_days = settings.max_range_days
     if _wants_full(settings, args):
