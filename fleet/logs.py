@@ -57,6 +57,7 @@ __all__ = [
     "InterceptHandler",
     "LogShipper",
     "Scrubber",
+    "active_shipper",
     "collect_secrets",
     "reset_logging",
     "setup_logging",
@@ -343,6 +344,12 @@ def setup_logging(
             _atexit_registered = True
             atexit.register(_close_at_exit)
     return shipper
+
+
+def active_shipper() -> LogShipper | None:
+    """The shipper the last :func:`setup_logging` built (None: no log server configured), for a
+    daemon that set up logging before its metrics existed (the governor's command line)."""
+    return _active_shipper
 
 
 def reset_logging(timeout: float = 1.0) -> None:

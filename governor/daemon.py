@@ -334,6 +334,11 @@ class Governor:
             chat_label_max=s.metrics_chat_label_max,
         )
         self._dead.metrics = self.metrics
+        # The command line set logging up before the metrics existed: count its shipper's drops
+        # (log_records_dropped_total{sink} at 0 for each configured log server, issue 12).
+        from fleet.logs import active_shipper
+
+        self.metrics.watch_log_shipper(active_shipper())
         if s.effective_metrics_mode == "off":
             return
         self._exporters = start_exporters(

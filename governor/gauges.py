@@ -6,6 +6,7 @@ is taken at most every ``GAUGE_SAMPLE_S`` rather than on every tick.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 
 from fleet.bucket import TokenBucket
 from fleet.gate import REQUEST_CLASSES
-from fleet.keys import Keys
+from fleet.keys import Keys, check_session
 from governor.settings import GovernorSettings
 
 GAUGE_SAMPLE_S = 5.0  # how often the leader samples bucket tokens and pauses for its gauges
@@ -46,6 +47,18 @@ class GaugeSampler:
             self.metrics.bucket_rate_per_second.labels(request_class=c).set(fleet["per_second"])
             paused = sum(1 for name in snap["pauses_s"] if name.endswith(f":{c}"))
             self.metrics.pauses_in_force.labels(request_class=c).set(paused)
+        await self._sessions()
+
+    async def _sessions(self) -> None:
+        """Every session a registered worker holds (its heartbeat's ``session``) gets its
+        ``flood_waits_total`` children at 0 before its first FloodWait."""
+        for raw in await self.redis.hvals(self.keys.workers):
+            try:
+                session = json.loads(raw).get("session")
+                if isinstance(session, str):
+                    self.metrics.know_session(check_session(session))
+            except (ValueError, AttributeError):
+                continue  # not a heartbeat this version wrote: nothing to label
 
     async def splits(self) -> None:
         """``split_commands_in_flight`` and ``split_parts{state}``, at most every

@@ -148,6 +148,14 @@ class GovernorMetrics(CommonMetrics):
             self.pauses_in_force.labels(request_class=request_class)
             self.flood_wait_seconds_total.labels(request_class=request_class)
 
+    def know_session(self, session: str) -> None:
+        """A session a worker holds: its ``flood_waits_total`` children start at 0, so the flood
+        panels and ``rate()`` see "none yet" rather than no series (issue 12). The label cap
+        applies as for a flood (the same sessions are the ones that would flood)."""
+        label = self.session_label(session)
+        for request_class in REQUEST_CLASSES:
+            self.flood_waits_total.labels(session=label, request_class=request_class)
+
     def count_flood_wait(self, session: str, request_class: str, seconds: float) -> None:
         self.flood_waits_total.labels(
             session=self.session_label(session), request_class=request_class

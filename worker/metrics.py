@@ -19,6 +19,26 @@ from fleet.metrics import (
     LabelCap,
 )
 
+#: ``fetch_errors_total{type}`` children known in advance: the ``type_name`` of every
+#: :mod:`worker.errors` class the code raises and counts (not ``CommandRejected``, counted as
+#: ``commands_total{status="rejected"}``, nor ``ShutdownRequested``, an interruption), the plain
+#: ``FetchError`` a part's internal error is wrapped in, and a split command's ``PartFailed``.
+#: An unexpected exception is counted under its own class name when it happens.
+FETCH_ERROR_TYPES = (
+    "RateLimited",
+    "TransientError",
+    "GapDetected",
+    "ChatMoved",
+    "PermanentError",
+    "SessionRevoked",
+    "BreakerOpen",
+    "StorageError",
+    "FetchError",
+    "PartFailed",
+)
+#: ``last_retry_delay_seconds{target}`` children known in advance: the targets of ``RETRIES``.
+RETRY_TARGETS = tuple(dict.fromkeys(target for target, _ in RETRIES))
+
 
 class WorkerMetrics(CommonMetrics):
     """The worker's registry: fetch, queue and request-gate metrics (seeds 002 and 004)."""
@@ -108,6 +128,15 @@ class WorkerMetrics(CommonMetrics):
         for source, reason in RATE_LIMIT_HITS:
             self.rate_limit_hits_total.labels(source=source, reason=reason)
         self.breaker_open_total.labels(component="telegram")
+        self._errors_and_delays_at_zero()
+
+    def _errors_and_delays_at_zero(self) -> None:
+        """Issue 12: the error and retry-delay panels show 0, not "no data", until the first
+        error or retry (the delay gauge reads 0 until a retry sets it)."""
+        for error_type in FETCH_ERROR_TYPES:
+            self.fetch_errors_total.labels(type=error_type)
+        for target in RETRY_TARGETS:
+            self.last_retry_delay_seconds.labels(target=target)
 
     def observe_fetch(self, chat: str, seconds: float) -> None:
         self.fetch_duration_seconds.labels(chat=self.chat_label(chat)).observe(seconds)
