@@ -1,5 +1,9 @@
-"""A one-shot fetch SIGKILLed at random instants always leaves valid files, and resuming ends with
-exactly the files of an uninterrupted run (CONTRACT §5: a file is absent or complete)."""
+"""A one-shot fetch SIGKILLed at random points of its run always leaves valid files, and resuming
+ends with exactly the files of an uninterrupted run (CONTRACT §5: a file is absent or complete).
+
+The kill points are drawn in requests, not seconds: the parent watches the simulator's request
+log and kills after the k-th new request, so every kill lands in a running fetch however loaded
+the machine is (a kill aimed by the clock used to miss when the machine was slow or fast)."""
 
 from __future__ import annotations
 
@@ -20,13 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "worker/schemas/day_file.schema.json").read_text())
 ARGS = ["fetch", "--chat", "@kill_test", "--from", "2025-11-01", "--to", "2025-11-03"]
 KILLS_PER_SEQUENCE = 4
-MIN_INTERRUPTED = 20  # kills that really land in a running fetch
-MAX_KILLS = 48
-STARTUP_S = 0.4  # interpreter + imports, before the first request
+KILLS = 20
+MAX_REQUESTS_BEFORE_KILL = 60  # x 4 kills stays below the ~270 requests of the whole fetch
 
 
 def env_for(data: Path) -> dict[str, str]:
     return {
+        "SIM_REQUEST_LOG": str(data.parent / "requests.jsonl"),
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(data.parent),
         "PYTHONPATH": str(ROOT),  # this checkout, with or without an editable install
@@ -71,25 +75,27 @@ def messages(data: Path) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_fetch_killed_at_random_instants_resumes_to_the_uninterrupted_result(
+def test_fetch_killed_at_random_points_resumes_to_the_uninterrupted_result(
     tmp_path: Path,
 ) -> None:
     reference = tmp_path / "reference" / "data"
     reference.parent.mkdir()
-    started = time.monotonic()
     run_to_end(reference)
-    full_run_s = time.monotonic() - started
     expected = messages(reference)
     assert len(expected) == 3 and sum(len(v) for v in expected.values()) > 5000
+    # Room for every kill of a sequence inside one fetch, even before any resume.
+    requests = _lines(reference.parent / "requests.jsonl")
+    assert requests > KILLS_PER_SEQUENCE * MAX_REQUESTS_BEFORE_KILL, requests
 
     rng = random.Random(20251109)
-    interrupted = kills = seq = 0
-    while interrupted < MIN_INTERRUPTED:
-        assert kills < MAX_KILLS, f"only {interrupted} of {kills} kills landed in a running fetch"
+    interrupted = seq = 0
+    while interrupted < KILLS:
         seq += 1
         data = tmp_path / f"seq{seq}" / "data"
         data.parent.mkdir()
+        log = data.parent / "requests.jsonl"
         for _ in range(KILLS_PER_SEQUENCE):
+            seen = _lines(log)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "worker", *ARGS],
                 cwd=data.parent,
@@ -97,16 +103,24 @@ def test_fetch_killed_at_random_instants_resumes_to_the_uninterrupted_result(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            # Aim inside the fetch phase; every kill resumes work, so the window shrinks.
-            time.sleep(rng.uniform(0.1, STARTUP_S + (full_run_s - STARTUP_S) * 0.6))
+            at = seen + rng.randint(1, MAX_REQUESTS_BEFORE_KILL)
+            deadline = time.monotonic() + 60
+            while _lines(log) < at and proc.poll() is None:
+                assert time.monotonic() < deadline, "the fetch stopped sending requests"
+                time.sleep(0.002)
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
-            kills += 1
             assert_valid(data)
-            if proc.returncode != -signal.SIGKILL:
-                break  # it finished before the kill: this data root is complete
+            assert proc.returncode == -signal.SIGKILL, "the fetch ended before its kill point"
             interrupted += 1
         run_to_end(data)
         assert_valid(data)
         assert messages(data) == expected
-        assert not list(data.rglob("*.tmp")) and not list(data.rglob("*.partial.jsonl"))
+
+
+def _lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
