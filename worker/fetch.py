@@ -103,6 +103,9 @@ class Fetcher:
         todo: list[date] = []
         for day in cmd.days:
             if not cmd.force and await asyncio.to_thread(self.store.is_complete, cmd.chat.key, day):
+                await asyncio.to_thread(
+                    self.store.sweep_journal, cmd.chat.key, cmd.chat.display, day
+                )
                 self._skip(cmd, day, outcome)
             else:
                 todo.append(day)

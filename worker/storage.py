@@ -92,6 +92,17 @@ class DayStore:
         path = self.day_path(chat_key, day)
         return self.progress.is_complete(chat_key, day) and path.exists()
 
+    def sweep_journal(self, chat_key: str, chat_display: str, day: date) -> bool:
+        """Delete the journal a complete day still has (a kill between marking the day complete
+        and deleting its journal): a skipped day is never opened again, so without this the
+        journal would stay forever. Opening the day under its lock deletes it (a forced refetch
+        holding the lock keeps its own journal). True if there was one."""
+        path = self.day_path(chat_key, day)
+        if not path.with_name(f".discussions_{day.isoformat()}.partial.jsonl").exists():
+            return False
+        with self.open_day(chat_key, chat_display, day):
+            return True
+
     def open_day(
         self, chat_key: str, chat_display: str, day: date, *, force: bool = False
     ) -> DayWriter:

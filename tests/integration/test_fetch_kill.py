@@ -116,6 +116,7 @@ def test_fetch_killed_at_random_points_resumes_to_the_uninterrupted_result(
         run_to_end(data)
         assert_valid(data)
         assert messages(data) == expected
+        assert not list(data.rglob("*.tmp")) and not list(data.rglob("*.partial.jsonl"))
 
 
 def _lines(path: Path) -> int:

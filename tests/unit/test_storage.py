@@ -228,6 +228,22 @@ def test_complete_day_is_not_fetched_again(store: DayStore) -> None:
     assert path.read_bytes() == before
 
 
+def test_a_complete_days_leftover_journal_is_swept_when_the_day_is_skipped(
+    store: DayStore,
+) -> None:
+    """A kill between marking a day complete and deleting its journal left the journal
+    forever: the fetcher skips complete days without opening them (seen in a CI run)."""
+    path = write_day(store, pages([1, 2]))
+    journal = path.with_name(f".discussions_{DAY.isoformat()}.partial.jsonl")
+    journal.write_text('{"header": true}\n')  # what the kill left
+    assert store.is_complete(KEY, DAY)
+    before = path.read_bytes()
+    assert store.sweep_journal(KEY, CHAT, DAY)
+    assert not journal.exists()
+    assert path.read_bytes() == before and store.is_complete(KEY, DAY)
+    assert not store.sweep_journal(KEY, CHAT, DAY)
+
+
 def test_force_refetch_rewrites_identical_messages_and_only_fetched_at_changes(
     store: DayStore, clock: FakeClock
 ) -> None:
