@@ -33,7 +33,7 @@ from worker.dayfile import (
 )
 from worker.diskio import fsync_dir, os_error, storage_error
 from worker.errors import StorageError
-from worker.journal import journal_header, journal_lines, recover
+from worker.journal import journal_header, journal_lines, journal_path, recover
 
 if TYPE_CHECKING:
     from worker.progress import DayProgress
@@ -59,7 +59,7 @@ class DayWriter:
         self.chat_display = chat_display
         self.day = day
         self.path = path
-        self.journal_path = path.with_name(f".discussions_{day.isoformat()}.partial.jsonl")
+        self.journal_path = journal_path(path, day)
         self.tmp_path = path.with_name(f".{path.name}.tmp")
         self.force = force
         self.new_messages = 0  # appended by this writer

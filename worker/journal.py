@@ -20,6 +20,11 @@ from worker.dayfile import ID_PREFIX, JOURNAL_KIND
 from worker.errors import StorageError
 
 
+def journal_path(day_path: Path, day: date) -> Path:
+    """Where the journal of the day file ``day_path`` lives (beside it, hidden)."""
+    return day_path.with_name(f".discussions_{day.isoformat()}.partial.jsonl")
+
+
 def journal_header(schema_version: str, timezone: str, chat_key: str, day: date) -> bytes:
     """The first line: a journal written for anything else is discarded, not resumed."""
     header = {

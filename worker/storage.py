@@ -40,6 +40,7 @@ from worker.dayfile import validate_chat_key
 from worker.daywriter import DayWriter
 from worker.diskio import acquire_fd_lock, os_error
 from worker.errors import StorageError
+from worker.journal import journal_path
 from worker.progress import ProgressStore
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ class DayStore:
         journal would stay forever. Opening the day under its lock deletes it (a forced refetch
         holding the lock keeps its own journal). True if there was one."""
         path = self.day_path(chat_key, day)
-        if not path.with_name(f".discussions_{day.isoformat()}.partial.jsonl").exists():
+        if not journal_path(path, day).exists():
             return False
         with self.open_day(chat_key, chat_display, day):
             return True
