@@ -27,7 +27,8 @@ Config keys: ``session``, ``policy``, ``seconds``, ``redis_url`` (the governor's
 ``prefix`` (its key prefix), ``sim_redis_url``/``sim_prefix`` (the simulator's fleet limit and
 limits hash; a separate server keeps the round-trip count honest), ``request_log``,
 ``fixed_rate``, ``settings`` (extra settings fields, e.g. rates or this account's
-``sim_history_requests``), ``ready_key`` (RPUSHed on the governor's Redis once connected).
+``sim_history_requests``), ``ready_key`` (RPUSHed on the governor's Redis once connected),
+``go_key`` (optional: BLPOPed after that; the run starts when it yields).
 """
 
 from __future__ import annotations
@@ -132,8 +133,7 @@ async def run_baseline(
         settings, session, float(cfg.get("fixed_rate") or 0) if policy == "fixed" else 0.0
     )
     await tg.connect()
-    if cfg.get("ready_key"):
-        await client.rpush(cfg["ready_key"], session)
+    await _ready(cfg, client, session)
     username = str(parse_chat(cfg.get("chat", f"@bench_{session}")).lookup)
     messages = pages = errors = 0
     end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -190,6 +190,16 @@ async def run_baseline(
     }
 
 
+async def _ready(cfg: dict[str, Any], client: aioredis.Redis, session: str) -> None:
+    """Say "ready" (RPUSH ``ready_key``), then wait for one "go" (BLPOP ``go_key``), so that
+    every worker of every policy in a side-by-side run starts at the same moment."""
+    if cfg.get("ready_key"):
+        await client.rpush(cfg["ready_key"], session)
+    if cfg.get("go_key"):
+        while await client.blpop([cfg["go_key"]], timeout=1) is None:
+            pass
+
+
 async def _run_until(cfg: dict[str, Any], stop: asyncio.Event, fetch: Any) -> float:
     t0 = time.monotonic()
     deadline = t0 + float(cfg.get("seconds", 60))
@@ -217,7 +227,6 @@ async def main(cfg: dict[str, Any]) -> dict[str, Any]:
         sim_request_log=cfg.get("request_log"),
         sim_messages_per_day=cfg.get("messages_per_day", 200),
         sim_latency_ms=cfg.get("latency_ms", 10.0),
-        flood_wait_jitter_seconds=0.2,
         **cfg.get("settings", {}),
     )
     stop = asyncio.Event()
@@ -269,8 +278,7 @@ async def main(cfg: dict[str, Any]) -> dict[str, Any]:
         settings, session, gate=fleet_gate, client_factory=sim_client_factory(settings)
     )
     await telegram.connect()
-    if cfg.get("ready_key"):
-        await client.rpush(cfg["ready_key"], session)
+    await _ready(cfg, client, session)
     chat = await telegram.resolve(parse_chat(cfg.get("chat", f"@bench_{session}")))
     messages = pages = errors = 0
     end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)

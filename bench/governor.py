@@ -292,7 +292,90 @@ def _wait_ready(client: redis.Redis, key: str, procs: list[subprocess.Popen[byte
                                f"{READY_TIMEOUT_S:g} s")  # fmt: skip
 
 
-def run_policy(
+@dataclass
+class _Run:
+    """One policy's run in progress: its processes and where it writes."""
+
+    sc: Scenario
+    policy: str
+    seconds: float
+    gov: _Redis
+    sim: _Redis
+    limits_key: str
+    log_path: Path
+    workers: list[subprocess.Popen[bytes]]
+    governor: subprocess.Popen[bytes] | None
+    gov_log: Any
+    ready_key: str
+    go_key: str
+    changes: list[float] = field(default_factory=list)
+
+    def kill(self) -> None:
+        for p in self.workers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if self.governor is not None and self.governor.poll() is None:
+            self.governor.send_signal(signal.SIGTERM)
+            self.governor.wait(30)
+        self.gov_log.close()
+
+
+def run_policies(
+    sc: Scenario,
+    policies: list[str],
+    seconds: float,
+    servers: dict[str, tuple[_Redis, _Redis]],
+    workdir: Path,
+    extra: dict[str, str],
+    *,
+    parallel: bool,
+) -> dict[str, dict[str, Any]]:
+    """Run ``policies`` on ``sc``: all at once (``parallel``: each on its own two Redis
+    servers, started together and changed together, so every policy meets the same moments)
+    or one after the other."""
+    if not parallel:
+        out = {}
+        for policy in policies:
+            print(f"{sc.name} seed {sc.seed}: {LABELS[policy]} for {seconds:g} s ...",
+                  file=sys.stderr)  # fmt: skip
+            run = _start(sc, policy, seconds, *servers[policy], workdir, extra)
+            out[policy] = _finish(run, _go([run]))
+        return out
+    print(f"{sc.name} seed {sc.seed}: {', '.join(LABELS[p] for p in policies)} side by side "
+          f"for {seconds:g} s ...", file=sys.stderr)  # fmt: skip
+    runs: list[_Run] = []
+    try:
+        for policy in policies:
+            runs.append(_start(sc, policy, seconds, *servers[policy], workdir, extra))
+        changes = _go(runs)
+        return {run.policy: _finish(run, changes) for run in runs}
+    finally:
+        for run in runs:
+            run.kill()
+
+
+def _go(runs: list[_Run]) -> list[float]:
+    """Wait until every worker of every run is ready, then let the limits change at the same
+    moments for all of them (the start is when the last worker became ready)."""
+    for run in runs:
+        _wait_ready(run.gov.client(), run.ready_key, run.workers)
+    sc, seconds = runs[0].sc, runs[0].seconds
+    for run in runs:
+        run.gov.client().rpush(run.go_key, *["go"] * len(run.workers))
+    t_start = time.time()
+    changes = [t_start]
+    first = sc.phases[0]
+    for n, phase in enumerate(sc.phases[1:], start=1):
+        at = t_start + seconds * n / len(sc.phases)
+        time.sleep(max(0.0, at - time.time()))
+        for run in runs:
+            run.sim.client().hset(run.limits_key, mapping=_limits_hash(phase, first))
+        changes.append(time.time())
+    return changes
+
+
+def _start(
     sc: Scenario,
     policy: str,
     seconds: float,
@@ -300,7 +383,7 @@ def run_policy(
     sim: _Redis,
     workdir: Path,
     extra: dict[str, str],
-) -> dict[str, Any]:
+) -> _Run:
     gov.client().flushall()
     sim.client().flushall()
     prefix = f"bench_{policy}:"
@@ -347,6 +430,7 @@ def run_policy(
                 "sim_history_window_seconds": w,
             },
             "ready_key": ready_key,
+            "go_key": f"{prefix}bench:go",
             "latency_ms": 10.0,
         }
         workers.append(
@@ -357,32 +441,23 @@ def run_policy(
                 stderr=subprocess.PIPE,
             )
         )
+    return _Run(sc, policy, seconds, gov, sim, limits_key, log_path, workers, governor, gov_log,
+                ready_key, f"{prefix}bench:go")  # fmt: skip
+
+
+def _finish(run: _Run, changes: list[float]) -> dict[str, Any]:
+    """Collect every worker's statistics (they stop by themselves after ``seconds``)."""
     try:
-        _wait_ready(gov.client(), ready_key, workers)
-        t_start = time.time()
-        changes = [t_start]
-        for n, phase in enumerate(sc.phases[1:], start=1):
-            at = t_start + seconds * n / len(sc.phases)
-            time.sleep(max(0.0, at - time.time()))
-            sim.client().hset(limits_key, mapping=_limits_hash(phase, first))
-            changes.append(time.time())
         stats = []
-        for p in workers:
-            out, err = p.communicate(timeout=seconds + 60)
+        for p in run.workers:
+            out, err = p.communicate(timeout=run.seconds + 60)
             lines = out.decode().strip().splitlines()
             if p.returncode != 0 or not lines:
                 raise RuntimeError(f"a bench worker failed: {err.decode()[-2000:]}")
             stats.append(json.loads(lines[-1]))
     finally:
-        for p in workers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if governor is not None:
-            governor.send_signal(signal.SIGTERM)
-            governor.wait(30)
-        gov_log.close()
-    return summarize(sc, policy, seconds, stats, log_path, changes)
+        run.kill()
+    return summarize(run.sc, run.policy, run.seconds, stats, run.log_path, changes)
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
@@ -608,6 +683,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-governor.json"))
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write one PNG per scenario")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the policies one after the other (default: side by side, each on its own "
+        "Redis servers, started and changed at the same moments)",
+    )
     parser.add_argument("--replot", type=Path, metavar="FILE", help="plot an earlier --out")
     parser.add_argument(
         "--governor-env",
@@ -634,30 +715,34 @@ def main() -> int:
         parser.error(str(exc))
     extra = dict(item.split("=", 1) for item in args.governor_env)
     workdir = Path(tempfile.mkdtemp(prefix="bench-governor-"))
-    gov = _Redis(workdir / "redis-governor")
-    sim = _Redis(workdir / "redis-sim")
+    servers: dict[str, tuple[_Redis, _Redis]] = {}
     runs: list[dict[str, Any]] = []
     flat: list[dict[str, Any]] = []
     try:
+        for policy in policies:
+            servers[policy] = (
+                _Redis(workdir / f"redis-governor-{policy}"),
+                _Redis(workdir / f"redis-sim-{policy}"),
+            )
         for sc in scenarios:
-            by: dict[str, dict[str, Any]] = {}
-            for policy in policies:
-                print(f"{sc.name} seed {sc.seed}: {LABELS[policy]} for {args.seconds:g} s ...",
-                      file=sys.stderr)  # fmt: skip
-                by[policy] = run_policy(sc, policy, args.seconds, gov, sim, workdir, extra)
-                flat.append(by[policy])
+            by = run_policies(
+                sc, policies, args.seconds, servers, workdir, extra, parallel=not args.sequential
+            )
+            flat.extend(by.values())
             runs.append({"scenario": asdict(sc), "results": by, "targets": targets(by, sc)})
             # Written after every scenario: a long matrix interrupted keeps what it measured.
             document = {
                 "seconds_per_policy": args.seconds,
+                "side_by_side": not args.sequential,
                 "governor_env": extra,
                 "runs": runs,
                 "workdir": str(workdir),
             }
             args.out.write_text(json.dumps(document, indent=1))
     finally:
-        gov.stop()
-        sim.stop()
+        for pair in servers.values():
+            for server in pair:
+                server.stop()
     print(table(flat))
     for run in runs:
         if run["targets"]:
