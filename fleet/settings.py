@@ -91,7 +91,9 @@ class FleetSettings(BaseSettings):
     fleet_rate_other_burst: int = Field(5, ge=1)
     fleet_rate_min_per_second: float = Field(0.05, gt=0)
     fleet_rate_max_per_second: float = Field(100.0, gt=0)
-    flood_wait_jitter_seconds: float = Field(0.5, ge=0)
+    # Random extra seconds on a FloodWait's N, in the worker's sleep and in the bucket's pause.
+    # Small: N is already rounded up, and every flood costs the account N + this.
+    flood_wait_jitter_seconds: float = Field(0.1, ge=0)
     # A FloodWait of N s also holds the whole class fleet-wide for min(N, this): 0 disables.
     flood_fleet_hold_seconds: float = Field(1.0, ge=0)
     flood_events_max: int = Field(10_000, ge=10)

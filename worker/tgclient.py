@@ -48,7 +48,6 @@ OnRateLimit = Callable[[str, str], None]
 
 PAGE_SIZE = 100
 MAX_FLOOD_RETRIES = 5  # consecutive slept-out FloodWaits on one request before giving up
-FLOOD_JITTER_S = (0.1, 1.0)
 
 _HISTORY = (functions.messages.GetHistoryRequest,)
 _RESOLVE = (functions.contacts.ResolveUsernameRequest, functions.channels.GetChannelsRequest)
@@ -134,6 +133,7 @@ class GatedClient(TelegramClient):
         self._tf_clock: Clock = clock or SystemClock()
         self._tf_timeout_s = settings.telegram_request_timeout_seconds
         self._tf_flood_cap_s = settings.flood_wait_max_seconds
+        self._tf_jitter_s = settings.flood_wait_jitter_seconds
         self._tf_rng = rng or random.Random()
         # The retrier names a retry by the exception's class; a relayed 5xx would show as
         # ``_TransientRpc``, so the hook is told the RPC reason (``INTERNAL``) instead.
@@ -239,7 +239,9 @@ class GatedClient(TelegramClient):
         await self._flood_sleep(remaining, request_class)
 
     async def _flood_sleep(self, seconds: float, request_class: RequestClass) -> None:
-        delay = seconds + self._tf_rng.uniform(*FLOOD_JITTER_S)
+        # N is whole seconds rounded up: the window has a free slot by then. The jitter only
+        # keeps accounts that flooded together from re-sending in the same instant.
+        delay = seconds + self._tf_rng.uniform(0.0, self._tf_jitter_s)
         logger.info(
             "flood wait {:.0f}s on {}; sleeping {:.1f}s",
             seconds,
