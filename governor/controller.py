@@ -28,7 +28,7 @@ from fleet.bucket import ClassRate, Counters, RateDefaults, TokenBucket
 from fleet.gate import REQUEST_CLASSES
 from fleet.scripts import text
 from governor.floods import FloodLog, RawFlood
-from governor.measure import HISTORY_S, burst_start, keep, per_s
+from governor.measure import HISTORY_S, MEASURE_WINDOW_S, burst_start, keep, per_s
 from governor.measure import measured as measured_rate
 from governor.memory import BucketMemory, cut
 from governor.policy import (
@@ -162,7 +162,7 @@ class RateController:
         if shared:
             fleet_memory.shared = True
             at_s = max(f.at_s for f in shared)
-            estimate = self._window_estimate(now, f"{c}:sent", fleet_memory, wait_s, at_s)
+            estimate = self._window_estimate(now, f"{c}:sent", fleet_memory, wait_s, at_s, c)
             # The rate when Telegram said "too much" (read as the flood came in; the flood
             # is judged a tick later, when the window has drained).
             measured = max(f.fleet_rate for f in shared)
@@ -193,7 +193,7 @@ class RateController:
         estimate = 0.0
         if mine:
             at_s = max(f.at_s for f in mine)
-            estimate = self._window_estimate(now, name, memory, wait_s, at_s)
+            estimate = self._window_estimate(now, name, memory, wait_s, at_s, c, session)
         change = await self._decide(
             f"session:{session}", c, now.at_s, current, measured, saturated, len(mine),
             estimate=estimate, wait_s=wait_s,
@@ -208,14 +208,19 @@ class RateController:
 
         def seen(event: RawFlood) -> FloodSeen:
             at_s, session, seconds = event
+            # What got through before Telegram said "too much": the bucket admitted the
+            # refused requests too, and counting them puts the ceiling above the limit (for a
+            # window of K requests, (K + 1) / W: 25% too high for K = 4).
+            refused = self._floods.refused(c, events, since_s=now.at_s - MEASURE_WINDOW_S)
+            mine = sum(1 for e in refused if e[1] == session)
             return FloodSeen(
                 at_s,
                 session,
                 seconds,
-                own_rate=self._measured(now, f"session:{session}:{c}:admits"),
+                own_rate=self._measured(now, f"session:{session}:{c}:admits", refused=mine),
                 # The limit its own floods taught it (None: it never flooded alone).
                 own_limit=self._own_limit(session, c),
-                fleet_rate=self._measured(now, f"{c}:sent"),
+                fleet_rate=self._measured(now, f"{c}:sent", refused=len(refused)),
             )
 
         fleet_shared = self._memory.get(("fleet", c), BucketMemory()).shared
@@ -226,11 +231,19 @@ class RateController:
         return None if memory is None else memory.ceiling
 
     def _window_estimate(
-        self, now: Counters, name: str, memory: BucketMemory, wait_s: float, flood_at_s: float
+        self,
+        now: Counters,
+        name: str,
+        memory: BucketMemory,
+        wait_s: float,
+        flood_at_s: float,
+        c: str,
+        session: str | None = None,
     ) -> float:
-        """What a window-type limit allows, from the requests counted since the window last
-        freed (the previous flood's end, or the oldest sample) until the flood at
-        ``flood_at_s``, and this flood's N."""
+        """What a window-type limit allows, from the requests that got through since the window
+        last freed (the previous flood's end, or the oldest sample) until the flood at
+        ``flood_at_s`` (the refused ones of ``session``, or of the class, left out), and this
+        flood's N."""
         start = max(self._samples[0].at_s, now.at_s - HISTORY_S)
         if memory.free_at_s is not None:
             start = max(start, memory.free_at_s)
@@ -238,11 +251,16 @@ class RateController:
         span = max(0.0, min(now.at_s, flood_at_s) - before.at_s)
         if not memory.note_window(flood_at_s, wait_s, span):
             return 0.0
-        return window_estimate(now.get(name) - before.get(name), span, wait_s)
+        refused = [
+            f for f in self._floods.refused(c, [], since_s=before.at_s)
+            if f[0] <= flood_at_s and (session is None or f[1] == session)
+        ]  # fmt: skip
+        return window_estimate(now.get(name) - before.get(name) - len(refused), span, wait_s)
 
-    def _measured(self, now: Counters, name: str) -> float:
-        """Per second over exactly the last MEASURE_WINDOW_S (:func:`governor.measure.measured`)."""
-        return measured_rate(self._samples, now, name)
+    def _measured(self, now: Counters, name: str, *, refused: int = 0) -> float:
+        """Per second over exactly the last MEASURE_WINDOW_S (:func:`governor.measure.measured`),
+        less ``refused`` requests the bucket admitted but Telegram refused in that window."""
+        return measured_rate(self._samples, now, name, less=refused)
 
     async def _decide(
         self,

@@ -56,6 +56,13 @@ class FloodLog:
             out.setdefault(f.get("class", ""), []).append((at_s, f.get("session", ""), seconds))
         return out
 
+    def refused(self, c: str, events: list[RawFlood], *, since_s: float) -> list[RawFlood]:
+        """The floods of class ``c`` known so far (judged, waiting, and ``events`` just read)
+        from ``since_s`` on: requests the bucket admitted that Telegram refused."""
+        known = [(f.at_s, f.session, f.wait_s) for f in self._recent.get(c, [])]
+        known += [(f.at_s, f.session, f.wait_s) for f in self._pending.get(c, [])]
+        return [e for e in [*known, *events] if e[0] >= since_s]
+
     def judge(
         self,
         c: str,

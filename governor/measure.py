@@ -32,8 +32,9 @@ def keep(samples: deque[Counters], now: Counters) -> None:
         samples.popleft()
 
 
-def measured(samples: Sequence[Counters], now: Counters, name: str) -> float:
-    """Per second over exactly the last MEASURE_WINDOW_S (or since the oldest sample).
+def measured(samples: Sequence[Counters], now: Counters, name: str, *, less: int = 0) -> float:
+    """Per second over exactly the last MEASURE_WINDOW_S (or since the oldest sample), not
+    counting ``less`` of the requests in it (those Telegram refused).
 
     Samples come once a tick and at each flood, so the counter's value at the window's
     start is interpolated between the two samples around it: a window that is really
@@ -55,7 +56,7 @@ def measured(samples: Sequence[Counters], now: Counters, name: str) -> float:
     span = now.at_s - start
     if span <= 0:
         return 0.0
-    return max(0.0, now.get(name) - value) / span
+    return max(0.0, now.get(name) - value - less) / span
 
 
 def _skip_idle_start(samples: Sequence[Counters], name: str, start: float, value: float) -> float:

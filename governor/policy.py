@@ -243,6 +243,13 @@ class FloodSeen:
     fleet_rate: float = 0.0  # the class's measured fleet rate when it flooded
 
 
+#: Two floods keep each other company (evidence of a shared window) only when their sessions ran
+#: at comparable rates: a shared window that fills refuses whoever sends next, so a session far
+#: slower than the others that floods as often as they do is meeting its own limit (an account
+#: 5x slower than its fleet-mates, flooding at every turn, cut the whole fleet otherwise).
+COMPANY_RATE_RATIO = 0.4
+
+
 def attribute(
     floods: list[FloodSeen],
     recent: list[FloodSeen],
@@ -256,14 +263,19 @@ def attribute(
 
     A flood of a session running at ``at_own_limit`` × its own learned limit or above is its
     own: its own limit explains it. Otherwise it is shared when another session (not itself at
-    its own limit) flooded within ``shared_window_s`` of it (``recent`` are earlier floods of
-    the same class; several sessions flooding close together is a limit binding whichever
-    sessions run), or when the fleet's limit is already known to bind and this session runs
-    below a limit it learned alone. A lone flood with no such evidence belongs to the session.
+    its own limit, running at a rate within ``COMPANY_RATE_RATIO`` of this one's) flooded within
+    ``shared_window_s`` of it (``recent`` are earlier floods of the same class; several
+    sessions flooding close together is a limit binding whichever sessions run), or when the
+    fleet's limit is already known to bind and this session runs below a limit it learned
+    alone. A lone flood with no such evidence belongs to the session.
     """
 
     def own(f: FloodSeen) -> bool:
         return f.own_limit is not None and f.own_rate >= at_own_limit * f.own_limit
+
+    def comparable(f: FloodSeen, g: FloodSeen) -> bool:
+        low, high = sorted((f.own_rate, g.own_rate))
+        return high <= 0 or low >= COMPANY_RATE_RATIO * high
 
     pool = [*recent, *floods]
     out = []
@@ -272,7 +284,10 @@ def attribute(
             out.append(False)
             continue
         company = any(
-            g.session != f.session and abs(g.at_s - f.at_s) <= shared_window_s and not own(g)
+            g.session != f.session
+            and abs(g.at_s - f.at_s) <= shared_window_s
+            and not own(g)
+            and comparable(f, g)
             for g in pool
         )
         out.append(company or (fleet_shared and f.own_limit is not None))

@@ -349,6 +349,16 @@ def test_an_account_running_at_its_own_learned_limit_explains_its_flood() -> Non
     assert attribute([flood(10.0, "c")], [], shared_window_s=0.5, fleet_shared=True) == [False]
 
 
+def test_a_far_slower_account_flooding_with_the_others_is_no_evidence_of_a_shared_limit() -> None:
+    # An account 5x slower than its fleet-mates, flooding together with one of them: each
+    # meets its own limit (a shared window refuses whoever sends next, mostly the fast).
+    slow, fast = flood(10.0, "slow", own_rate=2.0), flood(10.1, "fast", own_rate=9.0)
+    assert attribute([slow, fast], [], shared_window_s=0.5, fleet_shared=False) == [False, False]
+    # Comparable rates keep each other company.
+    near = flood(10.1, "fast", own_rate=4.0)
+    assert attribute([slow, near], [], shared_window_s=0.5, fleet_shared=False) == [True, True]
+
+
 def test_a_bucket_that_never_flooded_grows_by_the_slow_start_factor() -> None:
     p = replace(P, slow_start_factor=1.25)
     grown = decide(TickInputs(4.0, 4.0, True, 0), p)
