@@ -24,13 +24,13 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from fleet.bucket import ClassRate, Counters, RateDefaults, TokenBucket
+from fleet.bucket import WINDOW_LOG_SECONDS, ClassRate, Counters, RateDefaults, TokenBucket
 from fleet.gate import REQUEST_CLASSES
 from fleet.scripts import text
 from governor.floods import FloodLog, RawFlood
 from governor.measure import HISTORY_S, MEASURE_WINDOW_S, burst_start, keep, per_s
 from governor.measure import measured as measured_rate
-from governor.memory import BucketMemory, cut
+from governor.memory import WINDOW_WAIT_S, BucketMemory, cut
 from governor.policy import (
     AimdParams,
     Decision,
@@ -168,7 +168,7 @@ class RateController:
             measured = max(f.fleet_rate for f in shared)
         return await self._decide(
             "fleet", c, now.at_s, current, measured, saturated, len(shared),
-            estimate=estimate, wait_s=wait_s,
+            estimate=estimate, wait_s=wait_s, pending=bool(self._floods.pending_sessions(c)),
         )  # fmt: skip
 
     async def _session(
@@ -197,8 +197,48 @@ class RateController:
         change = await self._decide(
             f"session:{session}", c, now.at_s, current, measured, saturated, len(mine),
             estimate=estimate, wait_s=wait_s,
+            pending=session in self._floods.pending_sessions(c),
         )  # fmt: skip
-        return [] if change is None else [change]
+        changes = [] if change is None else [change]
+        if mine and wait_s >= WINDOW_WAIT_S:
+            flood_at_s = max(f.at_s for f in mine)
+            window = await self._own_window(session, c, now, name, memory, flood_at_s)
+            if window is not None:
+                changes.append(window)
+        return changes
+
+    async def _own_window(
+        self, session: str, c: str, now: Counters, name: str, memory: BucketMemory, at_s: float
+    ) -> RateChange | None:
+        """A long FloodWait of one account: its own limit is a window (K requests per W s,
+        bursts allowed), used as such (:meth:`TokenBucket.set_window`) instead of a rate that
+        would smooth the burst away. The first one: K = the requests that got through since the
+        window last freed, W = their span + N (N is rounded up, so W is never too short). A
+        flood with a window already set: K was too many; K = what got through in the last W
+        before it, and at least one less."""
+        answered, seconds = memory.window_k, memory.window_s
+        if answered is None or seconds is None or not 0 < seconds <= WINDOW_LOG_SECONDS:
+            return None
+        old = memory.window_set
+        if old is not None:
+            k_old, w_old = old
+            since = at_s - w_old
+            base = self._samples[0]
+            for sample in self._samples:
+                if sample.at_s > since:
+                    break
+                base = sample
+            refused = [f for f in self._floods.refused(c, [], since_s=since)
+                       if f[1] == session and f[0] <= at_s]  # fmt: skip
+            got = now.get(name) - base.get(name) - len(refused)
+            answered, seconds = min(k_old - 1, got), max(w_old, seconds)
+        if answered < 1:
+            return None
+        memory.window_set = (answered, seconds)
+        await self.bucket.set_window(session, c, answered, seconds)  # type: ignore[arg-type]
+        rate = answered / seconds
+        why = f"own window: {answered} requests per {seconds:.3g} s, bursts allowed"
+        return RateChange(f"session:{session}", c, rate, rate, Decision(rate, "cut", why))
 
     def _attribute(
         self, c: str, now: Counters, events: list[RawFlood]
@@ -255,7 +295,10 @@ class RateController:
             f for f in self._floods.refused(c, [], since_s=before.at_s)
             if f[0] <= flood_at_s and (session is None or f[1] == session)
         ]  # fmt: skip
-        return window_estimate(now.get(name) - before.get(name) - len(refused), span, wait_s)
+        answered = now.get(name) - before.get(name) - len(refused)
+        if wait_s >= WINDOW_WAIT_S:
+            memory.window_k = answered
+        return window_estimate(answered, span, wait_s)
 
     def _measured(self, now: Counters, name: str, *, refused: int = 0) -> float:
         """Per second over exactly the last MEASURE_WINDOW_S (:func:`governor.measure.measured`),
@@ -274,9 +317,11 @@ class RateController:
         *,
         estimate: float = 0.0,
         wait_s: float = 0.0,
+        pending: bool = False,
     ) -> RateChange | None:
         """One bucket's decision, applied. ``estimate`` is what a window-type limit allows
         (:func:`policy.window_estimate`) when the floods came with their N; 0 if unknown.
+        ``pending``: a flood that concerns this bucket came and is not judged yet (no raise).
 
         No floor: a session's own bucket goes as low as its own floods say (a fair share of
         the fleet rate would keep an account with a low limit above it, flooding again).
@@ -288,6 +333,17 @@ class RateController:
         decision = decide(inputs, params)
         if floods > 0:
             memory.last_flood_s = now_s
+        if decision.action == "raise":
+            if pending:
+                return None  # a flood not judged yet says this rate may already be too much
+            if scope == "fleet" and memory.probing(current, margin):
+                gain = memory.probe_gain(now_s)
+                if gain is None:
+                    return None  # the last probe step is still being watched
+                rate = params.clamp(current + (decision.rate - current) * gain)
+                if rate > current:
+                    memory.probed(now_s)
+                decision = Decision(rate, "raise", f"{decision.why}; probe step x{gain:g}")
         if math.isclose(decision.rate, current, rel_tol=1e-9, abs_tol=1e-9):
             return None
         if decision.action == "cut":

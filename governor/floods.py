@@ -56,6 +56,10 @@ class FloodLog:
             out.setdefault(f.get("class", ""), []).append((at_s, f.get("session", ""), seconds))
         return out
 
+    def pending_sessions(self, c: str) -> set[str]:
+        """Sessions with a flood of class ``c`` read but not judged yet."""
+        return {f.session for f in self._pending.get(c, [])}
+
     def refused(self, c: str, events: list[RawFlood], *, since_s: float) -> list[RawFlood]:
         """The floods of class ``c`` known so far (judged, waiting, and ``events`` just read)
         from ``since_s`` on: requests the bucket admitted that Telegram refused."""

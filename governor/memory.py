@@ -26,6 +26,13 @@ BURST_EVIDENCE = 0.5
 PROBE_HEADROOM = 1.05
 #: Probes that find no headroom space out up to this × the configured probe quiet.
 MAX_PROBE_BACKOFF = 4.0
+#: A probe above the last ceiling is one step, then this long to see whether it floods (a
+#: window fills within about a window, and the flood is judged half a second later). Each step
+#: that passes without a flood is twice the one before (up to ``MAX_PROBE_GAIN`` x the first):
+#: a limit that rose 50% is found in a few steps, one that did not costs one flood at a single
+#: step above the cruise, not the compounding of every tick until the flood is judged.
+PROBE_STEP_S = 2.0
+MAX_PROBE_GAIN = 4.0
 
 
 @dataclass
@@ -39,8 +46,29 @@ class BucketMemory:
     suspect: bool = False  # the last cut's flood came at a rate the ceiling said was safe
     free_at_s: float | None = None  # when the window its last flood found full freed (flood + N)
     window_s: float | None = None  # a window-type limit's window, once one was seen
+    window_k: int | None = None  # the requests that got through in it, at that flood
+    window_set: tuple[int, float] | None = None  # (K, W s) set as this session's own window
     shared: bool = False  # fleet buckets: a shared limit was seen to bind
     probe_backoff: float = 1.0  # × the probe quiet: doubled by each probe that found no headroom
+    last_probe_s: float | None = None  # when the last probe step above the ceiling was taken
+    probe_run: int = 0  # probe steps taken since the last flood (each doubles the next)
+
+    def probing(self, current: float, margin: float) -> bool:
+        """A raise from ``current`` is a probe above the last ceiling (not a recovery toward
+        the cruise below it, nor a slow start that never flooded)."""
+        target = self.target(margin)
+        return target is not None and current >= target * margin * (1 - 1e-6)
+
+    def probe_gain(self, now_s: float) -> float | None:
+        """The × on the policy's probe step: None while the last step is younger than
+        ``PROBE_STEP_S`` (hold and watch), else 2 ** the steps taken without a flood since."""
+        if self.last_probe_s is not None and now_s - self.last_probe_s < PROBE_STEP_S:
+            return None
+        return min(MAX_PROBE_GAIN, float(2**self.probe_run))
+
+    def probed(self, now_s: float) -> None:
+        self.last_probe_s = now_s
+        self.probe_run += 1
 
     def target(self, margin: float) -> float | None:
         """The ceiling the policy recovers toward. Cuts in a row mean the limit fell and the
@@ -151,6 +179,7 @@ def _remember_cut(
     previous = memory.ceiling
     memory.streak = memory.streak + 1 if in_streak else 1
     memory.last_cut_s = now_s
+    memory.probe_run = 0
     # What the fleet really sent when Telegram said "too much": the next climb stops a
     # margin below it.
     memory.ceiling = min(current, measured) if measured > 0 else current

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from datetime import UTC, datetime
@@ -305,3 +306,79 @@ async def test_a_flood_is_measured_on_what_got_through_not_on_what_telegram_refu
     # The ceiling is what got through: 4 of the 5 admitted, over the same span.
     assert memory.ceiling == pytest.approx(counted * 4 / 5, rel=0.02)
     assert cut[0].new <= memory.ceiling
+
+
+async def test_probes_above_the_ceiling_step_watch_and_double_while_nothing_floods(
+    redis_client: aioredis.Redis,
+) -> None:
+    from governor.memory import MAX_PROBE_GAIN, PROBE_STEP_S
+
+    s = settings(
+        fleet_rate_history_per_second=30.0,
+        governor_probe_quiet_seconds=5,
+        governor_probe_factor=1.1,
+    )
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    first = await controller._decide("fleet", "history", 0.0, 30.0, 20.0, True, 1)
+    assert first is not None
+    rate = first.new
+    for at in (1.0, 2.0, 3.0, 4.0):  # back to the cruise below the flood (0.97 x 20)
+        change = await controller._decide("fleet", "history", at, rate, rate, True, 0)
+        rate = change.new if change is not None else rate
+    assert rate == pytest.approx(0.97 * 20.0, rel=0.01)
+    steps = []
+    at = 10.0  # past the probe quiet
+    while at < 20.0:
+        change = await controller._decide("fleet", "history", at, rate, rate, True, 0)
+        if change is not None:
+            steps.append((at, change.new / rate))
+            rate = change.new
+        at += 0.5
+    times = [t for t, _ in steps]
+    assert all(b - a >= PROBE_STEP_S for a, b in itertools.pairwise(times))
+    gains = [g - 1 for _, g in steps]
+    assert gains[0] == pytest.approx(0.1, rel=0.01)  # one probe factor, not compounded
+    expected = [0.1 * min(MAX_PROBE_GAIN, 2**i) for i in range(len(gains))]
+    assert len(gains) >= 4 and gains == pytest.approx(expected, rel=0.01)
+    # A flood not judged yet holds every raise.
+    assert (
+        await controller._decide("fleet", "history", 30.0, rate, rate, True, 0, pending=True)
+        is None
+    )
+
+
+async def test_a_long_flood_of_one_account_sets_its_own_window_and_a_second_one_shrinks_it(
+    redis_client: aioredis.Redis,
+) -> None:
+    """N >= 3 s: a window-type limit. The account's own bucket becomes a window of the
+    requests that got through per (their span + N), bursts allowed; the fleet is untouched."""
+    s = settings(fleet_rate_history_per_second=90.0, rate_history_per_second=40.0)
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+    t0 = time.monotonic()
+    for _ in range(10):  # 9 answered, the tenth refused: "wait 5 s"
+        assert (await bucket.acquire("acct", "history")).admitted
+    await bucket.record_flood("acct", "history", 5)
+    span = time.monotonic() - t0
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    windows = [c for c in changes if "own window" in c.decision.why]
+    assert [c.scope for c in windows] == ["session:acct"]
+    raw = await redis_client.hget(Keys().rates, "session:acct:history:window")
+    assert raw is not None
+    k, w_us = (int(x) for x in raw.split())
+    assert k == 9 and 5.0 <= w_us / 1e6 <= 5.0 + span + 0.3
+    assert await fleet_rate(redis_client) is None
+    # The window is used: the next request waits for the oldest of the last 9 to leave it.
+    await redis_client.delete(Keys().pause("acct", "history"))
+    nxt = await bucket.acquire("acct", "history")
+    assert nxt.reason == "session" and nxt.wait_s > 3.0
+    # A flood with the window set: K was too many by at least one.
+    memory = controller._memory[("session:acct", "history")]
+    memory.free_at_s = None
+    await bucket.record_flood("acct", "history", 4)
+    await asyncio.sleep(0.6)
+    await controller.tick()
+    raw = await redis_client.hget(Keys().rates, "session:acct:history:window")
+    assert raw is not None and int(raw.split()[0]) <= 8
