@@ -29,6 +29,10 @@ from fleet.settings import FleetSettings
 #: few requests' time of each other; floods of two accounts' own limits coincide only by chance.
 #: A lone account's flood belongs to its own limit and pauses only that account.
 SHARED_FLOOD_WINDOW_S = 0.5
+#: Each session's admits of each class are logged this long (``keys.window_log``): long enough
+#: for a window-type limit the governor learns (Telegram's are up to a minute or so).
+WINDOW_LOG_SECONDS = 90.0
+WINDOW_LOG_US = int(WINDOW_LOG_SECONDS * 1_000_000)
 
 Reason = Literal["ok", "session", "fleet", "paused", "held", "probe", "breaker"]
 
@@ -153,6 +157,7 @@ class TokenBucket:
             k.breaker,
             k.breaker_probe,
             k.fleet_hold(request_class),
+            k.window_log(session, request_class),
         )
         args: tuple[EncodableT, ...] = (
             session,
@@ -161,6 +166,7 @@ class TokenBucket:
             self.max_wait_us,
             probe_token,
             self.probe_lease_ms,
+            WINDOW_LOG_US,
         )
         admitted, wait_us, reason, transition, send_at_us = await self.scripts.bucket(keys, args)
         return AcquireResult(
@@ -242,6 +248,19 @@ class TokenBucket:
         if burst is not None:
             mapping[_field(scope, request_class, "burst")] = str(int(burst))
         await self.redis.hset(self.keys.rates, mapping=mapping)
+
+    async def set_window(
+        self, session: str, request_class: RequestClass, requests: int, seconds: float
+    ) -> None:
+        """Replace one session's own bucket of a class by a window: at most ``requests`` per
+        ``seconds`` (sliding, bursts allowed), as learned from that account's FloodWaits."""
+        check_class(request_class)
+        if requests < 1 or not 0 < seconds <= WINDOW_LOG_SECONDS:
+            raise ValueError(f"a window needs requests >= 1 and 0 < seconds <= "
+                             f"{WINDOW_LOG_SECONDS:g}, got {requests} per {seconds}")  # fmt: skip
+        field_name = _field(f"session:{check_session(session)}", request_class, "window")
+        value = f"{int(requests)} {math.ceil(seconds * 1_000_000)}"
+        await self.redis.hset(self.keys.rates, field_name, value)
 
     async def clear_rates(self) -> None:
         """Forget every runtime rate: back to each worker's configured defaults."""

@@ -14,6 +14,7 @@ key                                        type    TTL                 written b
 ========================================== ======= =================== ==========================
 ``bucket:fleet:<cls>``                     string  until TAT + 1 s     bucket.lua / bucket.lua
 ``bucket:session:<session>:<cls>``         string  until TAT + 1 s     bucket.lua / bucket.lua
+``window:<session>:<cls>``                 zset    the log's horizon   bucket.lua / bucket.lua
 ``rates``                                  hash    none                governor / bucket.lua
 ``rates:configured``                       hash    none                governor / status
 ``pause:<session>:<cls>``                  string  the pause           flood.lua / bucket.lua
@@ -30,10 +31,15 @@ key                                        type    TTL                 written b
 - ``bucket:*`` hold ``"<TAT> <interval>"``: the GCRA *theoretical arrival time* (integer µs)
   of one bucket and the emission interval (µs) it was computed with, so a rate change rescales
   the backlog. A missing key is a full bucket, so the TTL only reclaims memory.
+- ``window:<session>:<cls>`` logs the µs each admitted request of that session and class was
+  booked for (member ``<µs>:<admit count>``), for the last ``WINDOW_LOG_SECONDS`` (90 s).
 - ``rates`` (current rates, what bucket.lua reads) has fields ``fleet:<cls>:rate``,
   ``fleet:<cls>:burst``, ``session:<cls>:rate``, ``session:<cls>:burst`` and per-session
-  overrides ``session:<session>:<cls>:rate|burst``. A missing field means "the worker's
-  configured default", so a fleet without a governor runs at its settings.
+  overrides ``session:<session>:<cls>:rate|burst``, and ``session:<session>:<cls>:window``
+  (``"<K> <W µs>"``: that account's own limit learned as a window of K requests per W, which
+  replaces its own bucket: a request goes when fewer than K of its log fall in the last W).
+  A missing field means "the worker's configured default", so a fleet without a governor runs
+  at its settings.
   ``rates:configured`` has the same fields with the configured (starting) values, for status.
 - ``pause:<session>:<cls>`` holds the µs until which that session must not send that class
   (a FloodWait of N s: N + jitter); its PX TTL ends with the pause.
@@ -162,6 +168,9 @@ class Keys:
 
     def session_bucket(self, session: str, request_class: str) -> str:
         return self._k("bucket", "session", check_session(session), check_class(request_class))
+
+    def window_log(self, session: str, request_class: str) -> str:
+        return self._k("window", check_session(session), check_class(request_class))
 
     @property
     def bucket_pattern(self) -> str:

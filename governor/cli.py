@@ -120,6 +120,15 @@ async def gather_status(settings: GovernorSettings) -> dict[str, Any]:
         await client.aclose()
 
 
+def _window_text(value: str) -> str:
+    """``"<K> <W µs>"`` as a person reads it (bucket.lua ignores a value it cannot parse)."""
+    try:
+        k, w_us = (int(x) for x in value.split())
+    except ValueError:
+        return f"{value!r} (own window, unreadable: ignored)"
+    return f"{k} per {w_us / 1e6:.3g} s (own window, bursts allowed)"
+
+
 def status_text(r: dict[str, Any]) -> str:
     lines = []
     leader = r["leader"]
@@ -142,6 +151,9 @@ def status_text(r: dict[str, Any]) -> str:
     }
     for name, value in sorted(overrides.items()):
         lines.append(f"  {name:<16} {float(value):>8.3g}  (per-session override)")
+    for name, value in sorted(r["rate_overrides"].items()):
+        if name.startswith("session:") and name.endswith(":window"):
+            lines.append(f"  {name.removesuffix(':window'):<16} {_window_text(str(value))}")
     lines.append("tokens:" + ("" if r["tokens"] else " every bucket full"))
     for name, tokens in r["tokens"].items():
         lines.append(f"  {name:<24} {tokens:>8.3g}")

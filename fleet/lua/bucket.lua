@@ -19,11 +19,13 @@
 -- KEYS[6] breaker                         hash    state, until_us, ...
 -- KEYS[7] breaker:probe                   string  token of the half-open probe
 -- KEYS[8] hold:<cls>                      string  fleet hold until, µs (a FloodWait's)
+-- KEYS[9] window:<session>:<cls>           zset    the µs each admitted request was booked for
 --
 -- ARGV[1] session   ARGV[2] class
 -- ARGV[3] default session rate/s   ARGV[4] default session burst
 -- ARGV[5] default fleet rate/s     ARGV[6] default fleet burst
 -- ARGV[7] max_wait_us   ARGV[8] probe token   ARGV[9] probe lease ms
+-- ARGV[10] how long the window log keeps an admit, µs
 --
 -- Returns {admitted 0|1, wait_us, reason, transition, send_at_us}
 --   admitted: reason is ok | session | fleet (what the wait is for) | probe
@@ -57,7 +59,8 @@ end
 local r = redis.call('HMGET', KEYS[4],
   'session:' .. session .. ':' .. cls .. ':rate', 'session:' .. session .. ':' .. cls .. ':burst',
   'session:' .. cls .. ':rate', 'session:' .. cls .. ':burst',
-  'fleet:' .. cls .. ':rate', 'fleet:' .. cls .. ':burst')
+  'fleet:' .. cls .. ':rate', 'fleet:' .. cls .. ':burst',
+  'session:' .. session .. ':' .. cls .. ':window')
 local s_rate = tonumber(r[1]) or tonumber(r[3]) or tonumber(ARGV[3])
 local s_burst = tonumber(r[2]) or tonumber(r[4]) or tonumber(ARGV[4])
 local f_rate = tonumber(r[5]) or tonumber(ARGV[5])
@@ -87,6 +90,23 @@ local s_tat = tat_of(KEYS[1], s_T)
 local f_tat = tat_of(KEYS[2], f_T)
 local s_allow = math.max(s_tat, now) + s_T - s_burst * s_T
 local f_allow = math.max(f_tat, now) + f_T - f_burst * f_T
+
+-- 4b. An account whose own limit was learned as a window (K requests per W, bursts allowed):
+-- the window replaces its own bucket. A request may go once fewer than K of the account's
+-- admits (booked ones included) fall in the W before it: at once while the window has room,
+-- else when the oldest of the last K leaves it (+1 ms, as Telegram counts it leaving).
+local window_k, window_us = string.match(r[7] or '', '^(%d+) (%d+)$')
+window_k, window_us = tonumber(window_k), tonumber(window_us)
+if window_k and window_us and window_k > 0 and window_us > 0 then
+  local since = '(' .. fmt(now - window_us)
+  local n = redis.call('ZCOUNT', KEYS[9], since, '+inf')
+  s_allow = now
+  if n >= window_k then
+    local e = redis.call('ZRANGEBYSCORE', KEYS[9], since, '+inf', 'WITHSCORES', 'LIMIT',
+      n - window_k, 1)
+    s_allow = tonumber(e[2]) + window_us + 1000
+  end
+end
 local at = math.max(now, s_allow, f_allow)
 local reason = 'ok'
 if at > now then
@@ -125,7 +145,13 @@ redis.call('SET', KEYS[2], fmt(f_new) .. string.format(' %.3f', f_T),
   'PX', math.ceil((f_new - now) / 1000) + 1000)
 
 redis.call('HINCRBY', KEYS[5], cls .. ':admits', 1)
-redis.call('HINCRBY', KEYS[5], 'session:' .. session .. ':' .. cls .. ':admits', 1)
+local admits = redis.call('HINCRBY', KEYS[5], 'session:' .. session .. ':' .. cls .. ':admits', 1)
+-- The window log (kept whether or not a window is set, so the governor can set one at a
+-- FloodWait and the requests already in Telegram's window count from then on).
+local horizon = tonumber(ARGV[10])
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. fmt(now - horizon))
+redis.call('ZADD', KEYS[9], fmt(at), fmt(at) .. ':' .. admits)
+redis.call('PEXPIRE', KEYS[9], math.ceil((at - now + horizon) / 1000))
 if wait > 0 then
   redis.call('HINCRBY', KEYS[5], cls .. ':waits', 1)
   redis.call('HINCRBY', KEYS[5], cls .. ':wait_us', wait)

@@ -223,6 +223,45 @@ async def test_per_session_override_beats_the_shared_session_rate(bucket: TokenB
         await bucket.set_rate("history", 1.0, scope="sessions")
 
 
+async def test_a_window_lets_an_account_burst_k_then_waits_for_its_oldest_to_leave(
+    bucket: TokenBucket, redis_client: aioredis.Redis
+) -> None:
+    """K requests per W s, as Telegram counts them: K at once (no smoothing), then each next one
+    when the oldest of the last K leaves the window; other sessions are not concerned."""
+    await bucket.set_rate("history", 1000.0, 1000)  # the fleet bucket stays out of the way
+    await bucket.set_rate("history", 0.5, 1, scope="session:acct")  # replaced by the window
+    await bucket.set_window("acct", "history", 5, 2.0)
+    burst = [await bucket.acquire("acct", "history") for _ in range(5)]
+    assert all(r.admitted and r.wait_s == 0 for r in burst)
+    more = [await bucket.acquire("acct", "history") for _ in range(7)]
+    assert all(r.admitted for r in more)
+    booked = [r.send_at_s for r in [*burst, *more]]
+    # Never more than K in any W (a request at exactly W after another is in a new window)...
+    assert max_in_window(booked, 2.0 - 1e-3) <= 5
+    # ...and each waits only for the one K places before it to leave (+1 ms).
+    for i in range(5, 12):
+        assert booked[i] == pytest.approx(booked[i - 5] + 2.0 + 0.001, abs=2e-6)
+    assert (await bucket.acquire("other", "history")).wait_s == 0
+    with pytest.raises(ValueError):
+        await bucket.set_window("acct", "history", 0, 2.0)
+
+
+async def test_the_window_counts_requests_admitted_before_it_was_set(
+    bucket: TokenBucket, redis_client: aioredis.Redis
+) -> None:
+    """The governor sets a window at a FloodWait: the requests already in Telegram's window
+    (admitted by the bucket before) count from then on."""
+    await bucket.set_rate("history", 1000.0, 1000)
+    await bucket.set_rate("history", 1000.0, 1000, scope="session:acct")
+    before = [await bucket.acquire("acct", "history") for _ in range(4)]
+    assert all(r.wait_s == 0 for r in before)
+    await bucket.set_window("acct", "history", 4, 30.0)
+    nxt = await bucket.acquire("acct", "history")
+    assert nxt.admitted and nxt.reason == "session"  # booked: the wait is under FLOOD_WAIT_MAX
+    assert nxt.send_at_s == pytest.approx(before[0].send_at_s + 30.0 + 0.001, abs=2e-6)
+    assert 29.0 < nxt.wait_s <= 30.001
+
+
 async def test_waiting_is_booked_so_a_worker_sleeps_once(bucket: TokenBucket) -> None:
     await bucket.set_rate("history", 10.0, 1)  # fleet: one per 100 ms
     first, second, third = [await bucket.acquire("a", "history") for _ in range(3)]

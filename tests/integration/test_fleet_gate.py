@@ -26,7 +26,8 @@ from worker.errors import RateLimited
 from worker.fleet_gate import FleetGate
 
 # Commands the Lua scripts run inside Redis (INFO commandstats counts them too).
-SCRIPT_INTERNAL = {"time", "get", "set", "hmget", "hset", "hincrby", "pttl", "del", "xadd"}
+SCRIPT_INTERNAL = {"time", "get", "set", "hmget", "hset", "hincrby", "pttl", "del", "xadd",
+                   "zremrangebyscore", "zadd", "pexpire", "zcount", "zrangebyscore"}  # fmt: skip
 
 
 def settings(**overrides: Any) -> FleetSettings:

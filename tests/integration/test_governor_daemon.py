@@ -184,6 +184,7 @@ def test_status_prints_rates_tokens_pauses_breaker_workers_and_queue(
     client = redis.Redis.from_url(redis_url)
     keys = Keys()
     client.hset(keys.rates, "fleet:history:rate", "7.5")
+    client.hset(keys.rates, "session:bob:history:window", "30 29500000")
     client.set(keys.pause("alice", "history"), str(10**18), px=60_000)
     client.hset(keys.workers, "w-1", json.dumps({"session": "alice"}))
     client.set(keys.worker_lease("w-1"), "tok", px=30_000)
@@ -204,6 +205,7 @@ def test_status_prints_rates_tokens_pauses_breaker_workers_and_queue(
     assert "breaker: closed" in text
     assert "fleet:history" in text and "7.5" in text
     assert "alice:history" in text  # the pause
+    assert "session:bob:history 30 per 29.5 s (own window" in text
     assert "w-1" in text and "alive" in text
     assert "tg_commands: 2 commands waiting" in text
     report = json.loads(
