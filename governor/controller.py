@@ -200,7 +200,7 @@ class RateController:
             pending=session in self._floods.pending_sessions(c),
         )  # fmt: skip
         changes = [] if change is None else [change]
-        if mine and wait_s >= WINDOW_WAIT_S:
+        if mine and (wait_s >= WINDOW_WAIT_S or memory.window_set is not None):
             flood_at_s = max(f.at_s for f in mine)
             window = await self._own_window(session, c, now, name, memory, flood_at_s)
             if window is not None:
@@ -217,9 +217,11 @@ class RateController:
         flood with a window already set: K was too many; K = what got through in the last W
         before it, and at least one less."""
         answered, seconds = memory.window_k, memory.window_s
-        if answered is None or seconds is None or not 0 < seconds <= WINDOW_LOG_SECONDS:
-            return None
         old = memory.window_set
+        if old is None and (
+            answered is None or seconds is None or not 0 < seconds <= WINDOW_LOG_SECONDS
+        ):
+            return None
         if old is not None:
             k_old, w_old = old
             since = at_s - w_old
@@ -231,8 +233,8 @@ class RateController:
             refused = [f for f in self._floods.refused(c, [], since_s=since)
                        if f[1] == session and f[0] <= at_s]  # fmt: skip
             got = now.get(name) - base.get(name) - len(refused)
-            answered, seconds = min(k_old - 1, got), max(w_old, seconds)
-        if answered < 1:
+            answered, seconds = min(k_old - 1, got), max(w_old, seconds or 0.0)
+        if answered is None or seconds is None or answered < 1:
             return None
         memory.window_set = (answered, seconds)
         await self.bucket.set_window(session, c, answered, seconds)  # type: ignore[arg-type]

@@ -97,7 +97,8 @@ local f_allow = math.max(f_tat, now) + f_T - f_burst * f_T
 -- else when the oldest of the last K leaves it (+1 ms, as Telegram counts it leaving).
 local window_k, window_us = string.match(r[7] or '', '^(%d+) (%d+)$')
 window_k, window_us = tonumber(window_k), tonumber(window_us)
-if window_k and window_us and window_k > 0 and window_us > 0 then
+local windowed = window_k and window_us and window_k > 0 and window_us > 0
+if windowed then
   local since = '(' .. fmt(now - window_us)
   local n = redis.call('ZCOUNT', KEYS[9], since, '+inf')
   s_allow = now
@@ -139,8 +140,10 @@ end
 local f_at = math.max(now, f_allow)
 local s_new = math.ceil(math.max(s_tat, at) + s_T)
 local f_new = math.ceil(math.max(f_tat, f_at) + f_T)
-redis.call('SET', KEYS[1], fmt(s_new) .. string.format(' %.3f', s_T),
-  'PX', math.ceil((s_new - now) / 1000) + 1000)
+if not windowed then  -- a window replaces the account's own bucket: leave its TAT alone
+  redis.call('SET', KEYS[1], fmt(s_new) .. string.format(' %.3f', s_T),
+    'PX', math.ceil((s_new - now) / 1000) + 1000)
+end
 redis.call('SET', KEYS[2], fmt(f_new) .. string.format(' %.3f', f_T),
   'PX', math.ceil((f_new - now) / 1000) + 1000)
 

@@ -244,6 +244,11 @@ async def test_a_window_lets_an_account_burst_k_then_waits_for_its_oldest_to_lea
     assert (await bucket.acquire("other", "history")).wait_s == 0
     with pytest.raises(ValueError):
         await bucket.set_window("acct", "history", 0, 2.0)
+    # A value bucket.lua cannot read is ignored: the account's own bucket applies again.
+    await redis_client.hset(Keys().rates, "session:acct:history:window", "five per 2 s")
+    late = [await bucket.acquire("acct", "history") for _ in range(2)]
+    # Its own bucket (0.5/s, burst 1), untouched while the window replaced it: full.
+    assert late[0].wait_s == 0 and late[1].wait_s == pytest.approx(2.0, abs=0.01)
 
 
 async def test_the_window_counts_requests_admitted_before_it_was_set(
