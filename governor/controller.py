@@ -253,16 +253,14 @@ class RateController:
             # What got through before Telegram said "too much": the bucket admitted the
             # refused requests too, and counting them puts the ceiling above the limit (for a
             # window of K requests, (K + 1) / W: 25% too high for K = 4).
-            refused = self._floods.refused(c, events, since_s=now.at_s - MEASURE_WINDOW_S)
-            mine = sum(1 for e in refused if e[1] == session)
             return FloodSeen(
                 at_s,
                 session,
                 seconds,
-                own_rate=self._measured(now, f"session:{session}:{c}:admits", refused=mine),
+                own_rate=self._at_flood(now, f"session:{session}:{c}:admits", c, events, session),
                 # The limit its own floods taught it (None: it never flooded alone).
                 own_limit=self._own_limit(session, c),
-                fleet_rate=self._measured(now, f"{c}:sent", refused=len(refused)),
+                fleet_rate=self._at_flood(now, f"{c}:sent", c, events),
             )
 
         fleet_shared = self._memory.get(("fleet", c), BucketMemory()).shared
@@ -301,6 +299,21 @@ class RateController:
         if wait_s >= WINDOW_WAIT_S:
             memory.window_k = answered
         return window_estimate(answered, span, wait_s)
+
+    def _at_flood(
+        self, now: Counters, name: str, c: str, events: list[RawFlood], session: str = ""
+    ) -> float:
+        """The rate as a flood comes in, on what got through (the requests Telegram refused
+        left out): the larger of the last MEASURE_WINDOW_S and its last half. A fleet still
+        ramping up when Telegram says "too much" is at the limit now, not at the average of
+        its ramp (12 workers starting read 11/s against a limit of 27/s, and the cut went to
+        8/s)."""
+        rates = []
+        for window_s in (MEASURE_WINDOW_S, MEASURE_WINDOW_S / 2):
+            refused = self._floods.refused(c, events, since_s=now.at_s - window_s)
+            n = sum(1 for e in refused if not session or e[1] == session)
+            rates.append(measured_rate(self._samples, now, name, less=n, window_s=window_s))
+        return max(rates)
 
     def _measured(self, now: Counters, name: str, *, refused: int = 0) -> float:
         """Per second over exactly the last MEASURE_WINDOW_S (:func:`governor.measure.measured`),

@@ -32,15 +32,22 @@ def keep(samples: deque[Counters], now: Counters) -> None:
         samples.popleft()
 
 
-def measured(samples: Sequence[Counters], now: Counters, name: str, *, less: int = 0) -> float:
-    """Per second over exactly the last MEASURE_WINDOW_S (or since the oldest sample), not
+def measured(
+    samples: Sequence[Counters],
+    now: Counters,
+    name: str,
+    *,
+    less: int = 0,
+    window_s: float = MEASURE_WINDOW_S,
+) -> float:
+    """Per second over exactly the last ``window_s`` (or since the oldest sample), not
     counting ``less`` of the requests in it (those Telegram refused).
 
     Samples come once a tick and at each flood, so the counter's value at the window's
     start is interpolated between the two samples around it: a window that is really
     1–2 ticks long would mix in a hold or a rate of before the last change.
     """
-    start = max(samples[0].at_s, now.at_s - MEASURE_WINDOW_S)
+    start = max(samples[0].at_s, now.at_s - window_s)
     before = samples[0]
     value = float(before.get(name))
     for sample in samples:

@@ -382,3 +382,20 @@ async def test_a_long_flood_of_one_account_sets_its_own_window_and_a_second_one_
     await controller.tick()
     raw = await redis_client.hget(Keys().rates, "session:acct:history:window")
     assert raw is not None and int(raw.split()[0]) <= 8
+
+
+async def test_a_flood_during_a_ramp_up_is_measured_at_the_rate_it_reached(
+    redis_client: aioredis.Redis,
+) -> None:
+    from fleet.bucket import Counters
+
+    s = settings()
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    name = "history:sent"
+    # 5/s for a second, then 25/s for a second, then Telegram refuses one request.
+    for at, value in ((0.0, 100), (1.0, 105), (2.0, 130)):
+        controller._samples.append(Counters(at, {name: value}))
+    now = controller._samples[-1]
+    assert controller._measured(now, name) == pytest.approx(15.0)  # the ramp's average
+    at_flood = controller._at_flood(now, name, "history", [(1.9, "w1", 1.0)])
+    assert at_flood == pytest.approx(24.0)  # the last second's 25, less the one refused
