@@ -426,6 +426,8 @@ def _start(
             "fixed_rate": sc.fixed_rate(),
             "settings": {
                 **_gate_settings(sc),
+                # The governor's workers read the same settings as the governor.
+                **({key.lower(): v for key, v in extra.items()} if policy == "governor" else {}),
                 "sim_history_requests": k,
                 "sim_history_window_seconds": w,
             },
@@ -695,7 +697,8 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra setting for the governor process (e.g. GOVERNOR_TICK_SECONDS=0.5)",
+        help="extra setting for the governor process and the governor's workers "
+        "(e.g. FLOOD_FLEET_HOLD_SECONDS=0.5)",
     )
     args = parser.parse_args()
     if args.replot is not None:
