@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from fleet.bucket import SHARED_FLOOD_WINDOW_S
 from fleet.scripts import text
 from governor.measure import MEASURE_WINDOW_S
+from governor.memory import WINDOW_WAIT_S
 from governor.policy import FloodSeen, attribute
 
 #: One flood as read from the stream: (Redis time s, session, N seconds).
@@ -93,6 +94,7 @@ class FloodLog:
             [*recent, *self._pending[c]],
             shared_window_s=SHARED_FLOOD_WINDOW_S,
             fleet_shared=fleet_shared,
+            window_wait_s=WINDOW_WAIT_S,
         )
         self._recent[c] = [*recent, *ready]
         shared = [f for f, is_shared in zip(ready, flags, strict=True) if is_shared]

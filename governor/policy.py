@@ -257,6 +257,7 @@ def attribute(
     shared_window_s: float,
     fleet_shared: bool,
     at_own_limit: float = 0.8,
+    window_wait_s: float = math.inf,
 ) -> list[bool]:
     """For each of ``floods``: True if it is evidence of the fleet's shared limit, False if it
     belongs to the session's own limit.
@@ -268,6 +269,12 @@ def attribute(
     sessions flooding close together is a limit binding whichever sessions run), or when the
     fleet's limit is already known to bind and this session runs below a limit it learned
     alone. A lone flood with no such evidence belongs to the session.
+
+    A window-type flood (N >= ``window_wait_s``) of a session that never learned a limit alone
+    is its own: accounts alike, started alike, fill their own windows of K per W at the same
+    moment, and nothing in one such event tells that apart from one shared window. Taken as
+    each account's own, a shared window is still kept (each account's window holds its share
+    of it); taken as shared, own windows would pace every account at the fleet's K / W.
     """
 
     def own(f: FloodSeen) -> bool:
@@ -280,7 +287,7 @@ def attribute(
     pool = [*recent, *floods]
     out = []
     for f in floods:
-        if own(f):
+        if own(f) or (f.wait_s >= window_wait_s and f.own_limit is None):
             out.append(False)
             continue
         company = any(

@@ -359,6 +359,22 @@ def test_a_far_slower_account_flooding_with_the_others_is_no_evidence_of_a_share
     assert attribute([slow, near], [], shared_window_s=0.5, fleet_shared=False) == [True, True]
 
 
+def test_window_floods_of_accounts_that_never_learned_a_limit_are_their_own() -> None:
+    # Two alike accounts fill their own 30-per-30 s windows at the same moment (N = 16 s).
+    a = FloodSeen(10.0, "a", 16.0, own_rate=2.0, own_limit=None)
+    b = FloodSeen(10.1, "b", 16.0, own_rate=2.0, own_limit=None)
+    assert attribute([a, b], [], shared_window_s=0.5, fleet_shared=False,
+                     window_wait_s=3.0) == [False, False]  # fmt: skip
+    # Short N: rate-type limits, two accounts together are company as before.
+    short = [replace(a, wait_s=1.0), replace(b, wait_s=1.0)]
+    assert attribute(short, [], shared_window_s=0.5, fleet_shared=False,
+                     window_wait_s=3.0) == [True, True]  # fmt: skip
+    # Accounts that learned their own limit and flood well below it: shared, N or not.
+    below = [replace(a, own_limit=6.0), replace(b, own_limit=6.0)]
+    assert attribute(below, [], shared_window_s=0.5, fleet_shared=False,
+                     window_wait_s=3.0) == [True, True]  # fmt: skip
+
+
 def test_a_bucket_that_never_flooded_grows_by_the_slow_start_factor() -> None:
     p = replace(P, slow_start_factor=1.25)
     grown = decide(TickInputs(4.0, 4.0, True, 0), p)
