@@ -157,11 +157,17 @@ class RateController:
         waited = now.get(f"{c}:fleet_waits") - prev.get(f"{c}:fleet_waits")
         recent = admitted / (now.at_s - prev.at_s)
         saturated = waited > 0 and recent >= FLEET_SATURATION * current
+        if saturated:
+            fleet_memory.saturated_s = now.at_s
         estimate = 0.0
         wait_s = max((f.wait_s for f in shared), default=0.0)
         if shared:
             fleet_memory.shared = True
             at_s = max(f.at_s for f in shared)
+            paced = fleet_memory.saturated_s is not None and (
+                fleet_memory.saturated_s >= min(f.at_s for f in shared) - MEASURE_WINDOW_S
+            )
+            fleet_memory.provisional = not paced
             estimate = self._window_estimate(now, f"{c}:sent", fleet_memory, wait_s, at_s, c)
             # The rate when Telegram said "too much" (read as the flood came in; the flood
             # is judged a tick later, when the window has drained).

@@ -50,6 +50,11 @@ class BucketMemory:
     window_set: tuple[int, float] | None = None  # (K, W s) set as this session's own window
     shared: bool = False  # fleet buckets: a shared limit was seen to bind
     probe_backoff: float = 1.0  # × the probe quiet: doubled by each probe that found no headroom
+    #: The fleet bucket's last shared cut came while it was not what paced the fleet (not
+    #: saturated): the accounts' own buckets were, and alike accounts meeting their own limits
+    #: together look like a shared one. The cut stands, but probing starts at once.
+    provisional: bool = False
+    saturated_s: float | None = None  # when the bucket was last seen saturated
     last_probe_s: float | None = None  # when the last probe step above the ceiling was taken
     probe_run: int = 0  # probe steps taken since the last flood (each doubles the next)
 
@@ -106,6 +111,8 @@ class BucketMemory:
 
     def adjust(self, params: AimdParams) -> AimdParams:
         """The configured parameters, with probes spaced as this bucket's history asks."""
+        if self.provisional:
+            return replace(params, probe_quiet_s=PROBE_STEP_S)
         if self.probe_backoff > 1.0:
             params = replace(params, probe_quiet_s=params.probe_after_s * self.probe_backoff)
         if self.window_s is not None:

@@ -399,3 +399,38 @@ async def test_a_flood_during_a_ramp_up_is_measured_at_the_rate_it_reached(
     assert controller._measured(now, name) == pytest.approx(15.0)  # the ramp's average
     at_flood = controller._at_flood(now, name, "history", [(1.9, "w1", 1.0)])
     assert at_flood == pytest.approx(24.0)  # the last second's 25, less the one refused
+
+
+async def test_a_shared_cut_while_the_fleet_bucket_was_not_what_paced_it_probes_at_once(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Alike accounts meeting their own limits together look like a shared limit; if the fleet
+    bucket was not what paced them (not saturated), its cut stands but probing starts at once
+    instead of after GOVERNOR_PROBE_QUIET_SECONDS."""
+    from governor.memory import PROBE_STEP_S
+
+    s = settings(fleet_rate_history_per_second=90.0, rate_history_per_second=40.0)
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+    for i in range(12):  # far below the fleet bucket's 90/s: it paces nobody
+        assert (await bucket.acquire("a" if i % 2 else "b", "history")).admitted
+    await bucket.record_flood("a", "history", 1)
+    await bucket.record_flood("b", "history", 1)
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    assert [c.scope for c in changes if c.decision.action == "cut"] == ["fleet"]
+    memory = controller._memory[("fleet", "history")]
+    assert memory.provisional
+    params = memory.adjust(controller._params[("fleet", "history")])
+    assert params.probe_after_s == PROBE_STEP_S < s.governor_probe_quiet_seconds
+    # A shared flood while the fleet bucket paced the fleet is a limit found: probes wait.
+    await asyncio.sleep(2.1)  # past the cut cooldown
+    memory.saturated_s = (await bucket.counters()).at_s  # as a saturated tick records it
+    await bucket.record_flood("a", "history", 1)
+    await bucket.record_flood("b", "history", 1)
+    await controller.tick()
+    await asyncio.sleep(0.6)
+    await controller.tick()
+    assert memory.last_cut_s is not None and memory.last_cut_s > memory.saturated_s
+    assert not memory.provisional
