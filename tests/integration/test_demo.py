@@ -59,13 +59,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
 
 def _measure_the_clone(env: dict[str, str], clone: Path) -> None:
     """Under ``pytest --cov`` the demo's processes count toward this checkout's coverage (they
-    run the same commit): coverage's subprocess configuration (``COVERAGE_PROCESS_CONFIG``, its
+    run its HEAD commit): coverage's subprocess configuration (``COVERAGE_PROCESS_CONFIG``, its
     serialized config) also names the clone's packages as sources, and
     ``[tool.coverage.paths]`` maps the clone's files onto the checkout's when combining."""
     raw = env.get("COVERAGE_PROCESS_CONFIG")
     if raw is None:
         return
     config = json.loads(base64.b64decode(raw))
+    if not config.get("source"):
+        return  # no source named: coverage measures everything, the clone included
     config["source"] = [
         *config["source"],
         *(str(clone / p) for p in ("fleet", "worker", "governor")),
