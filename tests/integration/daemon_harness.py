@@ -59,7 +59,8 @@ def base_env(redis_url: str, data_dir: Path, tmp: Path, **extra: object) -> dict
             "METRICS_MODE": "off",
             "WORKER_LEASE_SECONDS": "2",
             "RECOVERY_INTERVAL_SECONDS": "0.3",
-            "COMMAND_POP_TIMEOUT_SECONDS": "0.5",
+            # How long an idle worker may take to notice a stop (it never cancels a pop).
+            "COMMAND_POP_TIMEOUT_SECONDS": "0.2",
             "SESSION_WAIT_SECONDS": "0.5",
             "SHUTDOWN_GRACE_SECONDS": "10",
             "PROGRESS_EVENT_INTERVAL_SECONDS": "0",

@@ -100,6 +100,29 @@ class Project:
         assert done.returncode == 0, f"{' '.join(args)}: {done.stdout}{done.stderr}"
         return done.stdout
 
+    def cli_start(self, *args: str) -> subprocess.Popen[str]:
+        """:meth:`cli` in the background; :meth:`cli_finish` waits for it and checks it."""
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            cwd=self.clone,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def cli_finish(self, proc: subprocess.Popen[str], timeout: float) -> str:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"{' '.join(map(str, proc.args))}: timed out: {out}{err}"
+            ) from None
+        assert proc.returncode == 0, f"{' '.join(map(str, proc.args))}: {out}{err}"
+        return out
+
     def workers(self) -> list[str]:
         out = self.compose("ps", "--format", "json", "worker")
         rows = [json.loads(ln) for ln in out.splitlines() if ln.strip().startswith("{")]
@@ -193,14 +216,21 @@ def test_compose_fleet_builds_serves_scales_and_leaves_nothing(
     build_seconds = time.monotonic() - started
     assert len(p.workers()) == 3
 
-    # A command from the host CLI (Redis published on loopback) and one through exec.
-    host = p.cli("worker", "send", "--chat", "@smoke_host", "--days", "2", "--command-id",
-                 "host-1", "--wait", "--timeout", "120")  # fmt: skip
-    assert "completed" in host, host
-    inside = p.compose("exec", "-T", "governor", "python", "-m", "worker", "send", "--chat",
-                       "@smoke_exec", "--days", "2", "--command-id", "exec-1", "--wait",
-                       "--timeout", "120")  # fmt: skip
+    # A command from the host CLI (Redis published on loopback) and, meanwhile, one through
+    # exec: each waits for its own command only, so neither waits for the other.
+    host_send = p.cli_start("worker", "send", "--chat", "@smoke_host", "--days", "2",
+                            "--command-id", "host-1", "--wait", "--timeout", "120")  # fmt: skip
+    try:
+        inside = p.compose("exec", "-T", "governor", "python", "-m", "worker", "send", "--chat",
+                           "@smoke_exec", "--days", "2", "--command-id", "exec-1", "--wait",
+                           "--timeout", "120")  # fmt: skip
+        host = p.cli_finish(host_send, 180)
+    finally:
+        if host_send.poll() is None:
+            host_send.kill()
+            host_send.communicate()
     assert "completed" in inside, inside
+    assert "completed" in host, host
     files = p.compose("exec", "-T", "--index", "1", "worker", "find", "/app/data", "-name",
                       "discussions_*.json")  # fmt: skip
     assert files.count("/smoke_host/") == 2 and files.count("/smoke_exec/") == 2, files
@@ -236,7 +266,7 @@ def test_compose_fleet_builds_serves_scales_and_leaves_nothing(
         ]
 
     try:
-        wait_for(lambda: not empty_panels(), 90, "data in the dashboard's panels", every=5)
+        wait_for(lambda: not empty_panels(), 90, "data in the dashboard's panels", every=2)
     except AssertionError:
         pytest.fail("dashboard panels without data:\n" + "\n".join(empty_panels()))
     panels = 2 * len(dashboard_queries("scrape"))

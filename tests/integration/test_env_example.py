@@ -8,18 +8,19 @@ of a validation error and exit 78.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fleet.settings import load_settings
 from governor.settings import GovernorSettings
+from tests.integration.daemon_harness import wait_for
 from worker.settings import WorkerSettings
 from worker.sim.settings import SimSettings
 
@@ -67,6 +68,16 @@ def test_empty_environment_variables_mean_unset(
     assert settings.redis_port == 6379
 
 
+def _started(program: str, directory: Path, log: Path) -> bool:
+    if program == "governor":
+        return "leads now" in log.read_text(encoding="utf-8", errors="replace")
+    try:
+        health = json.loads((directory / "health").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(health, dict) and health.get("status") == "waiting_session"
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -90,8 +101,13 @@ def test_daemons_start_and_stop_cleanly_with_env_example(
             stderr=subprocess.STDOUT,
         )
         try:
-            # A configuration error exits within a second; still running after 3 s = it started.
-            time.sleep(3)
+            # Started = past every check of the configuration (an error there exits 78): the
+            # worker waits for a Telegram session (.env.example names none), the governor leads.
+            wait_for(
+                lambda: proc.poll() is not None or _started(argv[0], tmp_path, log),
+                30,
+                f"{argv[0]} started",
+            )
             assert proc.poll() is None, log.read_text()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log.read_text()

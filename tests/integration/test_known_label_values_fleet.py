@@ -75,7 +75,7 @@ def test_known_series_start_at_zero_and_the_first_flood_lands_on_the_sessions_se
 
         rv = RedisView(redis_url)
         try:
-            rv.push(fetch("@ru_python", "2025-03-01", "2025-03-04", command_id="known-1"))
+            rv.push(fetch("@ru_python", "2025-03-01", "2025-03-02", command_id="known-1"))
             wait_for(lambda: "known-1" in rv.completed_ids(), 60, "command completed")
         finally:
             rv.close()

@@ -50,8 +50,12 @@ def env(redis_url: str, tmp_path: Path, gateway: Pushgateway) -> dict[str, str]:
         PUSH_INTERVAL_SECONDS=PUSH_S,
         WORKER_LEASE_SECONDS=LEASE_S,
         RATE_LIMIT_STRATEGY="adaptive",  # the shared gate: token waits, breaker
+        # Every request still books a token (token_wait_seconds counts them), but an account's
+        # own pace (default 0.9 history requests/s) does not stretch the command to seconds.
+        RATE_HISTORY_PER_SECOND=20,
         SIM_FAULT_RATE="0.3",  # some transient faults (RPC 500, no slow timeouts): retries_total
         SIM_FAULTS="rpc500",
+        BACKOFF_BASE_SECONDS="0.05",  # retried soon: the delays' length is not tested here
         CIRCUIT_BREAKER_FAILURE_THRESHOLD="100",  # ... that do not open the breaker
         SIM_SEED="11",
     )

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -122,48 +124,62 @@ def test_sigkill_at_every_durable_step_leaves_no_partial_file_and_resume_matches
     v2 = messages_of(day_file(ref))
     assert v1 != v2
 
-    outcomes: dict[str, int] = {}
-    trial = 0
+    trials = []
     for over_old_file in (False, True):  # a first fetch, and a forced re-fetch over a v1 day
         trace = (tmp_path / ("over.trace" if over_old_file else "fresh.trace")).read_text()
         steps = trace.splitlines()
         renamed_at = steps.index(f"finish replace:{day_file(ref).relative_to(ref)}") + 1
         for how, k in kill_points(steps, thorough=not over_old_file):
-            trial += 1
-            data = tmp_path / f"trial{trial}"
-            if over_old_file:
-                shutil.copytree(old_state, data)
-            force = ["--force"] * over_old_file
-            proc = child("day", str(data), str(N_MESSAGES), "2", *force, f"--{how}-at", str(k))
-            try:  # the child waits at the kill point: it must never outlive a failed assertion
-                assert proc.stdout is not None
-                assert proc.stdout.readline() == "ready\n"
+            data = tmp_path / f"trial{len(trials) + 1}"
+            trials.append((data, how, k, steps, renamed_at, over_old_file))
+
+    def trial(
+        data: Path, how: str, k: int, steps: list[str], renamed_at: int, over_old_file: bool
+    ) -> str:
+        """One kill at a chosen step, then a resume; the day file's state after the kill."""
+        if over_old_file:
+            shutil.copytree(old_state, data)
+        force = ["--force"] * over_old_file
+        proc = child("day", str(data), str(N_MESSAGES), "2", *force, f"--{how}-at", str(k))
+        try:  # the child waits at the kill point: it must never outlive a failed assertion
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n"
+            line = proc.stdout.readline()
+            if line == "finishing\n":
                 line = proc.stdout.readline()
-                if line == "finishing\n":
-                    line = proc.stdout.readline()
-                assert line == f"stopped {k} {steps[k - 1]}\n", (line, how, k)
-            finally:
-                proc.send_signal(signal.SIGKILL)
-                proc.communicate(timeout=30)
-            assert proc.returncode == -signal.SIGKILL
+            assert line == f"stopped {k} {steps[k - 1]}\n", (line, how, k)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
 
-            where = f"{how} at step {k} ({steps[k - 1]}), over_old_file={over_old_file}"
-            path = day_file(data)
-            if not path.exists():
-                assert not over_old_file, f"{where}: the old file disappeared"
-                state = "absent"
-            else:
-                content = messages_of(path)
-                state = "new" if content == v2 else "old" if content == v1 else "other"
-            # The day file changes in one rename: before it the old state, after it the new one.
-            expected = "new" if k > renamed_at else "old" if over_old_file else "absent"
-            assert state == expected, where
-            outcomes[state] = outcomes.get(state, 0) + 1
+        where = f"{how} at step {k} ({steps[k - 1]}), over_old_file={over_old_file}"
+        path = day_file(data)
+        if not path.exists():
+            assert not over_old_file, f"{where}: the old file disappeared"
+            state = "absent"
+        else:
+            content = messages_of(path)
+            state = "new" if content == v2 else "old" if content == v1 else "other"
+        # The day file changes in one rename: before it the old state, after it the new one.
+        expected = "new" if k > renamed_at else "old" if over_old_file else "absent"
+        assert state == expected, where
 
-            run_day(data, 2, force=over_old_file)
-            assert messages_of(path) == v2, where
-            assert not path.with_name(f".discussions_{DAY.isoformat()}.partial.jsonl").exists()
-            assert not path.with_name(f".{path.name}.tmp").exists()
-            store = ProgressStore(data, schema_version="1.0.0", timezone="UTC")
-            assert store.is_complete(CHAT_KEY, DAY), where
-    print(f"{trial} kills, each at a chosen step; day file after the kill: {outcomes}")
+        run_day(data, 2, force=over_old_file)
+        assert messages_of(path) == v2, where
+        assert not path.with_name(f".discussions_{DAY.isoformat()}.partial.jsonl").exists()
+        assert not path.with_name(f".{path.name}.tmp").exists()
+        store = ProgressStore(data, schema_version="1.0.0", timezone="UTC")
+        assert store.is_complete(CHAT_KEY, DAY), where
+        return state
+
+    # Each trial has its own directory and child processes, and its kill point is a step, not
+    # a moment: two at a time (one per core) changes nothing but the wall time.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(trial, *t) for t in trials]
+        try:
+            outcomes = Counter(f.result() for f in futures)
+        finally:
+            for f in futures:  # after a failure, start no further trial
+                f.cancel()
+    print(f"{len(trials)} kills, each at a chosen step; day file after the kill: {dict(outcomes)}")
