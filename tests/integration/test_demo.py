@@ -65,8 +65,11 @@ def _measure_the_clone(env: dict[str, str], clone: Path) -> None:
     raw = env.get("COVERAGE_PROCESS_CONFIG")
     if raw is None:
         return
-    config = json.loads(base64.b64decode(raw))
-    if not config.get("source"):
+    try:
+        config = json.loads(base64.b64decode(raw))
+    except ValueError:  # coverage changed how it passes its settings on: measure as before
+        return
+    if not isinstance(config, dict) or not config.get("source"):
         return  # no source named: coverage measures everything, the clone included
     config["source"] = [
         *config["source"],
