@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fleet.bucket import WINDOW_LOG_SECONDS, ClassRate, Counters, RateDefaults, TokenBucket
 from fleet.gate import REQUEST_CLASSES
@@ -351,6 +351,12 @@ class RateController:
         margin = self.settings.aimd_recovery_margin
         inputs = memory.inputs(now_s, current, measured, saturated, floods, margin)
         params = memory.adjust(self._params[("fleet" if scope == "fleet" else "session", c)])
+        if scope != "fleet" and memory.ceiling is not None:
+            # An account's own steps are a share of its own limit, not of the configured rate
+            # every account starts from: an account 5x slower stepped +25% a tick, flooded at
+            # the first probe and settled a cut below its limit.
+            step = memory.ceiling * self.settings.aimd_increase_fraction
+            params = replace(params, increase_step=min(params.increase_step, step))
         decision = decide(inputs, params)
         if floods > 0:
             memory.last_flood_s = now_s

@@ -434,3 +434,22 @@ async def test_a_shared_cut_while_the_fleet_bucket_was_not_what_paced_it_probes_
     await controller.tick()
     assert memory.last_cut_s is not None and memory.last_cut_s > memory.saturated_s
     assert not memory.provisional
+
+
+async def test_an_accounts_own_steps_are_a_share_of_its_own_limit_not_of_the_configured_rate(
+    redis_client: aioredis.Redis,
+) -> None:
+    s = settings(rate_history_per_second=10.0, aimd_increase_fraction=0.05)
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    scope = "session:slow"
+    cut = await controller._decide(scope, "history", 0.0, 10.0, 2.0, True, 1)
+    assert cut is not None and cut.new == pytest.approx(1.4)  # 0.7 x the 2/s it flooded at
+    rate, at = cut.new, 0.0
+    while rate < 0.97 * 2.0 - 1e-9:  # back to the cruise below the flood
+        at += 1.0
+        change = await controller._decide(scope, "history", at, rate, rate, True, 0)
+        assert change is not None
+        rate = change.new
+    # Probing above it, long after: steps of 5% of its own 2/s, not of the configured 10/s.
+    probe = await controller._decide(scope, "history", at + 60.0, rate, rate, True, 0)
+    assert probe is not None and probe.new - rate == pytest.approx(0.05 * 2.0)
