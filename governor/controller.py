@@ -351,10 +351,11 @@ class RateController:
         margin = self.settings.aimd_recovery_margin
         inputs = memory.inputs(now_s, current, measured, saturated, floods, margin)
         params = memory.adjust(self._params[("fleet" if scope == "fleet" else "session", c)])
-        if scope != "fleet" and memory.ceiling is not None:
-            # An account's own steps are a share of its own limit, not of the configured rate
-            # every account starts from: an account 5x slower stepped +25% a tick, flooded at
-            # the first probe and settled a cut below its limit.
+        if memory.ceiling is not None:
+            # Once a bucket has flooded, its steps are a share of the limit it found, not of
+            # the configured rate: configured 5x too high, the fleet's probe stepped +26% and
+            # every probe ended in a streak of cuts; an account 5x slower than the rate every
+            # account starts from stepped +25% a tick and flooded at its first probe.
             step = memory.ceiling * self.settings.aimd_increase_fraction
             params = replace(params, increase_step=min(params.increase_step, step))
         decision = decide(inputs, params)

@@ -219,7 +219,9 @@ async def test_a_flood_at_a_rate_that_was_safe_climbs_back_step_by_step(
     assert cut == pytest.approx(0.7 * rate)
     climb = await controller._decide("fleet", "history", 33.0, cut, cut, True, 0)
     assert climb is not None and "limit fell" in climb.decision.why
-    assert climb.new == pytest.approx(cut + 30.0 * 0.05)  # one additive step, not half the way
+    # One additive step (5% of the rate that flooded, not of the configured 30/s), not half
+    # the way.
+    assert climb.new == pytest.approx(cut + rate * 0.05)
     # The next flood, in the same streak, measured the new limit, near enough: straight to the
     # cruise a margin below it (one margin more for the second cut of the streak), no dip.
     again = await controller._decide("fleet", "history", 35.0, climb.new, 15.0, True, 1)
