@@ -263,7 +263,9 @@ class RateController:
                 at_s,
                 session,
                 seconds,
-                own_rate=self._at_flood(now, f"session:{session}:{c}:admits", c, events, session),
+                own_rate=self._at_flood(
+                    now, f"session:{session}:{c}:admits", c, events, session, spans=(1.0,)
+                ),
                 # The limit its own floods taught it (None: it never flooded alone).
                 own_limit=self._own_limit(session, c),
                 fleet_rate=self._at_flood(now, f"{c}:sent", c, events),
@@ -307,15 +309,24 @@ class RateController:
         return window_estimate(answered, span, wait_s)
 
     def _at_flood(
-        self, now: Counters, name: str, c: str, events: list[RawFlood], session: str = ""
+        self,
+        now: Counters,
+        name: str,
+        c: str,
+        events: list[RawFlood],
+        session: str = "",
+        spans: tuple[float, ...] = (1.0, 0.5),
     ) -> float:
         """The rate as a flood comes in, on what got through (the requests Telegram refused
-        left out): the larger of the last MEASURE_WINDOW_S and its last half. A fleet still
-        ramping up when Telegram says "too much" is at the limit now, not at the average of
-        its ramp (12 workers starting read 11/s against a limit of 27/s, and the cut went to
-        8/s)."""
+        left out): for the fleet, the larger of the last MEASURE_WINDOW_S and its last half. A
+        fleet still ramping up when Telegram says "too much" is at the limit now, not at the
+        average of its ramp (12 workers starting read 11/s against a limit of 27/s, and the
+        cut went to 8/s); the fleet bucket paces strictly, so its last second is no burst. An
+        account is measured over the whole MEASURE_WINDOW_S only: its window allows bursts
+        (4 requests in a second of a 4-per-2 s window read 4/s)."""
         rates = []
-        for window_s in (MEASURE_WINDOW_S, MEASURE_WINDOW_S / 2):
+        for share in spans:
+            window_s = MEASURE_WINDOW_S * share
             refused = self._floods.refused(c, events, since_s=now.at_s - window_s)
             n = sum(1 for e in refused if not session or e[1] == session)
             rates.append(measured_rate(self._samples, now, name, less=n, window_s=window_s))

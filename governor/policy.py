@@ -266,9 +266,11 @@ def attribute(
     own: its own limit explains it. Otherwise it is shared when another session (not itself at
     its own limit, running at a rate within ``COMPANY_RATE_RATIO`` of this one's) flooded within
     ``shared_window_s`` of it (``recent`` are earlier floods of the same class; several
-    sessions flooding close together is a limit binding whichever sessions run), or when the
-    fleet's limit is already known to bind and this session runs below a limit it learned
-    alone. A lone flood with no such evidence belongs to the session.
+    sessions flooding close together is a limit binding whichever sessions run). A lone flood
+    belongs to its session, even once a shared limit is known to bind (``fleet_shared``, kept
+    for callers): an account whose own limit was learned too high floods below it at every
+    turn, and taking each of those for the shared limit cut the whole fleet to that one
+    account's pace.
 
     A window-type flood (N >= ``window_wait_s``) of a session that never learned a limit alone
     is its own: accounts alike, started alike, fill their own windows of K per W at the same
@@ -297,5 +299,5 @@ def attribute(
             and comparable(f, g)
             for g in pool
         )
-        out.append(company or (fleet_shared and f.own_limit is not None))
+        out.append(company)
     return out

@@ -343,9 +343,10 @@ def test_an_account_running_at_its_own_learned_limit_explains_its_flood() -> Non
         False,
         False,
     ]
-    # Once a shared limit is known to bind, an account flooding below its own learned limit
-    # is evidence of it even alone; one that never learned a limit is not.
-    assert attribute([below], [], shared_window_s=0.5, fleet_shared=True) == [True]
+    # A lone flood is its account's, even below a limit it learned and once a shared limit is
+    # known to bind: its own limit, learned too high, explains it as well, and taking it for
+    # the shared one would slow every account to that one's pace.
+    assert attribute([below], [], shared_window_s=0.5, fleet_shared=True) == [False]
     assert attribute([flood(10.0, "c")], [], shared_window_s=0.5, fleet_shared=True) == [False]
 
 
