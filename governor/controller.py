@@ -236,9 +236,7 @@ class RateController:
                 if sample.at_s > since:
                     break
                 base = sample
-            refused = [f for f in self._floods.refused(c, [], since_s=since)
-                       if f[1] == session and f[0] <= at_s]  # fmt: skip
-            got = now.get(name) - base.get(name) - len(refused)
+            got = self._got_through(now, name, base, c, at_s, session)
             answered, seconds = min(k_old - 1, got), max(w_old, seconds or 0.0)
         if answered is None or seconds is None or answered < 1:
             return None
@@ -299,14 +297,27 @@ class RateController:
         span = max(0.0, min(now.at_s, flood_at_s) - before.at_s)
         if not memory.note_window(flood_at_s, wait_s, span):
             return 0.0
-        refused = [
-            f for f in self._floods.refused(c, [], since_s=before.at_s)
-            if f[0] <= flood_at_s and (session is None or f[1] == session)
-        ]  # fmt: skip
-        answered = now.get(name) - before.get(name) - len(refused)
+        answered = self._got_through(now, name, before, c, flood_at_s, session)
         if wait_s >= WINDOW_WAIT_S:
             memory.window_k = answered
         return window_estimate(answered, span, wait_s)
+
+    def _got_through(
+        self,
+        now: Counters,
+        name: str,
+        base: Counters,
+        c: str,
+        until_s: float,
+        session: str | None = None,
+    ) -> int:
+        """Requests counted under ``name`` since ``base`` that Telegram did not refuse: the
+        floods of ``session`` (or of the class) from ``base`` until ``until_s`` left out."""
+        refused = [
+            f for f in self._floods.refused(c, [], since_s=base.at_s)
+            if f[0] <= until_s and (session is None or f[1] == session)
+        ]  # fmt: skip
+        return now.get(name) - base.get(name) - len(refused)
 
     def _at_flood(
         self,
