@@ -133,6 +133,10 @@ class RateController:
         changes: list[RateChange] = []
         for fc in REQUEST_CLASSES:
             c: str = fc
+            if floods.get(c):
+                ended = await self._end_probe(c, now, raw_rates)
+                if ended is not None:
+                    changes.append(ended)
             shared, own = self._attribute(c, now, floods.get(c, []))
             change = await self._fleet(c, now, prev, raw_rates, shared)
             if change is not None:
@@ -140,6 +144,29 @@ class RateController:
             for session in _sessions_to_govern(now, prev, raw_rates, c, own):
                 changes.extend(await self._session(session, c, now, prev, raw_rates, own))
         return changes
+
+    async def _end_probe(
+        self, c: str, now: Counters, raw_rates: dict[str, str]
+    ) -> RateChange | None:
+        """A flood came while the fleet bucket of ``c`` probed above its cruise: back to the
+        cruise at once, before the flood is judged. The probe is what filled the window, and
+        the fleet bucket hands the flooded worker's slots to the others at the same probe rate:
+        held there for the half second judging takes, the window refused a second session
+        (then the whole class was held) almost every time. The flood is still judged as met
+        at the probe rate (``probe_from``)."""
+        memory = self._memory.get(("fleet", c))
+        if memory is None:
+            return None
+        current = _rate(raw_rates, f"fleet:{c}:rate", self.defaults.fleet[c])
+        cruise = memory.probe_to_end(current, self.settings.aimd_recovery_margin)
+        if cruise is None:
+            return None
+        memory.probe_from = current
+        memory.last_probe_s = now.at_s  # no step before this one is judged and watched
+        await self.bucket.set_rate(c, cruise, scope="fleet")  # type: ignore[arg-type]
+        raw_rates[f"fleet:{c}:rate"] = repr(cruise)
+        why = "a flood while probing: back to the cruise until it is judged"
+        return RateChange("fleet", c, current, cruise, Decision(cruise, "cut", why))
 
     async def _fleet(
         self,
@@ -172,9 +199,14 @@ class RateController:
             # The rate when Telegram said "too much" (read as the flood came in; the flood
             # is judged a tick later, when the window has drained).
             measured = max(f.fleet_rate for f in shared)
+            if fleet_memory.probe_from is not None:
+                current = max(current, fleet_memory.probe_from)  # judged at the probe's rate
+        pending = bool(self._floods.pending_sessions(c))
+        if not pending:
+            fleet_memory.probe_from = None  # the floods of the ended probe are all judged
         return await self._decide(
             "fleet", c, now.at_s, current, measured, saturated, len(shared),
-            estimate=estimate, wait_s=wait_s, pending=bool(self._floods.pending_sessions(c)),
+            estimate=estimate, wait_s=wait_s, pending=pending,
         )  # fmt: skip
 
     async def _session(
@@ -252,6 +284,8 @@ class RateController:
         """Split the floods of class ``c`` old enough to judge into shared evidence and each
         session's own (:meth:`FloodLog.judge`), each measured as it came in."""
 
+        fleet = self._memory.get(("fleet", c), BucketMemory())
+
         def seen(event: RawFlood) -> FloodSeen:
             at_s, session, seconds = event
             # What got through before Telegram said "too much": the bucket admitted the
@@ -267,10 +301,10 @@ class RateController:
                 # The limit its own floods taught it (None: it never flooded alone).
                 own_limit=self._own_limit(session, c),
                 fleet_rate=self._at_flood(now, f"{c}:sent", c, events),
+                probe=fleet.probe_from is not None,
             )
 
-        fleet_shared = self._memory.get(("fleet", c), BucketMemory()).shared
-        return self._floods.judge(c, now.at_s, events, seen, fleet_shared=fleet_shared)
+        return self._floods.judge(c, now.at_s, events, seen, fleet_shared=fleet.shared)
 
     def _own_limit(self, session: str, c: str) -> float | None:
         memory = self._memory.get((f"session:{session}", c))

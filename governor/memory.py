@@ -57,12 +57,24 @@ class BucketMemory:
     saturated_s: float | None = None  # when the bucket was last seen saturated
     last_probe_s: float | None = None  # when the last probe step above the ceiling was taken
     probe_run: int = 0  # probe steps taken since the last flood (each doubles the next)
+    #: A flood came while the bucket probed above its cruise: the rate went back to the cruise
+    #: at once, and the flood is judged as met at this probe rate.
+    probe_from: float | None = None
 
     def probing(self, current: float, margin: float) -> bool:
         """A raise from ``current`` is a probe above the last ceiling (not a recovery toward
         the cruise below it, nor a slow start that never flooded)."""
         target = self.target(margin)
         return target is not None and current >= target * margin * (1 - 1e-6)
+
+    def probe_to_end(self, current: float, margin: float) -> float | None:
+        """The cruise to go back to at once when a flood comes while ``current`` is a probe step
+        above it (None: not probing, or a flood already ended this probe)."""
+        target = self.target(margin)
+        if target is None or self.probe_run == 0 or self.probe_from is not None:
+            return None
+        cruise = target * margin
+        return cruise if current > cruise * (1 + 1e-6) else None
 
     def probe_gain(self, now_s: float) -> float | None:
         """The × on the policy's probe step: None while the last step is younger than

@@ -241,6 +241,9 @@ class FloodSeen:
     own_rate: float  # the session's measured rate when it flooded (requests/s)
     own_limit: float | None  # the session's learned own limit, None if it never flooded alone
     fleet_rate: float = 0.0  # the class's measured fleet rate when it flooded
+    #: The fleet bucket of its class was probing above its cruise when it came: it is the
+    #: probe's answer (a shared limit just above the cruise), not the account's own limit.
+    probe: bool = False
 
 
 #: Two floods keep each other company (evidence of a shared window) only when their sessions ran
@@ -266,7 +269,9 @@ def attribute(
     own: its own limit explains it. Otherwise it is shared when another session (not itself at
     its own limit, running at a rate within ``COMPANY_RATE_RATIO`` of this one's) flooded within
     ``shared_window_s`` of it (``recent`` are earlier floods of the same class; several
-    sessions flooding close together is a limit binding whichever sessions run). A lone flood
+    sessions flooding close together is a limit binding whichever sessions run), or it came
+    while the fleet probed above its cruise (``probe``: the probe's answer; the probe ended at
+    once, so no second session floods to keep it company). Otherwise a lone flood
     belongs to its session, even once a shared limit is known to bind (``fleet_shared``, kept
     for callers): an account whose own limit was learned too high floods below it at every
     turn, and taking each of those for the shared limit cut the whole fleet to that one
@@ -292,7 +297,7 @@ def attribute(
         if own(f) or (f.wait_s >= window_wait_s and f.own_limit is None):
             out.append(False)
             continue
-        company = any(
+        company = f.probe or any(
             g.session != f.session
             and abs(g.at_s - f.at_s) <= shared_window_s
             and not own(g)

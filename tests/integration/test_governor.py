@@ -455,3 +455,61 @@ async def test_an_accounts_own_steps_are_a_share_of_its_own_limit_not_of_the_con
     # Probing above it, long after: steps of 5% of its own 2/s, not of the configured 10/s.
     probe = await controller._decide(scope, "history", at + 60.0, rate, rate, True, 0)
     assert probe is not None and probe.new - rate == pytest.approx(0.05 * 2.0)
+
+
+async def test_a_flood_while_the_fleet_probes_ends_the_probe_at_once_and_is_judged_shared(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The fleet bucket steps above its cruise and one account floods: the rate goes back to
+    the cruise in the same tick (the fleet bucket would otherwise hand the flooded worker's
+    slots to the others at the probe rate, and the full window refuses a second account before
+    the flood is judged). Judged, the lone flood is the probe's answer: the fleet, not the
+    account, is cut, measured at the probe's rate."""
+    s = settings(
+        fleet_rate_history_per_second=30.0,
+        rate_history_per_second=40.0,
+        governor_probe_quiet_seconds=5,
+        governor_probe_factor=1.1,
+    )
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    first = await controller._decide("fleet", "history", 0.0, 30.0, 20.0, True, 1)
+    assert first is not None
+    rate = first.new
+    for at in (1.0, 2.0, 3.0, 4.0):  # back to the cruise below the flood (0.97 x 20)
+        change = await controller._decide("fleet", "history", at, rate, rate, True, 0)
+        rate = change.new if change is not None else rate
+    cruise = rate
+    assert cruise == pytest.approx(0.97 * 20.0, rel=0.01)
+    probe = await controller._decide("fleet", "history", 10.0, rate, rate, True, 0)
+    assert probe is not None and probe.new > cruise
+    assert await fleet_rate(redis_client) == pytest.approx(probe.new)
+    memory = controller._memory[("fleet", "history")]
+    memory.free_at_s = 0.0  # as the judged flood that set the ceiling recorded (note_window)
+    await controller.tick()  # the baseline reading
+    for i in range(12):  # two workers sending at the probe rate, as their slots come
+        booked = await bucket.acquire("a" if i % 2 else "b", "history")
+        assert booked.admitted
+        await asyncio.sleep(max(0.0, booked.wait_s))
+        await controller.sample()
+    await bucket.record_flood("a", "history", 1)
+    changes = await controller.tick()
+    ended = [c for c in changes if c.scope == "fleet"]
+    assert len(ended) == 1 and ended[0].old == pytest.approx(probe.new)
+    assert ended[0].new == pytest.approx(cruise) == await fleet_rate(redis_client)
+    assert await redis_client.get(Keys().fleet_hold("history")) is None  # one flood: no hold
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    cut = [c for c in changes if c.decision.action == "cut"]
+    assert [c.scope for c in cut] == ["fleet"]  # not session:a
+    assert cut[0].old == pytest.approx(probe.new) and "cruise" in cut[0].decision.why
+    assert memory.ceiling is not None and 0.8 * probe.new <= memory.ceiling <= probe.new
+    assert cut[0].new == pytest.approx(0.97 * memory.ceiling)
+    assert memory.probe_from is None and memory.probe_run == 0
+    # Without a probe in flight a lone flood is its account's (see the lone-flood test).
+    await asyncio.sleep(2.1)
+    await bucket.record_flood("b", "history", 1)
+    assert [c for c in await controller.tick() if c.scope == "fleet"] == []
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    assert [c.scope for c in changes if c.decision.action == "cut"] == ["session:b"]

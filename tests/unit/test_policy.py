@@ -350,6 +350,16 @@ def test_an_account_running_at_its_own_learned_limit_explains_its_flood() -> Non
     assert attribute([flood(10.0, "c")], [], shared_window_s=0.5, fleet_shared=True) == [False]
 
 
+def test_a_lone_flood_while_the_fleet_probes_is_the_probes_answer() -> None:
+    # The fleet stepped above its cruise and one account flooded: the probe found the shared
+    # limit (it ended at once, so no second account floods to keep this one company).
+    probed = replace(flood(10.0, "a"), probe=True)
+    assert attribute([probed], [], shared_window_s=0.5, fleet_shared=False) == [True]
+    # Unless the account runs at its own learned limit: that explains it, probe or not.
+    at_limit = replace(flood(10.0, "a", own_rate=9.5, own_limit=10.0), probe=True)
+    assert attribute([at_limit], [], shared_window_s=0.5, fleet_shared=False) == [False]
+
+
 def test_a_far_slower_account_flooding_with_the_others_is_no_evidence_of_a_shared_limit() -> None:
     # An account 5x slower than its fleet-mates, flooding together with one of them: each
     # meets its own limit (a shared window refuses whoever sends next, mostly the fast).
