@@ -202,6 +202,12 @@ def _remember_cut(
     # What the fleet really sent when Telegram said "too much": the next climb stops a
     # margin below it.
     memory.ceiling = min(current, measured) if measured > 0 else current
+    if probing and old_target is not None:
+        # A probe's flood: the cruise below the old ceiling held until the probe, so the limit
+        # is no lower than that ceiling's margin allowed. An account sending 2/s is measured
+        # on four requests in two seconds, one of them refused: the rate read 1.2/s, and the
+        # account cruised at 58% of its limit for a minute, until its next probe.
+        memory.ceiling = max(memory.ceiling, old_target)
     if previous is not None and not in_streak and not memory.suspect:
         # A probe's flood: if it found the limit where the last one was, probe half as
         # often (each probe costs a flood); if the limit had risen, as often as configured.

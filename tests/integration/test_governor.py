@@ -229,12 +229,17 @@ async def test_a_flood_at_a_rate_that_was_safe_climbs_back_step_by_step(
     assert again.new == pytest.approx(0.97 * 0.97 * 15.0)
     assert await controller._decide("fleet", "history", 38.0, again.new, 14.0, True, 0) is None
     # Thirty quiet seconds later it probes above that cruise; the flood it meets there measured
-    # the limit too: straight back under it.
+    # the limit too: straight back under it, and no lower than the cruise that held (the
+    # ceiling it recovered toward, 0.97 x 15, is above the 14.5 measured).
     probe = await controller._decide("fleet", "history", 66.0, again.new, again.new, True, 0)
     assert probe is not None and probe.decision.action == "raise"
     back = await controller._decide("fleet", "history", 70.0, probe.new, 14.5, True, 1)
     assert back is not None and "straight to the cruise" in back.decision.why
-    assert back.new == pytest.approx(0.97 * 14.5)
+    assert back.new == pytest.approx(0.97 * 0.97 * 15.0) == again.new
+    higher = await controller._decide("fleet", "history", 110.0, back.new, back.new, True, 0)
+    assert higher is not None
+    above = await controller._decide("fleet", "history", 112.0, higher.new, 16.0, True, 1)
+    assert above is not None and above.new == pytest.approx(0.97 * min(higher.new, 16.0))
 
 
 async def test_the_measured_rate_covers_exactly_the_window_between_samples(
@@ -284,6 +289,35 @@ async def test_probe_floods_do_not_ratchet_the_fleet_ceiling_down(
         rate = back.new
     memory = controller._memory[("fleet", "history")]
     assert memory.probe_backoff > 1.0
+
+
+async def test_a_probe_flood_measured_low_keeps_the_ceiling_the_cruise_held_under(
+    redis_client: aioredis.Redis,
+) -> None:
+    """An account of 4 requests per 2 s is measured on a handful of requests: its probe's
+    flood, one request refused out of four, reads 1.2/s. The cruise under the old ceiling held
+    for the whole quiet period before the probe, so the limit is no lower: the cut goes back to
+    that cruise, not to 58% of the limit."""
+    s = settings(rate_history_per_second=10.0)
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    scope = "session:slow"
+    first = await controller._decide(scope, "history", 0.0, 10.0, 2.0, True, 1)
+    assert first is not None
+    rate, at = first.new, 0.0
+    while at < 60.0:  # back to the cruise, then the probe steps above it after the quiet
+        at += 1.0
+        change = await controller._decide(scope, "history", at, rate, rate, True, 0)
+        rate = change.new if change is not None else rate
+        if rate > 2.0:
+            break
+    assert rate > 0.97 * 2.0 and at < 60.0
+    back = await controller._decide(scope, "history", at + 1.0, rate, 1.2, True, 1)
+    assert back is not None and back.decision.action == "cut"
+    assert back.new == pytest.approx(0.97 * 2.0, rel=0.01)
+    assert controller._memory[(scope, "history")].ceiling == pytest.approx(2.0)
+    # A flood at the cruise itself (the limit fell) still takes the measured rate.
+    later = await controller._decide(scope, "history", at + 60.0, back.new, 1.2, True, 1)
+    assert later is not None and later.new < 1.2
 
 
 async def test_a_flood_is_measured_on_what_got_through_not_on_what_telegram_refused(
