@@ -191,10 +191,7 @@ class RateController:
         if shared:
             fleet_memory.shared = True
             at_s = max(f.at_s for f in shared)
-            paced = fleet_memory.saturated_s is not None and (
-                fleet_memory.saturated_s >= min(f.at_s for f in shared) - MEASURE_WINDOW_S
-            )
-            fleet_memory.provisional = not paced
+            fleet_memory.provisional = not _paced(fleet_memory, min(f.at_s for f in shared))
             estimate = self._window_estimate(now, f"{c}:sent", fleet_memory, wait_s, at_s, c)
             # The rate when Telegram said "too much" (read as the flood came in; the flood
             # is judged a tick later, when the window has drained).
@@ -227,6 +224,8 @@ class RateController:
         measured = max((f.own_rate for f in mine), default=self._measured(now, name))
         saturated = per_s(now, prev, name) >= SESSION_SATURATION * current
         memory = self._memory.setdefault((f"session:{session}", c), BucketMemory())
+        if saturated:
+            memory.saturated_s = now.at_s
         wait_s = max((f.wait_s for f in mine), default=0.0)
         estimate = 0.0
         if mine:
@@ -302,6 +301,8 @@ class RateController:
                 own_limit=self._own_limit(session, c),
                 fleet_rate=self._at_flood(now, f"{c}:sent", c, events),
                 probe=fleet.probe_from is not None,
+                own_paced=_paced(self._memory.get((f"session:{session}", c)), at_s)
+                and not _paced(fleet, at_s),
             )
 
         return self._floods.judge(c, now.at_s, events, seen, fleet_shared=fleet.shared)
@@ -441,6 +442,13 @@ class RateController:
         burst = 1 if decision.action == "cut" and scope != "fleet" else None
         await self.bucket.set_rate(c, decision.rate, burst, scope=scope)  # type: ignore[arg-type]
         return RateChange(scope, c, current, decision.rate, decision)
+
+
+def _paced(memory: BucketMemory | None, at_s: float) -> bool:
+    """The bucket was seen saturated (what paced its callers) within the measuring window
+    before ``at_s``."""
+    saturated_s = None if memory is None else memory.saturated_s
+    return saturated_s is not None and saturated_s >= at_s - MEASURE_WINDOW_S
 
 
 def _rate(raw: dict[str, str], name: str, default: ClassRate | float) -> float:

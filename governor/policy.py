@@ -244,6 +244,9 @@ class FloodSeen:
     #: The fleet bucket of its class was probing above its cruise when it came: it is the
     #: probe's answer (a shared limit just above the cruise), not the account's own limit.
     probe: bool = False
+    #: The session's own bucket paced it (saturated) and the fleet bucket of its class did not
+    #: (not saturated) when it came: the account was sending all its own bucket allowed.
+    own_paced: bool = False
 
 
 #: Two floods keep each other company (evidence of a shared window) only when their sessions ran
@@ -266,16 +269,23 @@ def attribute(
     belongs to the session's own limit.
 
     A flood of a session running at ``at_own_limit`` × its own learned limit or above is its
-    own: its own limit explains it. Otherwise it is shared when another session (not itself at
-    its own limit, running at a rate within ``COMPANY_RATE_RATIO`` of this one's) flooded within
-    ``shared_window_s`` of it (``recent`` are earlier floods of the same class; several
-    sessions flooding close together is a limit binding whichever sessions run), or it came
-    while the fleet probed above its cruise (``probe``: the probe's answer; the probe ended at
-    once, so no second session floods to keep it company). Otherwise a lone flood
-    belongs to its session, even once a shared limit is known to bind (``fleet_shared``, kept
-    for callers): an account whose own limit was learned too high floods below it at every
-    turn, and taking each of those for the shared limit cut the whole fleet to that one
-    account's pace.
+    own: its own limit explains it. So is the flood of a session that never learned a limit
+    alone, when its own bucket paced it and the fleet bucket did not (``own_paced``): accounts
+    slow-starting their own buckets together (the first workers of a fleet, each sending all its
+    bucket allows) meet their own limits at the same moment, and taken for a shared limit that
+    cut the whole fleet to the pace of the two that had started (26 -> 7/s, 13 s to climb
+    back). A shared limit met that way floods again once those accounts cruise below the limit
+    their flood taught them, and is taken for shared then.
+
+    Otherwise it is shared when another session (not itself at its own limit, running at a rate
+    within ``COMPANY_RATE_RATIO`` of this one's) flooded within ``shared_window_s`` of it
+    (``recent`` are earlier floods of the same class; several sessions flooding close together
+    is a limit binding whichever sessions run), or it came while the fleet probed above its
+    cruise (``probe``: the probe's answer; the probe ended at once, so no second session floods
+    to keep it company). Otherwise a lone flood belongs to its session, even once a shared limit
+    is known to bind (``fleet_shared``, kept for callers): an account whose own limit was
+    learned too high floods below it at every turn, and taking each of those for the shared
+    limit cut the whole fleet to that one account's pace.
 
     A window-type flood (N >= ``window_wait_s``) of a session that never learned a limit alone
     is its own: accounts alike, started alike, fill their own windows of K per W at the same
@@ -285,7 +295,9 @@ def attribute(
     """
 
     def own(f: FloodSeen) -> bool:
-        return f.own_limit is not None and f.own_rate >= at_own_limit * f.own_limit
+        if f.own_limit is None:
+            return f.own_paced
+        return f.own_rate >= at_own_limit * f.own_limit
 
     def comparable(f: FloodSeen, g: FloodSeen) -> bool:
         low, high = sorted((f.own_rate, g.own_rate))

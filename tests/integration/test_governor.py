@@ -472,6 +472,53 @@ async def test_a_shared_cut_while_the_fleet_bucket_was_not_what_paced_it_probes_
     assert not memory.provisional
 
 
+async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cut_alone(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The first workers of a fleet slow-start their own buckets and meet their own limits at
+    the same moment. Their own buckets paced them and the fleet bucket did not: each flood is
+    its account's own, so each account is cut and the fleet rate stays (taken for shared, it
+    cut the fleet to the pace of the two accounts that had started)."""
+    s = settings(
+        fleet_rate_history_per_second=90.0,
+        rate_history_per_second=4.0,
+        rate_history_burst=1,
+    )
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+
+    async def send_all_the_bucket_allows(session: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            got = await bucket.acquire(session, "history")
+            await asyncio.sleep(got.wait_s)  # a slot booked ahead is sent when it comes
+
+    await asyncio.gather(*(send_all_the_bucket_allows(n, 1.2) for n in ("a", "b")))
+    await controller.tick()  # both own buckets saturated, the fleet bucket (90/s) far from it
+    await bucket.record_flood("a", "history", 1)
+    await bucket.record_flood("b", "history", 1)
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    cuts = sorted(c.scope for c in changes if c.decision.action == "cut")
+    assert cuts == ["session:a", "session:b"]
+    assert await fleet_rate(redis_client) is None  # the configured 90/s, untouched
+    for name in ("a", "b"):
+        own = await redis_client.hget(Keys().rates, f"session:{name}:history:rate")
+        assert own is not None and float(own) < 4.0
+    # Once each learned its own limit, two floods together well below it are shared again.
+    await asyncio.sleep(2.1)  # past the cut cooldown
+    for name in ("a", "b"):
+        memory = controller._memory[(f"session:{name}", "history")]
+        memory.ceiling = 10.0  # as if each had learned 10/s; both now run far below it
+    await bucket.record_flood("a", "history", 1)
+    await bucket.record_flood("b", "history", 1)
+    await controller.tick()
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    assert [c.scope for c in changes if c.decision.action == "cut"] == ["fleet"]
+
+
 async def test_an_accounts_own_steps_are_a_share_of_its_own_limit_not_of_the_configured_rate(
     redis_client: aioredis.Redis,
 ) -> None:

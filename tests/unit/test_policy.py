@@ -386,6 +386,21 @@ def test_window_floods_of_accounts_that_never_learned_a_limit_are_their_own() ->
                      window_wait_s=3.0) == [True, True]  # fmt: skip
 
 
+def test_floods_of_accounts_their_own_buckets_paced_are_their_own_until_they_learn_one() -> None:
+    # Two accounts slow-starting their own buckets (the fleet bucket pacing neither) meet their
+    # own limits together: each flood is its account's, and no company for the other's.
+    a = replace(flood(10.0, "a"), own_paced=True)
+    b = replace(flood(10.1, "b"), own_paced=True)
+    assert attribute([a, b], [], shared_window_s=0.5, fleet_shared=False) == [False, False]
+    assert attribute([flood(10.1, "c")], [a], shared_window_s=0.5, fleet_shared=False) == [False]
+    # Once each learned its own limit, the rate says: far below it together is shared.
+    below = [replace(a, own_limit=10.0), replace(b, own_limit=10.0)]
+    assert attribute(below, [], shared_window_s=0.5, fleet_shared=False) == [True, True]
+    # Not paced by their own buckets (the fleet's paced them): company, as before.
+    assert attribute([flood(10.0, "a"), flood(10.1, "b")], [], shared_window_s=0.5,
+                     fleet_shared=False) == [True, True]  # fmt: skip
+
+
 def test_a_bucket_that_never_flooded_grows_by_the_slow_start_factor() -> None:
     p = replace(P, slow_start_factor=1.25)
     grown = decide(TickInputs(4.0, 4.0, True, 0), p)
