@@ -28,7 +28,14 @@ from fleet.bucket import WINDOW_LOG_SECONDS, ClassRate, Counters, RateDefaults, 
 from fleet.gate import REQUEST_CLASSES
 from fleet.scripts import text
 from governor.floods import FloodLog, RawFlood
-from governor.measure import HISTORY_S, MEASURE_WINDOW_S, burst_start, keep, per_s
+from governor.measure import (
+    HISTORY_S,
+    MEASURE_WINDOW_S,
+    burst_start,
+    got_through_before,
+    keep,
+    per_s,
+)
 from governor.measure import measured as measured_rate
 from governor.memory import WINDOW_WAIT_S, BucketMemory, cut
 from governor.policy import (
@@ -137,7 +144,8 @@ class RateController:
                 ended = await self._end_probe(c, now, raw_rates)
                 if ended is not None:
                     changes.append(ended)
-            shared, own = self._attribute(c, now, floods.get(c, []))
+            events = floods.get(c, [])
+            shared, own = self._attribute(c, now, events, await self._bookings(c, events))
             change = await self._fleet(c, now, prev, raw_rates, shared)
             if change is not None:
                 changes.append(change)
@@ -277,26 +285,58 @@ class RateController:
         why = f"own window: {answered} requests per {seconds:.3g} s, bursts allowed"
         return RateChange(f"session:{session}", c, rate, rate, Decision(rate, "cut", why))
 
+    async def _bookings(self, c: str, events: list[RawFlood]) -> dict[str, list[float]]:
+        """The send times (s, ascending) of each flooded session's admits of class ``c`` from
+        its window log, up to its latest flood just read: the last is the refused request."""
+        out: dict[str, list[float]] = {}
+        for session in sorted({e[1] for e in events}):
+            until_s = max(e[0] for e in events if e[1] == session) + 0.001  # ids are in ms
+            raw = await self.bucket.redis.zrangebyscore(
+                self.bucket.keys.window_log(session, c),
+                (until_s - 2 * MEASURE_WINDOW_S) * 1e6,
+                until_s * 1e6,
+                withscores=True,
+            )
+            out[session] = [float(entry[1]) / 1e6 for entry in raw]
+        return out
+
     def _attribute(
-        self, c: str, now: Counters, events: list[RawFlood]
+        self,
+        c: str,
+        now: Counters,
+        events: list[RawFlood],
+        bookings: dict[str, list[float]] | None = None,
     ) -> tuple[list[FloodSeen], dict[str, list[FloodSeen]]]:
         """Split the floods of class ``c`` old enough to judge into shared evidence and each
-        session's own (:meth:`FloodLog.judge`), each measured as it came in."""
+        session's own (:meth:`FloodLog.judge`), each measured as it came in: an account on its
+        window log up to the refused request (``bookings``), the fleet on the counters."""
 
         fleet = self._memory.get(("fleet", c), BucketMemory())
 
-        def seen(event: RawFlood) -> FloodSeen:
-            at_s, session, seconds = event
+        def own_rate(at_s: float, session: str) -> float:
             # What got through before Telegram said "too much": the bucket admitted the
             # refused requests too, and counting them puts the ceiling above the limit (for a
             # window of K requests, (K + 1) / W: 25% too high for K = 4).
+            log = [b for b in (bookings or {}).get(session, []) if b <= at_s + 0.001]
+            if log:
+                since_s = log[-1] - MEASURE_WINDOW_S
+                earlier = [
+                    f for f in self._floods.refused(c, events, since_s=since_s)
+                    if f[1] == session and f[0] < at_s
+                ]  # fmt: skip
+                rate = got_through_before(log, refused=len(earlier))
+                if rate is not None:
+                    return rate
+            name = f"session:{session}:{c}:admits"
+            return self._at_flood(now, name, c, events, session, spans=(1.0,))
+
+        def seen(event: RawFlood) -> FloodSeen:
+            at_s, session, seconds = event
             return FloodSeen(
                 at_s,
                 session,
                 seconds,
-                own_rate=self._at_flood(
-                    now, f"session:{session}:{c}:admits", c, events, session, spans=(1.0,)
-                ),
+                own_rate=own_rate(at_s, session),
                 # The limit its own floods taught it (None: it never flooded alone).
                 own_limit=self._own_limit(session, c),
                 fleet_rate=self._at_flood(now, f"{c}:sent", c, events),

@@ -519,6 +519,27 @@ async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cu
     assert [c.scope for c in changes if c.decision.action == "cut"] == ["fleet"]
 
 
+async def test_an_accounts_flood_is_measured_on_its_window_log_up_to_the_refused_request(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The account's rate at its flood is what got through in the 2 s before the refused
+    request, read from its window log in Redis (send times), not the counters over the 2 s
+    before the tick (which took the pause and the pacing gap in, and read 8.5/s as 7.8)."""
+    s = settings(rate_history_per_second=8.0, rate_history_burst=1)
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        got = await bucket.acquire("a", "history")
+        await asyncio.sleep(got.wait_s)
+    await bucket.record_flood("a", "history", 1)  # the last request sent was refused
+    await asyncio.sleep(0.3)  # the governor reads it a little later, the account paused
+    await controller.tick()
+    (seen,) = [f for f in controller._floods._pending["history"] if f.session == "a"]
+    assert seen.own_rate == pytest.approx(8.0, abs=0.51)  # 16 in the 2 s before it
+
+
 async def test_an_accounts_own_steps_are_a_share_of_its_own_limit_not_of_the_configured_rate(
     redis_client: aioredis.Redis,
 ) -> None:

@@ -1,0 +1,41 @@
+"""What an account sent when Telegram refused it, from its admits' send times (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from governor.measure import got_through_before
+
+
+def paced(rate: float, seconds: float, start: float = 100.0) -> list[float]:
+    n = int(seconds * rate)
+    return [start + i / rate for i in range(n + 1)]
+
+
+def test_a_full_window_of_k_per_w_reads_k_over_w() -> None:
+    # Cruising at 8 /s, then paced at 8.7/s into a window of 17 per 2 s: the request refused
+    # is the one with 17 in the 2 s before it.
+    before = paced(8.0, 5.0, start=95.0)
+    log = before[:-1] + paced(8.7, 10.0)
+    at = next(i for i in range(17, len(log)) if log[i] - log[i - 17] < 2.0)
+    bookings = log[: at + 1]
+    assert sum(1 for b in bookings[:-1] if b >= bookings[-1] - 2.0) == 17
+    assert got_through_before(bookings) == pytest.approx(17 / 2.0)
+
+
+def test_requests_refused_earlier_in_the_window_do_not_count() -> None:
+    bookings = paced(5.0, 4.0)
+    assert got_through_before(bookings) == pytest.approx(5.0)
+    assert got_through_before(bookings, refused=2) == pytest.approx(4.0)
+
+
+def test_an_account_that_began_inside_the_window_is_measured_from_its_first_request() -> None:
+    # Ten requests 0.1 s apart, then the refused one: 10/s, not 10 per 2 s.
+    bookings = [100.0 + i / 10 for i in range(11)]
+    assert got_through_before(bookings) == pytest.approx(10.0)
+
+
+def test_too_little_to_say_is_none() -> None:
+    assert got_through_before([]) is None
+    assert got_through_before([100.0]) is None
+    assert got_through_before([100.0, 100.0]) is None
