@@ -305,7 +305,7 @@ class RateController:
         c: str,
         now: Counters,
         events: list[RawFlood],
-        bookings: dict[str, list[float]] | None = None,
+        bookings: dict[str, list[float]],
     ) -> tuple[list[FloodSeen], dict[str, list[FloodSeen]]]:
         """Split the floods of class ``c`` old enough to judge into shared evidence and each
         session's own (:meth:`FloodLog.judge`), each measured as it came in: an account on its
@@ -317,7 +317,7 @@ class RateController:
             # What got through before Telegram said "too much": the bucket admitted the
             # refused requests too, and counting them puts the ceiling above the limit (for a
             # window of K requests, (K + 1) / W: 25% too high for K = 4).
-            log = [b for b in (bookings or {}).get(session, []) if b <= at_s + 0.001]
+            log = [b for b in bookings.get(session, []) if b <= at_s + 0.001]
             if log:
                 since_s = log[-1] - MEASURE_WINDOW_S
                 earlier = [
