@@ -336,10 +336,11 @@ class RateController:
         def seen(event: RawFlood) -> FloodSeen:
             at_s, session, seconds = event
             own_paced = _paced(self._memory.get((f"session:{session}", c)), at_s)
-            # A session that started within the measuring window is not measured yet: three
-            # requests of a 1.5/s account's first burst read 11/s, alike its fleet-mates.
+            fleet_paced = _paced(fleet, at_s)
+            # A session that started within the measuring window is not measured yet: its first
+            # burst read as fast as its fleet-mates (a 1.5/s account among 8.5/s ones).
             log = bookings.get(session, [])
-            fleet_paced = _paced(fleet, at_s) and bool(log) and log[0] <= at_s - MEASURE_WINDOW_S
+            measured = bool(log) and log[0] <= at_s - MEASURE_WINDOW_S
             peers = [r for s, r in rates.items() if s != session]
             return FloodSeen(
                 at_s,
@@ -351,7 +352,7 @@ class RateController:
                 fleet_rate=self._at_flood(now, f"{c}:sent", c, events),
                 probe=fleet.probe_from is not None,
                 own_paced=own_paced and not fleet_paced,
-                fleet_paced=fleet_paced and not own_paced,
+                fleet_paced=fleet_paced and not own_paced and measured,
                 peer_rate=max(peers, default=0.0),
             )
 

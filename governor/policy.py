@@ -244,8 +244,8 @@ class FloodSeen:
     #: The fleet bucket of its class was probing above its cruise when it came: it is the
     #: probe's answer (a shared limit just above the cruise), not the account's own limit.
     probe: bool = False
-    #: The session's own bucket paced it (saturated) and it was not ``fleet_paced`` when it
-    #: came: the account was sending all its own bucket allowed.
+    #: The session's own bucket paced it (saturated) and the fleet bucket of its class did not
+    #: (not saturated) when it came: the account was sending all its own bucket allowed.
     own_paced: bool = False
     #: The fleet bucket of its class paced it (saturated) and its own bucket did not, and the
     #: session had been sending for a whole measuring window (its rate is known): the account

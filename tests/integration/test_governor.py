@@ -554,6 +554,25 @@ async def test_a_lone_flood_of_an_account_the_fleet_bucket_paced_is_evidence_abo
         assert rate is not None and rate < 6.0
 
 
+async def test_a_flood_both_buckets_paced_is_neither_own_paced_nor_fleet_paced(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Own bucket and fleet bucket both saturated (the start of a fleet, both slow-starting):
+    nothing says which limit refused it, so it needs company like any other flood. Taken as
+    its account's own whenever the account was too young to be measured, the first floods of
+    `rise` and `workers12` cut accounts to 15-40% of their limits for the whole run."""
+    bucket, controller = await governed(redis_client, fleet=6.0, own=3.0)
+    await send(bucket, "a", 1.0)
+    await controller.tick()
+    now_s = (await bucket.counters()).at_s
+    controller._memory[("session:a", "history")].saturated_s = now_s
+    controller._memory[("fleet", "history")].saturated_s = now_s
+    await bucket.record_flood("a", "history", 1)
+    await controller.tick()
+    (seen,) = controller._floods._pending["history"]
+    assert not seen.own_paced and not seen.fleet_paced
+
+
 async def test_a_lone_flood_of_an_account_far_slower_than_its_fleet_mates_is_its_own(
     redis_client: aioredis.Redis,
 ) -> None:
