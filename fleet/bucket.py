@@ -213,7 +213,6 @@ class TokenBucket:
             self.keys.counters,
             self.keys.fleet_hold(request_class),
             self.keys.flooded(request_class),
-            self.keys.fleet_probe(request_class),
         )
         args: tuple[EncodableT, ...] = (
             session,
@@ -262,15 +261,6 @@ class TokenBucket:
         field_name = _field(f"session:{check_session(session)}", request_class, "window")
         value = f"{int(requests)} {math.ceil(seconds * 1_000_000)}"
         await self.redis.hset(self.keys.rates, field_name, value)
-
-    async def mark_probe(self, request_class: RequestClass, seconds: float) -> None:
-        """The fleet bucket of a class probes above its cruise for the next ``seconds`` (<= 0:
-        it no longer does): the next FloodWait recorded on the class holds it fleet-wide."""
-        key = self.keys.fleet_probe(check_class(request_class))
-        if seconds > 0:
-            await self.redis.set(key, "1", px=math.ceil(seconds * 1000))
-        else:
-            await self.redis.delete(key)
 
     async def clear_rates(self) -> None:
         """Forget every runtime rate: back to each worker's configured defaults."""

@@ -199,11 +199,6 @@ class Keys:
         """Hash: session → µs of its last FloodWait on the class (shared-flood evidence)."""
         return self._k("flooded", check_class(request_class))
 
-    def fleet_probe(self, request_class: str) -> str:
-        """String, set (with a TTL) while the fleet bucket of the class probes above its
-        cruise: the next FloodWait of any session is the probe's answer and holds the class."""
-        return self._k("probing", check_class(request_class))
-
     @property
     def holds_channel(self) -> str:
         """Pub/sub channel: flood.lua announces each new fleet hold (``<cls> <ms>``)."""

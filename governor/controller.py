@@ -37,7 +37,7 @@ from governor.measure import (
     per_s,
 )
 from governor.measure import measured as measured_rate
-from governor.memory import PROBE_STEP_S, WINDOW_WAIT_S, BucketMemory, cut
+from governor.memory import WINDOW_WAIT_S, BucketMemory, cut
 from governor.policy import (
     AimdParams,
     Decision,
@@ -172,7 +172,6 @@ class RateController:
         memory.probe_from = current
         memory.last_probe_s = now.at_s  # no step before this one is judged and watched
         await self.bucket.set_rate(c, cruise, scope="fleet")  # type: ignore[arg-type]
-        await self.bucket.mark_probe(c, 0)  # type: ignore[arg-type]
         raw_rates[f"fleet:{c}:rate"] = repr(cruise)
         why = "a flood while probing: back to the cruise until it is judged"
         return RateChange("fleet", c, current, cruise, Decision(cruise, "cut", why))
@@ -476,7 +475,6 @@ class RateController:
             step = memory.ceiling * self.settings.aimd_increase_fraction
             params = replace(params, increase_step=min(params.increase_step, step))
         decision = decide(inputs, params)
-        stepped = False  # a probe step above the cruise was taken
         if floods > 0:
             memory.last_flood_s = now_s
         if decision.action == "raise":
@@ -489,7 +487,6 @@ class RateController:
                 rate = params.clamp(current + (decision.rate - current) * gain)
                 if rate > current:
                     memory.probed(now_s)
-                    stepped = True
                 decision = Decision(rate, "raise", f"{decision.why}; probe step x{gain:g}")
         if math.isclose(decision.rate, current, rel_tol=1e-9, abs_tol=1e-9):
             return None
@@ -503,16 +500,7 @@ class RateController:
         # window's limit the burst is what floods it (K per W admits at most rate × W + burst).
         burst = 1 if decision.action == "cut" and scope != "fleet" else None
         await self.bucket.set_rate(c, decision.rate, burst, scope=scope)  # type: ignore[arg-type]
-        if scope == "fleet" and (decision.action == "cut" or stepped):
-            # While a step above the cruise is watched, its flood holds the class at once.
-            above = memory.probe_to_end(decision.rate, margin) is not None
-            await self.bucket.mark_probe(c, PROBE_MARK_S if above else 0)  # type: ignore[arg-type]
         return RateChange(scope, c, current, decision.rate, decision)
-
-
-#: How long a probe step marks the class as probing (``keys.fleet_probe``): steps come every
-#: ``PROBE_STEP_S`` while the fleet is saturated; one that is not lets the mark lapse.
-PROBE_MARK_S = 3 * PROBE_STEP_S
 
 
 def _paced(memory: BucketMemory | None, at_s: float) -> bool:

@@ -9,8 +9,6 @@
 -- KEYS[3] counters                hash    <cls>:floods, session:<s>:<cls>:floods, rate_limit_hits
 -- KEYS[4] hold:<cls>              string  fleet hold until, µs (PX TTL = the hold)
 -- KEYS[5] flooded:<cls>           hash    session -> µs of its last FloodWait on the class
--- KEYS[6] probing:<cls>           string  set by the governor while the fleet bucket probes
---                                         above its cruise (PX TTL); a flood deletes it
 --
 -- ARGV[1] session  ARGV[2] class  ARGV[3] pause ms (<= 0 lifts the pause)
 -- ARGV[4] seconds Telegram asked for (N)  ARGV[5] record '1'|'0'  ARGV[6] stream max length
@@ -51,12 +49,6 @@ if ARGV[5] == '1' then
     end
     redis.call('HSET', KEYS[5], ARGV[1], string.format('%d', now))
     redis.call('PEXPIRE', KEYS[5], math.ceil(window_us / 1000) + 1000)
-  end
-  -- A flood while the fleet probes a step above its cruise is the probe's answer: the probe
-  -- filled the shared window, which refuses whoever sends next (the other sessions flooded
-  -- into it within a second, every probe). Hold the class now, on the first flood.
-  if redis.call('DEL', KEYS[6]) == 1 then
-    shared = true
   end
   local hold_ms = tonumber(ARGV[8]) or 0
   if shared and hold_ms > 0 then
