@@ -330,17 +330,8 @@ class RateController:
             name = f"session:{session}:{c}:admits"
             return self._at_flood(now, name, c, events, session, spans=(1.0,))
 
-        rates = self._session_rates(now, c) if events else {}
-
         def seen(event: RawFlood) -> FloodSeen:
             at_s, session, seconds = event
-            own_paced = _paced(self._memory.get((f"session:{session}", c)), at_s)
-            fleet_paced = _paced(fleet, at_s)
-            # A session that started within the measuring window is not measured yet: its first
-            # burst read as fast as its fleet-mates (a 1.5/s account among 8.5/s ones).
-            log = bookings.get(session, [])
-            measured = bool(log) and log[0] <= at_s - MEASURE_WINDOW_S
-            peers = [r for s, r in rates.items() if s != session]
             return FloodSeen(
                 at_s,
                 session,
@@ -350,21 +341,11 @@ class RateController:
                 own_limit=self._own_limit(session, c),
                 fleet_rate=self._at_flood(now, f"{c}:sent", c, events),
                 probe=fleet.probe_from is not None,
-                own_paced=own_paced and not fleet_paced,
-                fleet_paced=fleet_paced and not own_paced and measured,
-                peer_rate=max(peers, default=0.0),
+                own_paced=_paced(self._memory.get((f"session:{session}", c)), at_s)
+                and not _paced(fleet, at_s),
             )
 
         return self._floods.judge(c, now.at_s, events, seen, fleet_shared=fleet.shared)
-
-    def _session_rates(self, now: Counters, c: str) -> dict[str, float]:
-        """Each session's measured rate on class ``c`` over the measuring window."""
-        suffix = f":{c}:admits"
-        return {
-            name.split(":")[1]: self._measured(now, name)
-            for name in now.values
-            if name.startswith("session:") and name.endswith(suffix)
-        }
 
     def _own_limit(self, session: str, c: str) -> float | None:
         memory = self._memory.get((f"session:{session}", c))

@@ -247,12 +247,6 @@ class FloodSeen:
     #: The session's own bucket paced it (saturated) and the fleet bucket of its class did not
     #: (not saturated) when it came: the account was sending all its own bucket allowed.
     own_paced: bool = False
-    #: The fleet bucket of its class paced it (saturated) and its own bucket did not, and the
-    #: session had been sending for a whole measuring window (its rate is known): the account
-    #: was sending its share of what the fleet bucket allowed, below its own bucket's rate.
-    fleet_paced: bool = False
-    #: The fastest other session's measured rate on the class when it came (0: none sent).
-    peer_rate: float = 0.0
 
 
 #: Two floods keep each other company (evidence of a shared window) only when their sessions ran
@@ -288,16 +282,7 @@ def attribute(
     (``recent`` are earlier floods of the same class; several sessions flooding close together
     is a limit binding whichever sessions run), or it came while the fleet probed above its
     cruise (``probe``: the probe's answer; the probe ended at once, so no second session floods
-    to keep it company), or the fleet bucket paced it and its own bucket did not
-    (``fleet_paced``) while it never learned a limit alone and ran within
-    ``COMPANY_RATE_RATIO`` of the fastest other session (``peer_rate``): it was sending its share
-    of what the fleet bucket allowed, below its own bucket's rate, so its own limit is not what
-    refused it. Fleet-mates cruising at a shared limit flood it one at a time, 0.5-0.7 s apart,
-    and each such flood taken for its account's own taught the account its share of the fleet
-    limit as its own limit. An account far slower than the others is meeting its own limit
-    (its own bucket, set far above it, never saturates between its pauses): taken for shared,
-    its floods cut a fleet with no shared limit to 31-33% of what the accounts allow.
-    Otherwise a lone flood belongs to its session, even once a shared limit
+    to keep it company). Otherwise a lone flood belongs to its session, even once a shared limit
     is known to bind (``fleet_shared``, kept for callers): an account whose own limit was
     learned too high floods below it at every turn, and taking each of those for the shared
     limit cut the whole fleet to that one account's pace.
@@ -318,27 +303,18 @@ def attribute(
         low, high = sorted((f.own_rate, g.own_rate))
         return high <= 0 or low >= COMPANY_RATE_RATIO * high
 
-    def fleet_paced(f: FloodSeen) -> bool:
-        return (
-            f.fleet_paced and f.own_limit is None and f.own_rate >= COMPANY_RATE_RATIO * f.peer_rate
-        )
-
     pool = [*recent, *floods]
     out = []
     for f in floods:
         if own(f) or (f.wait_s >= window_wait_s and f.own_limit is None):
             out.append(False)
             continue
-        company = (
-            f.probe
-            or fleet_paced(f)
-            or any(
-                g.session != f.session
-                and abs(g.at_s - f.at_s) <= shared_window_s
-                and not own(g)
-                and comparable(f, g)
-                for g in pool
-            )
+        company = f.probe or any(
+            g.session != f.session
+            and abs(g.at_s - f.at_s) <= shared_window_s
+            and not own(g)
+            and comparable(f, g)
+            for g in pool
         )
         out.append(company)
     return out

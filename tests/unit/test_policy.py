@@ -401,25 +401,6 @@ def test_floods_of_accounts_their_own_buckets_paced_are_their_own_until_they_lea
                      fleet_shared=False) == [True, True]  # fmt: skip
 
 
-def test_a_lone_flood_the_fleet_bucket_paced_is_shared_until_its_account_learns_a_limit() -> None:
-    # The fleet bucket paced the account, its own bucket did not: alone, still about the fleet.
-    paced = replace(flood(10.0, "a"), fleet_paced=True)
-    assert attribute([paced], [], shared_window_s=0.5, fleet_shared=False) == [True]
-    assert attribute([flood(10.0, "a")], [], shared_window_s=0.5, fleet_shared=False) == [False]
-    # A long N of an account that never learned a limit is its own window, paced or not.
-    assert attribute([replace(paced, wait_s=16.0)], [], shared_window_s=0.5, fleet_shared=False,
-                     window_wait_s=3.0) == [False]  # fmt: skip
-    # At its own learned limit, its own limit explains it.
-    at_limit = replace(paced, own_rate=9.0, own_limit=10.0)
-    assert attribute([at_limit], [], shared_window_s=0.5, fleet_shared=False) == [False]
-    # Far slower than the fastest other session: its own limit refused it (an account 5x
-    # slower than the rest, its own bucket far above it, cut a fleet with no shared limit).
-    slow = replace(paced, own_rate=1.5, peer_rate=8.5)
-    assert attribute([slow], [], shared_window_s=0.5, fleet_shared=False) == [False]
-    alike = replace(paced, own_rate=6.0, peer_rate=8.5)
-    assert attribute([alike], [], shared_window_s=0.5, fleet_shared=False) == [True]
-
-
 def test_a_bucket_that_never_flooded_grows_by_the_slow_start_factor() -> None:
     p = replace(P, slow_start_factor=1.25)
     grown = decide(TickInputs(4.0, 4.0, True, 0), p)
