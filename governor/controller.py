@@ -476,6 +476,7 @@ class RateController:
                 memory, decision, now_s=now_s, current=current, measured=measured,
                 estimate=estimate, wait_s=wait_s, margin=margin,
                 quiet_s=self.settings.aimd_quiet_seconds,
+                decrease_factor=params.decrease_factor,
             )  # fmt: skip
         # An account that floods on its own gets no burst on top of its rate: near a short
         # window's limit the burst is what floods it (K per W admits at most rate × W + burst).

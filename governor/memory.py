@@ -159,6 +159,7 @@ def cut(
     wait_s: float,
     margin: float,
     quiet_s: float,
+    decrease_factor: float,
 ) -> Decision:
     """Remember a cut, and decide how deep it goes.
 
@@ -170,8 +171,38 @@ def cut(
     cruise a margin below it. The hold has drained the window already, and a 0.7× dip and
     climb back would only waste the fleet's slots.
     """
+    previous = memory.ceiling
     near_the_limit = _remember_cut(memory, now_s, current, measured, margin, quiet_s)
-    return _depth(memory, decision, current, estimate, wait_s, margin, near_the_limit)
+    decision = _depth(memory, decision, current, estimate, wait_s, margin, near_the_limit)
+    return _one_cut(memory, decision, previous, current, decrease_factor)
+
+
+def _one_cut(
+    memory: BucketMemory,
+    decision: Decision,
+    previous: float | None,
+    current: float,
+    decrease_factor: float,
+) -> Decision:
+    """One flood outside a streak lowers a learned ceiling by one cut at most.
+
+    The rate measured at a flood is the limit only when the bucket was sending all it was
+    allowed. An account paused by the fleet's hold sends a request or two, meets a window the
+    fleet filled, and is measured at a fraction of its limit: taken at its word, that one flood
+    cut an account that had learned 8/s to 0.5/s, and it spent the rest of the run at 44% of
+    its limit. A limit that really fell that far floods again within the quiet period, and a
+    flood in a streak is taken at its measure.
+    """
+    if previous is None or memory.streak > 1 or memory.ceiling is None:
+        return decision
+    floor = previous * decrease_factor
+    if memory.ceiling >= floor:
+        return decision
+    memory.ceiling = floor
+    rate = min(current, floor * decrease_factor)
+    if rate <= decision.rate:
+        return decision
+    return Decision(rate, "cut", f"{decision.why}; one cut at most below {previous:.3g}/s")
 
 
 def _remember_cut(

@@ -559,6 +559,36 @@ async def test_an_accounts_own_steps_are_a_share_of_its_own_limit_not_of_the_con
     assert probe is not None and probe.new - rate == pytest.approx(0.05 * 2.0)
 
 
+async def test_one_flood_far_below_a_learned_limit_lowers_it_by_one_cut_at_most(
+    redis_client: aioredis.Redis,
+) -> None:
+    """An account paused by a fleet hold sends a request, meets a window its fleet-mates
+    filled, and is measured at 0.5/s against the 8/s its own floods taught it: that one flood
+    takes one cut off the limit, not 94% of it. A limit that really fell floods again within
+    the quiet period, and that flood of the streak is taken at its measure."""
+    s = settings(rate_history_per_second=10.0, aimd_quiet_seconds=10)
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    scope = "session:w1"
+    first = await controller._decide(scope, "history", 0.0, 10.0, 8.0, True, 1)
+    assert first is not None and first.new == pytest.approx(0.7 * 8.0)
+    rate, at = first.new, 0.0
+    while rate < 0.97 * 8.0 - 1e-9:  # back to the cruise below the flood
+        at += 1.0
+        change = await controller._decide(scope, "history", at, rate, rate, True, 0)
+        assert change is not None
+        rate = change.new
+    memory = controller._memory[(scope, "history")]
+    assert memory.ceiling == pytest.approx(8.0)
+    lone = await controller._decide(scope, "history", 30.0, rate, 0.5, True, 1)
+    assert lone is not None and "one cut at most" in lone.decision.why
+    assert memory.ceiling == pytest.approx(0.7 * 8.0)
+    assert lone.new == pytest.approx(0.7 * 0.7 * 8.0)
+    # The limit did fall: the next flood, 5 s later, is in a streak and taken at its measure.
+    again = await controller._decide(scope, "history", 35.0, lone.new, 1.0, True, 1)
+    assert again is not None and again.new < 1.0
+    assert memory.ceiling == pytest.approx(1.0)
+
+
 async def test_a_flood_while_the_fleet_probes_ends_the_probe_at_once_and_is_judged_shared(
     redis_client: aioredis.Redis,
 ) -> None:
