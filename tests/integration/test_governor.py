@@ -540,6 +540,20 @@ async def test_an_accounts_flood_is_measured_on_its_window_log_up_to_the_refused
     assert seen.own_rate == pytest.approx(8.0, abs=0.51)  # 16 in the 2 s before it
 
 
+async def back_to_the_cruise(
+    controller: RateController, scope: str, rate: float, ceiling: float
+) -> tuple[float, float]:
+    """Quiet saturated ticks, one a second from 0 s, until ``scope`` cruises at 0.97 x
+    ``ceiling``: (the rate, the time) then."""
+    at = 0.0
+    while rate < 0.97 * ceiling - 1e-9:
+        at += 1.0
+        change = await controller._decide(scope, "history", at, rate, rate, True, 0)
+        assert change is not None
+        rate = change.new
+    return rate, at
+
+
 async def test_an_accounts_own_steps_are_a_share_of_its_own_limit_not_of_the_configured_rate(
     redis_client: aioredis.Redis,
 ) -> None:
@@ -548,12 +562,7 @@ async def test_an_accounts_own_steps_are_a_share_of_its_own_limit_not_of_the_con
     scope = "session:slow"
     cut = await controller._decide(scope, "history", 0.0, 10.0, 2.0, True, 1)
     assert cut is not None and cut.new == pytest.approx(1.4)  # 0.7 x the 2/s it flooded at
-    rate, at = cut.new, 0.0
-    while rate < 0.97 * 2.0 - 1e-9:  # back to the cruise below the flood
-        at += 1.0
-        change = await controller._decide(scope, "history", at, rate, rate, True, 0)
-        assert change is not None
-        rate = change.new
+    rate, at = await back_to_the_cruise(controller, scope, cut.new, 2.0)
     # Probing above it, long after: steps of 5% of its own 2/s, not of the configured 10/s.
     probe = await controller._decide(scope, "history", at + 60.0, rate, rate, True, 0)
     assert probe is not None and probe.new - rate == pytest.approx(0.05 * 2.0)
@@ -571,12 +580,7 @@ async def test_one_flood_far_below_a_learned_limit_lowers_it_by_one_cut_at_most(
     scope = "session:w1"
     first = await controller._decide(scope, "history", 0.0, 10.0, 8.0, True, 1)
     assert first is not None and first.new == pytest.approx(0.7 * 8.0)
-    rate, at = first.new, 0.0
-    while rate < 0.97 * 8.0 - 1e-9:  # back to the cruise below the flood
-        at += 1.0
-        change = await controller._decide(scope, "history", at, rate, rate, True, 0)
-        assert change is not None
-        rate = change.new
+    rate, _ = await back_to_the_cruise(controller, scope, first.new, 8.0)
     memory = controller._memory[(scope, "history")]
     assert memory.ceiling == pytest.approx(8.0)
     lone = await controller._decide(scope, "history", 30.0, rate, 0.5, True, 1)
