@@ -87,6 +87,16 @@ class BucketMemory:
         self.last_probe_s = now_s
         self.probe_run += 1
 
+    def probe_met_own_limits(self, now_s: float) -> None:
+        """The floods that ended a probe were all accounts' own (each at its own limit): above
+        the cruise, their own limits bind, not a shared one. Wait and space the next probe out
+        as after a probe that found no headroom; otherwise the probe went on at its doubled
+        step two seconds later, and every 2-3 s one account flooded (high seed 3: 21
+        FloodWaits against 11)."""
+        self.probe_run = 0
+        self.last_flood_s = now_s
+        self.probe_backoff = min(MAX_PROBE_BACKOFF, 2 * self.probe_backoff)
+
     def target(self, margin: float) -> float | None:
         """The ceiling the policy recovers toward. Cuts in a row mean the limit fell and the
         rate measured at each flood still overshoots it: each cut of a streak takes one more

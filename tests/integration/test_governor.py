@@ -17,6 +17,7 @@ from fleet.bucket import TokenBucket
 from fleet.keys import Keys
 from governor.controller import RateController
 from governor.leader import LeaderLease
+from governor.memory import BucketMemory
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
 from governor.settings import GovernorSettings
 
@@ -593,14 +594,11 @@ async def test_one_flood_far_below_a_learned_limit_lowers_it_by_one_cut_at_most(
     assert memory.ceiling == pytest.approx(1.0)
 
 
-async def test_a_flood_while_the_fleet_probes_ends_the_probe_at_once_and_is_judged_shared(
+async def fleet_probing_above_its_cruise(
     redis_client: aioredis.Redis,
-) -> None:
-    """The fleet bucket steps above its cruise and one account floods: the rate goes back to
-    the cruise in the same tick (the fleet bucket would otherwise hand the flooded worker's
-    slots to the others at the probe rate, and the full window refuses a second account before
-    the flood is judged). Judged, the lone flood is the probe's answer: the fleet, not the
-    account, is cut, measured at the probe's rate."""
+) -> tuple[RateController, TokenBucket, float, float]:
+    """A fleet bucket that found 20/s, cruises below it, steps above it, and two workers
+    sending at the probe rate: (controller, bucket, the probe rate, the cruise)."""
     s = settings(
         fleet_rate_history_per_second=30.0,
         rate_history_per_second=40.0,
@@ -620,26 +618,39 @@ async def test_a_flood_while_the_fleet_probes_ends_the_probe_at_once_and_is_judg
     probe = await controller._decide("fleet", "history", 10.0, rate, rate, True, 0)
     assert probe is not None and probe.new > cruise
     assert await fleet_rate(redis_client) == pytest.approx(probe.new)
-    memory = controller._memory[("fleet", "history")]
-    memory.free_at_s = 0.0  # as the judged flood that set the ceiling recorded (note_window)
+    # As the judged flood that set the ceiling recorded (note_window):
+    controller._memory[("fleet", "history")].free_at_s = 0.0
     await controller.tick()  # the baseline reading
     for i in range(12):  # two workers sending at the probe rate, as their slots come
         booked = await bucket.acquire("a" if i % 2 else "b", "history")
         assert booked.admitted
         await asyncio.sleep(max(0.0, booked.wait_s))
         await controller.sample()
+    return controller, bucket, probe.new, cruise
+
+
+async def test_a_flood_while_the_fleet_probes_ends_the_probe_at_once_and_is_judged_shared(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The fleet bucket steps above its cruise and one account floods: the rate goes back to
+    the cruise in the same tick (the fleet bucket would otherwise hand the flooded worker's
+    slots to the others at the probe rate, and the full window refuses a second account before
+    the flood is judged). Judged, the lone flood is the probe's answer: the fleet, not the
+    account, is cut, measured at the probe's rate."""
+    controller, bucket, probe_rate, cruise = await fleet_probing_above_its_cruise(redis_client)
+    memory = controller._memory[("fleet", "history")]
     await bucket.record_flood("a", "history", 1)
     changes = await controller.tick()
     ended = [c for c in changes if c.scope == "fleet"]
-    assert len(ended) == 1 and ended[0].old == pytest.approx(probe.new)
+    assert len(ended) == 1 and ended[0].old == pytest.approx(probe_rate)
     assert ended[0].new == pytest.approx(cruise) == await fleet_rate(redis_client)
     assert await redis_client.get(Keys().fleet_hold("history")) is None  # one flood: no hold
     await asyncio.sleep(0.6)
     changes = await controller.tick()
     cut = [c for c in changes if c.decision.action == "cut"]
     assert [c.scope for c in cut] == ["fleet"]  # not session:a
-    assert cut[0].old == pytest.approx(probe.new) and "cruise" in cut[0].decision.why
-    assert memory.ceiling is not None and 0.8 * probe.new <= memory.ceiling <= probe.new
+    assert cut[0].old == pytest.approx(probe_rate) and "cruise" in cut[0].decision.why
+    assert memory.ceiling is not None and 0.8 * probe_rate <= memory.ceiling <= probe_rate
     assert cut[0].new == pytest.approx(0.97 * memory.ceiling)
     assert memory.probe_from is None and memory.probe_run == 0
     # Without a probe in flight a lone flood is its account's (see the lone-flood test).
@@ -649,3 +660,28 @@ async def test_a_flood_while_the_fleet_probes_ends_the_probe_at_once_and_is_judg
     await asyncio.sleep(0.6)
     changes = await controller.tick()
     assert [c.scope for c in changes if c.decision.action == "cut"] == ["session:b"]
+
+
+async def test_a_probe_that_only_meets_accounts_own_limits_backs_off_like_one_without_headroom(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Above the cruise the accounts' own limits bind: the flood that ends the probe is its
+    account's own and cuts that account, not the fleet. The probe still found no headroom: the
+    next one waits, spaced out, instead of stepping again at the doubled step two seconds later
+    (every 2-3 s one account flooded)."""
+    controller, bucket, _, cruise = await fleet_probing_above_its_cruise(redis_client)
+    memory = controller._memory[("fleet", "history")]
+    controller._memory[("session:a", "history")] = BucketMemory(ceiling=1.0)  # a's own limit
+    await bucket.record_flood("a", "history", 1)
+    await controller.tick()
+    assert await fleet_rate(redis_client) == pytest.approx(cruise)  # the probe ended at once
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    assert [c.scope for c in changes if c.decision.action == "cut"] == ["session:a"]
+    assert memory.probe_from is None and memory.probe_run == 0 and memory.probe_backoff == 2.0
+    assert memory.ceiling == pytest.approx(20.0)  # the fleet's ceiling stands
+    # Saturated and past the probe step's watch: still cruising, the next probe waits.
+    at = (await bucket.counters()).at_s + 2.5
+    hold = await controller._decide("fleet", "history", at, cruise, cruise, True, 0)
+    assert hold is None
+    assert await fleet_rate(redis_client) == pytest.approx(cruise)
