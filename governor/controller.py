@@ -208,13 +208,7 @@ class RateController:
                 current = max(current, fleet_memory.probe_from)  # judged at the probe's rate
         pending = bool(self._floods.pending_sessions(c))
         if not pending:
-            if (
-                fleet_memory.probe_from is not None
-                and not shared
-                and not _cut_since_probe(fleet_memory)
-            ):
-                fleet_memory.probe_met_own_limits(now.at_s)
-            fleet_memory.probe_from = None  # the floods of the ended probe are all judged
+            fleet_memory.probe_judged(now.at_s, shared=bool(shared))
         return await self._decide(
             "fleet", c, now.at_s, current, measured, saturated, len(shared),
             estimate=estimate, wait_s=wait_s, pending=pending,
@@ -489,12 +483,6 @@ class RateController:
         burst = 1 if decision.action == "cut" and scope != "fleet" else None
         await self.bucket.set_rate(c, decision.rate, burst, scope=scope)  # type: ignore[arg-type]
         return RateChange(scope, c, current, decision.rate, decision)
-
-
-def _cut_since_probe(memory: BucketMemory) -> bool:
-    """A shared flood cut the bucket after its probe ended (the probe's answer was judged)."""
-    cut_s, probe_s = memory.last_cut_s, memory.last_probe_s
-    return cut_s is not None and probe_s is not None and cut_s >= probe_s
 
 
 def _paced(memory: BucketMemory | None, at_s: float) -> bool:

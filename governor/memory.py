@@ -87,15 +87,25 @@ class BucketMemory:
         self.last_probe_s = now_s
         self.probe_run += 1
 
-    def probe_met_own_limits(self, now_s: float) -> None:
-        """The floods that ended a probe were all accounts' own (each at its own limit): above
-        the cruise, their own limits bind, not a shared one. Wait and space the next probe out
-        as after a probe that found no headroom; otherwise the probe went on at its doubled
-        step two seconds later, and every 2-3 s one account flooded (high seed 3: 21
-        FloodWaits against 11)."""
-        self.probe_run = 0
-        self.last_flood_s = now_s
-        self.probe_backoff = min(MAX_PROBE_BACKOFF, 2 * self.probe_backoff)
+    def probe_judged(self, now_s: float, *, shared: bool) -> None:
+        """Every flood of the probe that ended (``probe_from``) is judged. If none was shared
+        and no shared flood cut the bucket since the probe ended, they were all accounts' own
+        (each at its own limit): above the cruise their own limits bind, not a shared one.
+        Wait and space the next probe out as after a probe that found no headroom; otherwise
+        the probe went on at its doubled step two seconds later, and one account flooded
+        every 2-3 s (`high` seed 3 with a 0.3 s fleet hold: 21 FloodWaits against 10-11)."""
+        if self.probe_from is None:
+            return
+        cut_since = (
+            self.last_cut_s is not None
+            and self.last_probe_s is not None
+            and self.last_cut_s >= self.last_probe_s
+        )
+        if not shared and not cut_since:
+            self.probe_run = 0
+            self.last_flood_s = now_s
+            self.probe_backoff = min(MAX_PROBE_BACKOFF, 2 * self.probe_backoff)
+        self.probe_from = None
 
     def target(self, margin: float) -> float | None:
         """The ceiling the policy recovers toward. Cuts in a row mean the limit fell and the
