@@ -24,7 +24,14 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from fleet.bucket import WINDOW_LOG_SECONDS, ClassRate, Counters, RateDefaults, TokenBucket
+from fleet.bucket import (
+    SHARED_FLOOD_WINDOW_S,
+    WINDOW_LOG_SECONDS,
+    ClassRate,
+    Counters,
+    RateDefaults,
+    TokenBucket,
+)
 from fleet.gate import REQUEST_CLASSES
 from fleet.scripts import text
 from governor.floods import FloodLog, RawFlood
@@ -313,10 +320,11 @@ class RateController:
 
         fleet = self._memory.get(("fleet", c), BucketMemory())
 
-        def own_rate(at_s: float, session: str) -> float:
+        def own_rates(at_s: float, session: str) -> tuple[float, float | None]:
             # What got through before Telegram said "too much": the bucket admitted the
             # refused requests too, and counting them puts the ceiling above the limit (for a
-            # window of K requests, (K + 1) / W: 25% too high for K = 4).
+            # window of K requests, (K + 1) / W: 25% too high for K = 4). Second: the same
+            # with a burst measured over at least the shared-flood window, to compare accounts.
             log = [b for b in bookings.get(session, []) if b <= at_s + 0.001]
             if log:
                 since_s = log[-1] - MEASURE_WINDOW_S
@@ -326,23 +334,28 @@ class RateController:
                 ]  # fmt: skip
                 rate = got_through_before(log, refused=len(earlier))
                 if rate is not None:
-                    return rate
+                    company = got_through_before(
+                        log, refused=len(earlier), min_span_s=SHARED_FLOOD_WINDOW_S
+                    )
+                    return rate, company
             name = f"session:{session}:{c}:admits"
-            return self._at_flood(now, name, c, events, session, spans=(1.0,))
+            return self._at_flood(now, name, c, events, session, spans=(1.0,)), None
 
         def seen(event: RawFlood) -> FloodSeen:
             at_s, session, seconds = event
+            rate, company = own_rates(at_s, session)
             return FloodSeen(
                 at_s,
                 session,
                 seconds,
-                own_rate=own_rate(at_s, session),
+                own_rate=rate,
                 # The limit its own floods taught it (None: it never flooded alone).
                 own_limit=self._own_limit(session, c),
                 fleet_rate=self._at_flood(now, f"{c}:sent", c, events),
                 probe=fleet.probe_from is not None,
                 own_paced=_paced(self._memory.get((f"session:{session}", c)), at_s)
                 and not _paced(fleet, at_s),
+                company_rate=company,
             )
 
         return self._floods.judge(c, now.at_s, events, seen, fleet_shared=fleet.shared)

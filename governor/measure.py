@@ -101,7 +101,11 @@ def burst_start(samples: Sequence[Counters], name: str, start_s: float) -> Count
 
 
 def got_through_before(
-    bookings: Sequence[float], *, refused: int = 0, window_s: float = MEASURE_WINDOW_S
+    bookings: Sequence[float],
+    *,
+    refused: int = 0,
+    window_s: float = MEASURE_WINDOW_S,
+    min_span_s: float = 0.0,
 ) -> float | None:
     """One account's rate when Telegram refused its request, from its admits' send times
     (``bookings``, s, ascending; the last is the refused request): what got through in exactly
@@ -111,7 +115,9 @@ def got_through_before(
     Measured on the counters over the window ending at the tick instead, the same account read
     7.8–8.0/s against 17 per 2 s (8.5/s): the pause after the flood, the pacing gap and the
     counter samples each took a little off, and it cruised at 90% of its limit. None when the
-    log says too little (fewer than two requests)."""
+    log says too little (fewer than two requests). ``min_span_s``: an account that began inside
+    the window is measured over at least this long (a burst of requests sent within a few ms
+    reads any rate at all, depending only on how the sender was scheduled)."""
     if len(bookings) < 2:
         return None
     last = bookings[-1]
@@ -121,7 +127,7 @@ def got_through_before(
     if len(inside) == len(bookings) - 1 and inside:
         # It began sending inside the window: measured from its first request (n requests
         # and the refused one after them take n gaps).
-        span = min(window_s, last - inside[0])
+        span = min(window_s, max(min_span_s, last - inside[0]))
     if span <= 0:
         return None
     return max(0, len(inside) - refused) / span

@@ -39,3 +39,14 @@ def test_too_little_to_say_is_none() -> None:
     assert got_through_before([]) is None
     assert got_through_before([100.0]) is None
     assert got_through_before([100.0, 100.0]) is None
+
+
+def test_a_burst_sent_within_a_few_ms_is_measured_over_at_least_min_span() -> None:
+    # Ten requests within 10 ms, then the refused one: over their own span any rate at all
+    # (here 1000/s); over at least 0.5 s, 20/s, however the sender was scheduled.
+    bookings = [100.0 + i / 1000 for i in range(11)]
+    assert got_through_before(bookings) == pytest.approx(1000.0)
+    assert got_through_before(bookings, min_span_s=0.5) == pytest.approx(20.0)
+    # A span already longer than the floor is measured as before.
+    slow = [100.0 + i / 10 for i in range(11)]
+    assert got_through_before(slow, min_span_s=0.5) == pytest.approx(10.0)

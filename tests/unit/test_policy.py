@@ -370,6 +370,18 @@ def test_a_far_slower_account_flooding_with_the_others_is_no_evidence_of_a_share
     assert attribute([slow, near], [], shared_window_s=0.5, fleet_shared=False) == [True, True]
 
 
+def test_bursts_are_compared_on_their_company_rate_not_their_own_span() -> None:
+    # Two accounts each sent ten requests within a few ms and were refused together: over
+    # their own spans they read 1013/s and 270/s (scheduling, not the accounts); compared over
+    # at least the shared-flood window, both sent 20/s.
+    a = replace(flood(10.0, "a", own_rate=1013.0), company_rate=20.0)
+    b = replace(flood(10.001, "b", own_rate=270.0), company_rate=20.0)
+    assert attribute([a, b], [], shared_window_s=0.5, fleet_shared=False) == [True, True]
+    # Without the company rate the same pair reads as a slow account and a fast one.
+    bare = [replace(a, company_rate=None), replace(b, company_rate=None)]
+    assert attribute(bare, [], shared_window_s=0.5, fleet_shared=False) == [False, False]
+
+
 def test_window_floods_of_accounts_that_never_learned_a_limit_are_their_own() -> None:
     # Two alike accounts fill their own 30-per-30 s windows at the same moment (N = 16 s).
     a = FloodSeen(10.0, "a", 16.0, own_rate=2.0, own_limit=None)
