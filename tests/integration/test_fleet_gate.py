@@ -27,7 +27,8 @@ from worker.fleet_gate import FleetGate
 
 # Commands the Lua scripts run inside Redis (INFO commandstats counts them too).
 SCRIPT_INTERNAL = {"time", "get", "set", "hmget", "hset", "hincrby", "pttl", "del", "xadd",
-                   "zremrangebyscore", "zadd", "pexpire", "zcount", "zrangebyscore"}  # fmt: skip
+                   "zremrangebyscore", "zadd", "pexpire", "zcount", "zrangebyscore",
+                   "hgetall"}  # fmt: skip
 
 
 def settings(**overrides: Any) -> FleetSettings:
