@@ -33,9 +33,6 @@ SHARED_FLOOD_WINDOW_S = 0.5
 #: for a window-type limit the governor learns (Telegram's are up to a minute or so).
 WINDOW_LOG_SECONDS = 90.0
 WINDOW_LOG_US = int(WINDOW_LOG_SECONDS * 1_000_000)
-#: A flooded session's share of the fleet bucket, kept for its pause, is what it sent in this
-#: span before the flood over the fleet rate.
-SHARE_SPAN_S = 2.0
 
 Reason = Literal["ok", "session", "fleet", "paused", "held", "probe", "breaker"]
 
@@ -161,7 +158,6 @@ class TokenBucket:
             k.breaker_probe,
             k.fleet_hold(request_class),
             k.window_log(session, request_class),
-            k.reserved(request_class),
         )
         args: tuple[EncodableT, ...] = (
             session,
@@ -217,9 +213,6 @@ class TokenBucket:
             self.keys.counters,
             self.keys.fleet_hold(request_class),
             self.keys.flooded(request_class),
-            self.keys.reserved(request_class),
-            self.keys.window_log(session, request_class),
-            self.keys.rates,
         )
         args: tuple[EncodableT, ...] = (
             session,
@@ -232,8 +225,6 @@ class TokenBucket:
             math.ceil(hold_s * 1000),
             self.keys.holds_channel,
             round(self.shared_flood_window_s * 1000),
-            int(SHARE_SPAN_S * 1_000_000),
-            self._argv[request_class][2],
         )
         remaining_us = await self.scripts.flood(keys, args)
         return int(remaining_us) / 1_000_000

@@ -21,7 +21,6 @@ key                                        type    TTL                 written b
 ``hold:<cls>``                             string  the hold            flood.lua / bucket.lua
 ``holds`` (pub/sub channel)                —       —                   flood.lua / workers
 ``flooded:<cls>``                          hash    shared window + 1 s flood.lua / flood.lua
-``reserved:<cls>``                         hash    the last pause      flood.lua / bucket.lua
 ``floods``                                 stream  capped (MAXLEN ~)   flood.lua / governor
 ``counters``                               hash    none                bucket.lua, flood.lua /
                                                                        governor (each tick)
@@ -50,9 +49,6 @@ key                                        type    TTL                 written b
 - ``flooded:<cls>`` maps each session to the µs of its last FloodWait on the class: a flood
   that comes within the shared-flood window of another session's is evidence of a limit the
   sessions share, and only such a flood holds the class fleet-wide.
-- ``reserved:<cls>`` maps each session paused by a FloodWait to ``"<until µs> <share>"``: its
-  share of the fleet bucket (what it sent in the 2 s before over the fleet rate), which the
-  fleet bucket keeps for it until the pause ends instead of handing its slots to the others.
 - ``floods`` has one entry per FloodWait: ``session``, ``class``, ``seconds``, ``worker``.
 - ``counters`` (monotonic; the governor diffs them each tick) has fields
   ``<cls>:admits``, ``<cls>:waits`` (admits that had to wait), ``<cls>:fleet_waits`` (the
@@ -202,10 +198,6 @@ class Keys:
     def flooded(self, request_class: str) -> str:
         """Hash: session → µs of its last FloodWait on the class (shared-flood evidence)."""
         return self._k("flooded", check_class(request_class))
-
-    def reserved(self, request_class: str) -> str:
-        """Hash: session → ``"<until µs> <share>"``, its fleet share kept for its pause."""
-        return self._k("reserved", check_class(request_class))
 
     @property
     def holds_channel(self) -> str:

@@ -20,7 +20,6 @@
 -- KEYS[7] breaker:probe                   string  token of the half-open probe
 -- KEYS[8] hold:<cls>                      string  fleet hold until, µs (a FloodWait's)
 -- KEYS[9] window:<session>:<cls>           zset    the µs each admitted request was booked for
--- KEYS[10] reserved:<cls>                 hash    session -> '<until µs> <share>' (flood.lua)
 --
 -- ARGV[1] session   ARGV[2] class
 -- ARGV[3] default session rate/s   ARGV[4] default session burst
@@ -66,19 +65,6 @@ local s_rate = tonumber(r[1]) or tonumber(r[3]) or tonumber(ARGV[3])
 local s_burst = tonumber(r[2]) or tonumber(r[4]) or tonumber(ARGV[4])
 local f_rate = tonumber(r[5]) or tonumber(ARGV[5])
 local f_burst = tonumber(r[6]) or tonumber(ARGV[6])
--- 2b. A session paused by a FloodWait keeps its share of the fleet bucket for the pause
--- (reserved:<cls>, set by flood.lua): the others go on at the pace they had instead of taking
--- its slots, which would push them past their own limits (not known while the fleet's binds)
--- or, when the limit is shared, back into the window that just refused it.
-local reserved = redis.call('HGETALL', KEYS[10])
-local share = 0
-for i = 1, #reserved, 2 do
-  local r_until, r_share = string.match(reserved[i + 1], '^(%d+) ([%d%.]+)$')
-  if reserved[i] ~= session and tonumber(r_until) and tonumber(r_until) > now then
-    share = share + (tonumber(r_share) or 0)
-  end
-end
-if share > 0 then f_rate = f_rate * math.max(0.1, 1 - share) end
 local s_T = 1000000 / s_rate
 local f_T = 1000000 / f_rate
 

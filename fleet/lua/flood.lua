@@ -9,9 +9,6 @@
 -- KEYS[3] counters                hash    <cls>:floods, session:<s>:<cls>:floods, rate_limit_hits
 -- KEYS[4] hold:<cls>              string  fleet hold until, µs (PX TTL = the hold)
 -- KEYS[5] flooded:<cls>           hash    session -> µs of its last FloodWait on the class
--- KEYS[6] reserved:<cls>          hash    session -> '<until µs> <share>': its fleet share kept
--- KEYS[7] window:<session>:<cls>  zset    the session's admit log (bucket.lua)
--- KEYS[8] rates                   hash    current rates (the fleet rate of the class)
 --
 -- ARGV[1] session  ARGV[2] class  ARGV[3] pause ms (<= 0 lifts the pause)
 -- ARGV[4] seconds Telegram asked for (N)  ARGV[5] record '1'|'0'  ARGV[6] stream max length
@@ -21,8 +18,6 @@
 -- ARGV[10] shared-flood window ms: the hold is set only when another session flooded the class
 --         within it (evidence of a limit the sessions share; one account's own limit must not
 --         stall its fleet-mates); <= 0: every recorded flood holds
--- ARGV[11] the span its share is measured over, µs (its admits in it / span / fleet rate)
--- ARGV[12] the caller's default fleet rate of the class (when `rates` has none)
 --
 -- Returns the pause in force afterwards, µs from now (0: none).
 
@@ -68,36 +63,12 @@ end
 
 if pause_ms <= 0 then
   redis.call('DEL', KEYS[1])
-  redis.call('HDEL', KEYS[6], ARGV[1])
   return 0
-end
-
--- A recorded flood keeps the session's share of the fleet bucket for its pause (bucket.lua
--- takes the shares of paused sessions off the fleet rate): the share is what the session sent
--- in the last span over the fleet rate, at most all of it.
-local function keep_share(until_us)
-  local span = tonumber(ARGV[11]) or 0
-  local f_rate = tonumber(redis.call('HGET', KEYS[8], 'fleet:' .. ARGV[2] .. ':rate'))
-    or tonumber(ARGV[12]) or 0
-  if span <= 0 or f_rate <= 0 then return end
-  local sent = redis.call('ZCOUNT', KEYS[7], '(' .. string.format('%d', now - span),
-    string.format('%d', now))
-  local share = math.min(1, sent / (span / 1000000) / f_rate)
-  if share <= 0 then return end
-  local last = 0
-  local seen = redis.call('HGETALL', KEYS[6])
-  for i = 1, #seen, 2 do
-    local u = tonumber(string.match(seen[i + 1], '^(%d+)')) or 0
-    if u <= now then redis.call('HDEL', KEYS[6], seen[i]) elseif u > last then last = u end
-  end
-  redis.call('HSET', KEYS[6], ARGV[1], string.format('%d %.4f', until_us, share))
-  redis.call('PEXPIRE', KEYS[6], math.ceil((math.max(last, until_us) - now) / 1000) + 1000)
 end
 local current = tonumber(redis.call('GET', KEYS[1])) or 0
 local wanted = now + pause_ms * 1000
 if wanted > current then
   redis.call('SET', KEYS[1], string.format('%d', wanted), 'PX', pause_ms)
-  if ARGV[5] == '1' then keep_share(wanted) end
   return pause_ms * 1000
 end
 return current - now

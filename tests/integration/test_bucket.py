@@ -171,52 +171,6 @@ async def test_flood_pauses_only_that_session_and_class_for_n_seconds_plus_jitte
     assert (await b.acquire("bob", "history")).admitted
 
 
-async def test_a_flooded_session_keeps_its_fleet_share_for_its_pause(
-    redis_client: aioredis.Redis,
-) -> None:
-    # The fleet bucket: 10/s, strict. Alice sends 10 in its 2 s span before her flood (half
-    # the fleet rate); while she is paused, bob is paced at the other half, not handed her slots.
-    s = settings(
-        flood_wait_jitter_seconds=0,
-        fleet_rate_history_per_second=10.0,
-        fleet_rate_history_burst=1,
-        rate_history_per_second=1000.0,
-        rate_history_burst=1000,
-    )
-    b = TokenBucket(redis_client, Keys(), s, worker_id="w1")
-
-    async def alice_sends_ten() -> None:
-        booked = [await b.acquire("alice", "history") for _ in range(10)]
-        assert all(r.admitted for r in booked)
-        now = float((await redis_client.time())[0]) + (await redis_client.time())[1] / 1e6
-        await asyncio.sleep(max(0.0, booked[-1].send_at_s - now) + 0.05)  # all sent
-
-    async def bob_spacing(n: int = 5) -> float:
-        """The mean gap between bob's next ``n`` booked slots, s."""
-        times = [(await b.acquire("bob", "history")).send_at_s for _ in range(n)]
-        return (times[-1] - times[0]) / (n - 1)
-
-    await alice_sends_ten()
-    await b.record_flood("alice", "history", 30)
-    raw = await redis_client.hget(Keys().reserved("history"), "alice")
-    assert raw is not None and float(raw.split()[1]) == pytest.approx(0.5, abs=0.051)
-    assert await bob_spacing() == pytest.approx(0.2, abs=0.02)  # 10/s x (1 - 0.5)
-    # Her pause lifted: her share goes back to the fleet.
-    await b.pause("alice", "history", 0)
-    assert await redis_client.hget(Keys().reserved("history"), "alice") is None
-    assert await bob_spacing() == pytest.approx(0.1, abs=0.01)
-    # A pause that is not a flood keeps nothing.
-    await b.pause("alice", "history", 30)
-    assert await redis_client.hget(Keys().reserved("history"), "alice") is None
-    await b.pause("alice", "history", 0)
-    # A flood's share lasts only its pause.
-    await alice_sends_ten()
-    await b.record_flood("alice", "history", 0.5)
-    assert await bob_spacing(3) == pytest.approx(0.2, abs=0.02)
-    await asyncio.sleep(0.6)
-    assert await bob_spacing() == pytest.approx(0.1, abs=0.01)
-
-
 async def test_a_hold_is_not_shortened_and_zero_disables_it(redis_client: aioredis.Redis) -> None:
     b = TokenBucket(redis_client, Keys(), settings(flood_fleet_hold_seconds=0.5), worker_id="w1")
     await b.record_flood("alice", "history", 30)

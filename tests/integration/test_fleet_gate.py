@@ -27,8 +27,7 @@ from worker.fleet_gate import FleetGate
 
 # Commands the Lua scripts run inside Redis (INFO commandstats counts them too).
 SCRIPT_INTERNAL = {"time", "get", "set", "hmget", "hset", "hincrby", "pttl", "del", "xadd",
-                   "zremrangebyscore", "zadd", "pexpire", "zcount", "zrangebyscore",
-                   "hgetall"}  # fmt: skip
+                   "zremrangebyscore", "zadd", "pexpire", "zcount", "zrangebyscore"}  # fmt: skip
 
 
 def settings(**overrides: Any) -> FleetSettings:
