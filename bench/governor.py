@@ -391,10 +391,10 @@ def _start(
     limits_key = f"{sim_prefix}sim:{{sim}}:limits"
     first = sc.phases[0]
     sim.client().hset(limits_key, mapping=_limits_hash(first, first))
-    log_path = workdir / f"requests_{sc.name}_{policy}.jsonl"
+    log_path = workdir / f"requests_{sc.name}_seed{sc.seed}_{policy}.jsonl"
     log_path.unlink(missing_ok=True)
     governor: subprocess.Popen[bytes] | None = None
-    gov_log = open(workdir / f"governor_{sc.name}_{policy}.log", "wb")  # noqa: SIM115
+    gov_log = open(workdir / f"governor_{sc.name}_seed{sc.seed}_{policy}.log", "wb")  # noqa: SIM115
     if policy == "governor":
         governor = subprocess.Popen(
             [sys.executable, "-m", "governor", "run"],
