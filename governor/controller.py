@@ -5,8 +5,9 @@ rates.
 Two limits, learned apart: each session's own bucket (``session:<name>:<cls>:rate``) learns the
 account's own limit from that account's own FloodWaits, and the fleet bucket of the class learns
 the limit the accounts share, only from evidence that it is shared (:func:`policy.attribute`:
-several sessions flooding close together while none runs at its own learned limit, or a
-session flooding below its own learned limit once the shared limit is known to bind). A
+several sessions flooding close together while none runs at its own learned limit, a flood
+while the fleet probes above its cruise, or a session refused well below a pace it kept
+without a flood in the last ``SUSTAINED_LOOKBACK_S`` while the fleet bucket paced the class). A
 FloodWait slows what it is evidence about, and nothing keeps a session above its own limit.
 
 The rooms around it: :mod:`governor.measure` measures what the fleet really sent (admits minus
@@ -42,10 +43,12 @@ from governor.measure import (
     got_through_before,
     keep,
     per_s,
+    sustained,
 )
 from governor.measure import measured as measured_rate
 from governor.memory import WINDOW_WAIT_S, BucketMemory, cut
 from governor.policy import (
+    SUSTAINED_LOOKBACK_S,
     AimdParams,
     Decision,
     FloodSeen,
@@ -300,7 +303,7 @@ class RateController:
             until_s = max(e[0] for e in events if e[1] == session) + 0.001  # ids are in ms
             raw = await self.bucket.redis.zrangebyscore(
                 self.bucket.keys.window_log(session, c),
-                (until_s - 2 * MEASURE_WINDOW_S) * 1e6,
+                (until_s - SUSTAINED_LOOKBACK_S - MEASURE_WINDOW_S) * 1e6,
                 until_s * 1e6,
                 withscores=True,
             )
@@ -320,12 +323,13 @@ class RateController:
 
         fleet = self._memory.get(("fleet", c), BucketMemory())
 
-        def own_rates(at_s: float, session: str) -> tuple[float, float | None]:
+        def own_rates(at_s: float, session: str) -> tuple[float, float | None, float | None]:
             # What got through before Telegram said "too much": the bucket admitted the
             # refused requests too, and counting them puts the ceiling above the limit (for a
             # window of K requests, (K + 1) / W: 25% too high for K = 4). Second: the same
             # with a burst measured over at least the shared-flood window, to compare accounts.
-            log = [b for b in bookings.get(session, []) if b <= at_s + 0.001]
+            full = [b for b in bookings.get(session, []) if b <= at_s + 0.001]
+            log = [b for b in full if b >= at_s - 2 * MEASURE_WINDOW_S]
             if log:
                 since_s = log[-1] - MEASURE_WINDOW_S
                 earlier = [
@@ -337,13 +341,17 @@ class RateController:
                     company = got_through_before(
                         log, refused=len(earlier), min_span_s=SHARED_FLOOD_WINDOW_S
                     )
-                    return rate, company
+                    # The fastest it went without a flood lately: refused below that, the
+                    # limit that refused it is not its own.
+                    before = [f for f in self._floods.flood_times(c, session) if f < at_s]
+                    kept = sustained(full, before, lookback_s=SUSTAINED_LOOKBACK_S)
+                    return rate, company, kept
             name = f"session:{session}:{c}:admits"
-            return self._at_flood(now, name, c, events, session, spans=(1.0,)), None
+            return self._at_flood(now, name, c, events, session, spans=(1.0,)), None, None
 
         def seen(event: RawFlood) -> FloodSeen:
             at_s, session, seconds = event
-            rate, company = own_rates(at_s, session)
+            rate, company, kept = own_rates(at_s, session)
             return FloodSeen(
                 at_s,
                 session,
@@ -356,6 +364,8 @@ class RateController:
                 own_paced=_paced(self._memory.get((f"session:{session}", c)), at_s)
                 and not _paced(fleet, at_s),
                 company_rate=company,
+                sustained=kept,
+                fleet_paced=_paced(fleet, at_s),
             )
 
         return self._floods.judge(c, now.at_s, events, seen, fleet_shared=fleet.shared)

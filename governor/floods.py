@@ -18,7 +18,7 @@ from fleet.bucket import SHARED_FLOOD_WINDOW_S
 from fleet.scripts import text
 from governor.measure import MEASURE_WINDOW_S
 from governor.memory import WINDOW_WAIT_S
-from governor.policy import FloodSeen, attribute
+from governor.policy import SUSTAINED_LOOKBACK_S, FloodSeen, attribute
 
 #: One flood as read from the stream: (Redis time s, session, N seconds).
 RawFlood = tuple[float, str, float]
@@ -31,12 +31,15 @@ class FloodLog:
     _flood_id: str | None = None  # the last flood stream entry read
     _recent: dict[str, list[FloodSeen]] = field(default_factory=dict)  # judged, per class
     _pending: dict[str, list[FloodSeen]] = field(default_factory=dict)  # not yet judged
+    #: Every flood read, per class, for ``SUSTAINED_LOOKBACK_S`` and a measuring window more.
+    _history: dict[str, list[RawFlood]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Start over from the stream's end (a new term as leader judges only new floods)."""
         self._flood_id = None
         self._recent.clear()
         self._pending.clear()
+        self._history.clear()
 
     async def read(self, redis: Redis, key: str) -> dict[str, list[RawFlood]]:
         """FloodWaits recorded since the last read, per class: (Redis time s, session, N)."""
@@ -55,7 +58,15 @@ class FloodLog:
                 seconds = 0.0
             at_s = int(self._flood_id.split("-")[0]) / 1000
             out.setdefault(f.get("class", ""), []).append((at_s, f.get("session", ""), seconds))
+        for c, new in out.items():
+            keep_from = new[-1][0] - SUSTAINED_LOOKBACK_S - 2 * MEASURE_WINDOW_S
+            self._history[c] = [e for e in [*self._history.get(c, []), *new] if e[0] >= keep_from]
         return out
+
+    def flood_times(self, c: str, session: str) -> list[float]:
+        """When each flood of ``session`` and class ``c`` read in the last
+        ``SUSTAINED_LOOKBACK_S`` (and a little more) was recorded."""
+        return [e[0] for e in self._history.get(c, []) if e[1] == session]
 
     def pending_sessions(self, c: str) -> set[str]:
         """Sessions with a flood of class ``c`` read but not judged yet."""

@@ -137,3 +137,36 @@ def per_s(now: Counters, base: Counters, name: str) -> float:
     """The counter's rate between two readings (0 if they are not apart in time)."""
     dt = now.at_s - base.at_s
     return max(0, now.get(name) - base.get(name)) / dt if dt > 0 else 0.0
+
+
+def sustained(
+    bookings: Sequence[float],
+    floods_at: Sequence[float],
+    *,
+    lookback_s: float,
+    window_s: float = MEASURE_WINDOW_S,
+    refused_lag_s: float = 0.5,
+) -> float | None:
+    """The highest rate one account sent without a flood over any ``window_s`` (measured as
+    :func:`got_through_before` measures it) in the ``lookback_s`` before its last admit
+    (``bookings``, s, ascending; the last is the refused request), leaving out every window
+    that held one of its earlier refused requests (``floods_at``: when each of its FloodWaits
+    was recorded, up to ``refused_lag_s`` after the request went out). None when no window
+    fits. A window that reaches back before the first logged admit counts what is logged, so
+    the rate is never read higher than what was sent."""
+    if len(bookings) < 2:
+        return None
+    last = bookings[-1]
+    best: float | None = None
+    first = 0
+    for i, end in enumerate(bookings[:-1]):
+        if end < last - lookback_s:
+            continue
+        start = end - window_s
+        if any(start <= f <= end + refused_lag_s for f in floods_at):
+            continue
+        while bookings[first] <= start:
+            first += 1
+        rate = (i - first + 1) / window_s
+        best = rate if best is None else max(best, rate)
+    return best

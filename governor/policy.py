@@ -253,6 +253,12 @@ class FloodSeen:
     #: refused together read 1013/s and 270/s over their bursts' own spans, only because of how
     #: each sender was scheduled, and were taken for a slow account and a fast one.
     company_rate: float | None = None
+    #: The highest rate the session sent without a flood over any measuring window in the
+    #: ``SUSTAINED_LOOKBACK_S`` before this flood (None: no window fits).
+    sustained: float | None = None
+    #: The fleet bucket of its class paced the class (saturated) in the measuring window before
+    #: it: a shared limit near the fleet's rate could have refused it.
+    fleet_paced: bool = False
 
 
 #: Two floods keep each other company (evidence of a shared window) only when their sessions ran
@@ -260,6 +266,12 @@ class FloodSeen:
 #: slower than the others that floods as often as they do is meeting its own limit (an account
 #: 5x slower than its fleet-mates, flooding at every turn, cut the whole fleet otherwise).
 COMPANY_RATE_RATIO = 0.4
+#: How far back a flooded session's own sending is searched for a faster pace it kept without a
+#: flood (:attr:`FloodSeen.sustained`).
+SUSTAINED_LOOKBACK_S = 20.0
+#: A short-N flood of a session running below this share of a rate it sent without a flood
+#: within ``SUSTAINED_LOOKBACK_S`` is not its own limit: the limit that refused it is shared.
+BELOW_SUSTAINED = 0.8
 
 
 def attribute(
@@ -283,6 +295,15 @@ def attribute(
     back). A shared limit met that way floods again once those accounts cruise below the limit
     their flood taught them, and is taken for shared then.
 
+    A short-N flood of a session running below ``BELOW_SUSTAINED`` × a pace it kept without a
+    flood within ``SUSTAINED_LOOKBACK_S`` (``sustained``), while the fleet bucket paced the
+    class (``fleet_paced``), is shared, alone or not: its own limit let it send faster a moment
+    ago, and the fleet ran at the rate a shared limit was last found at (an account
+    refused 0.3 s after its pause, having sent 2.5/s over the window that included the pause,
+    was cut from 13.5/s to 1.75/s by taking that for its own limit, and spent the run at 45%
+    of it). With the fleet bucket idle it is the account's own limit that fell, and it slows
+    that account only.
+
     Otherwise it is shared when another session (not itself at its own limit, running at a rate
     within ``COMPANY_RATE_RATIO`` of this one's) flooded within ``shared_window_s`` of it
     (``recent`` are earlier floods of the same class; several sessions flooding close together
@@ -300,7 +321,17 @@ def attribute(
     of it); taken as shared, own windows would pace every account at the fleet's K / W.
     """
 
+    def below_sustained(f: FloodSeen) -> bool:
+        return (
+            f.fleet_paced
+            and f.wait_s < window_wait_s
+            and f.sustained is not None
+            and f.own_rate < BELOW_SUSTAINED * f.sustained
+        )
+
     def own(f: FloodSeen) -> bool:
+        if below_sustained(f):
+            return False
         if f.own_limit is None:
             return f.own_paced
         return f.own_rate >= at_own_limit * f.own_limit
@@ -315,12 +346,16 @@ def attribute(
         if own(f) or (f.wait_s >= window_wait_s and f.own_limit is None):
             out.append(False)
             continue
-        company = f.probe or any(
-            g.session != f.session
-            and abs(g.at_s - f.at_s) <= shared_window_s
-            and not own(g)
-            and comparable(f, g)
-            for g in pool
+        company = (
+            f.probe
+            or below_sustained(f)
+            or any(
+                g.session != f.session
+                and abs(g.at_s - f.at_s) <= shared_window_s
+                and not own(g)
+                and comparable(f, g)
+                for g in pool
+            )
         )
         out.append(company)
     return out

@@ -149,6 +149,71 @@ async def test_a_lone_session_flood_cuts_only_its_own_rate_with_no_burst(
     assert (await bucket.acquire("bob", "history")).reason != "held"
 
 
+@pytest.mark.parametrize("fast_first", [True, False])
+async def test_a_lone_flood_below_a_pace_its_account_kept_without_one_is_shared(
+    redis_client: aioredis.Redis, fast_first: bool
+) -> None:
+    """An account refused at 2.5/s right after it sent 10/s for two seconds without a flood,
+    while the fleet bucket paced the class, was not refused by its own limit: the lone flood
+    is evidence about the shared one (in ``low`` seed 3 such a flood, 0.3 s after the account's
+    pause, cut it from 13.5/s to 1.75/s and it spent the run at 45% of its limit). Sent slowly
+    throughout, the same flood is the account's own."""
+    s = settings(
+        fleet_rate_history_per_second=10.0,
+        rate_history_per_second=40.0,
+        governor_slow_start_factor=1.0,
+        aimd_increase_fraction=0.0,
+    )
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+    stop = asyncio.Event()
+
+    async def fill(session: str) -> None:  # another worker, taking every slot the fleet has
+        while not stop.is_set():
+            got = await bucket.acquire(session, "history")
+            await asyncio.sleep(got.wait_s)
+
+    async def ticking(seconds: float, pause: float, session: str | None) -> None:
+        deadline = time.monotonic() + seconds
+        next_tick = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            if session is not None:
+                got = await bucket.acquire(session, "history")
+                await asyncio.sleep(max(pause, got.wait_s))
+            else:
+                await asyncio.sleep(pause)
+            await controller.sample()
+            if time.monotonic() >= next_tick:
+                await controller.tick()
+                next_tick += 0.5
+
+    if fast_first:
+        await ticking(2.5, 0.0, "a")  # a alone, as fast as the fleet bucket lets it: 10/s
+    background = asyncio.create_task(fill("b"))
+    try:
+        if not fast_first:
+            await ticking(2.5, 0.1, None)
+        await ticking(2.4, 0.4, "a")  # then 2.5/s, as after a pause, b taking the rest
+        await bucket.record_flood("a", "history", 1)
+        await controller.tick()
+        (seen,) = [f for f in controller._floods._pending["history"] if f.session == "a"]
+        await asyncio.sleep(0.6)
+        cuts = {c.scope for c in await controller.tick() if c.decision.action == "cut"}
+    finally:
+        stop.set()
+        await background
+    assert seen.fleet_paced
+    assert seen.own_rate == pytest.approx(2.5, abs=0.6)
+    if fast_first:
+        assert seen.sustained is not None and seen.sustained >= 8.5
+        assert cuts == {"fleet"}
+        assert await redis_client.hget(Keys().rates, "session:a:history:rate") is None
+    else:
+        assert seen.sustained is not None and seen.sustained <= 3.0
+        assert cuts == {"session:a"}
+
+
 async def test_with_the_fixed_strategy_floods_change_no_rate(
     redis_client: aioredis.Redis,
 ) -> None:

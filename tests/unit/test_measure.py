@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from governor.measure import got_through_before
+from governor.measure import got_through_before, sustained
 
 
 def paced(rate: float, seconds: float, start: float = 100.0) -> list[float]:
@@ -50,3 +50,18 @@ def test_a_burst_sent_within_a_few_ms_is_measured_over_at_least_min_span() -> No
     # A span already longer than the floor is measured as before.
     slow = [100.0 + i / 10 for i in range(11)]
     assert got_through_before(slow, min_span_s=0.5) == pytest.approx(10.0)
+
+
+def test_the_pace_an_account_kept_is_its_fastest_window_without_a_flood() -> None:
+    fast = [100.0 + i * 0.125 for i in range(24)]  # 8/s for 3 s
+    slow = [103.5 + i * 0.5 for i in range(5)]  # then 2/s; the last (105.5) is refused
+    bookings = fast + slow
+    assert sustained(bookings, [], lookback_s=20.0) == pytest.approx(8.0)
+    # Windows holding an earlier refused request (recorded up to 0.5 s after it) are left
+    # out: the fastest left is (101.5, 103.5], 11 fast and 1 slow.
+    assert sustained(bookings, [101.0], lookback_s=20.0) == pytest.approx(12 / 2.0)
+    # Only the lookback before the refused request counts: (103, 105], four slow ones.
+    assert sustained(bookings, [], lookback_s=0.75) == pytest.approx(4 / 2.0)
+    # Too little logged: nothing to say.
+    assert sustained([100.0], [], lookback_s=20.0) is None
+    assert sustained([100.0, 101.0], [100.5], lookback_s=20.0) is None

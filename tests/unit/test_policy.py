@@ -444,3 +444,24 @@ def test_relative_steps_scale_with_the_current_rate() -> None:
         replace(P, relative_step=1.5)
     with pytest.raises(ValueError):
         replace(P, slow_start_factor=0.5)
+
+
+def test_a_flood_below_a_pace_its_account_kept_without_one_is_shared_evidence() -> None:
+    # a sent 10/s without a flood within the last 20 s, and is refused at 2.5/s: whatever
+    # refused it, it was not its own limit, even alone and with an own limit learned at 3/s.
+    lone = replace(flood(10.0, "a", own_rate=2.5, own_limit=3.0), sustained=10.0, fleet_paced=True)
+    assert attribute([lone], [], shared_window_s=0.5, fleet_shared=False) == [True]
+    # With the fleet bucket idle, no shared limit was near: the account's own limit fell.
+    idle = replace(lone, fleet_paced=False)
+    assert attribute([idle], [], shared_window_s=0.5, fleet_shared=False) == [False]
+    # Refused at 0.8x of that pace or faster, it may be its own (an own window allows a
+    # burst over one measuring window that a steady pace does not keep).
+    near = replace(lone, own_rate=8.0)
+    assert attribute([near], [], shared_window_s=0.5, fleet_shared=False) == [False]
+    # It keeps another account company like any account below its own limit.
+    other = flood(10.2, "b", own_rate=3.0, own_limit=3.0)
+    assert attribute([lone, other], [], shared_window_s=0.5, fleet_shared=False) == [True, False]
+    # A window-type flood (long N) says what its own window holds, not its pace.
+    long_n = replace(lone, wait_s=16.0, own_limit=None)
+    assert attribute([long_n], [], shared_window_s=0.5, fleet_shared=False,
+                     window_wait_s=3.0) == [False]  # fmt: skip
