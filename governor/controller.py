@@ -49,6 +49,7 @@ from governor.measure import measured as measured_rate
 from governor.memory import WINDOW_WAIT_S, BucketMemory, cut
 from governor.policy import (
     SUSTAINED_LOOKBACK_S,
+    Action,
     AimdParams,
     Decision,
     FloodSeen,
@@ -255,6 +256,10 @@ class RateController:
             pending=session in self._floods.pending_sessions(c),
         )  # fmt: skip
         changes = [] if change is None else [change]
+        if memory.window_set is not None:
+            probe = await self._window_probe(session, c, now, memory)
+            if probe is not None:
+                changes.append(probe)
         if mine and (wait_s >= WINDOW_WAIT_S or memory.window_set is not None):
             flood_at_s = max(f.at_s for f in mine)
             window = await self._own_window(session, c, now, name, memory, flood_at_s)
@@ -278,6 +283,8 @@ class RateController:
         ):
             return None
         if old is not None:
+            if memory.window_answered_s is not None and at_s <= memory.window_answered_s:
+                return None  # a window probe's flood, answered by going back to what held
             k_old, w_old = old
             since = at_s - w_old
             base = self._samples[0]
@@ -290,10 +297,40 @@ class RateController:
         if answered is None or seconds is None or answered < 1:
             return None
         memory.window_set = (answered, seconds)
+        memory.window_probe_from = memory.window_too_short = None
         await self.bucket.set_window(session, c, answered, seconds)  # type: ignore[arg-type]
         rate = answered / seconds
         why = f"own window: {answered} requests per {seconds:.3g} s, bursts allowed"
         return RateChange(f"session:{session}", c, rate, rate, Decision(rate, "cut", why))
+
+    async def _window_probe(
+        self, session: str, c: str, now: Counters, memory: BucketMemory
+    ) -> RateChange | None:
+        """An account's own window, probed shorter (:meth:`BucketMemory.window_probe`) once it
+        went a quiet period full, and back to the window that held as soon as a flood of the
+        account is read during the probe (however that flood is judged)."""
+        assert memory.window_set is not None
+        k_old, w_old = memory.window_set
+        flooded = memory.window_probe_flooded(max(self._floods.flood_times(c, session) or [0.0]))
+        if flooded is not None:
+            k, w = flooded
+            why = f"own window probe of {w_old:.3g} s flooded: back to {k} per {w:.3g} s"
+        else:
+            memory.window_probe_held(now.at_s)
+            # Full: the account's admits (booked ones included) in the last W fill the window.
+            inside = await self.bucket.redis.zcount(
+                self.bucket.keys.window_log(session, c), (now.at_s - w_old) * 1e6, "+inf"
+            )
+            quiet_s = self.settings.aimd_quiet_seconds
+            probe = memory.window_probe(now.at_s, full=inside >= k_old - 1, quiet_s=quiet_s)
+            if probe is None:
+                return None
+            k, w = probe
+            why = f"own window probe: {k} requests per {w:.3g} s (held {w_old:.3g} s)"
+        await self.bucket.set_window(session, c, k, w)  # type: ignore[arg-type]
+        action: Action = "raise" if w < w_old else "cut"
+        decision = Decision(k / w, action, why)
+        return RateChange(f"session:{session}", c, k_old / w_old, k / w, decision)
 
     async def _bookings(self, c: str, events: list[RawFlood]) -> dict[str, list[float]]:
         """The send times (s, ascending) of each flooded session's admits of class ``c`` from

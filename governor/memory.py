@@ -33,6 +33,13 @@ MAX_PROBE_BACKOFF = 4.0
 #: step above the cruise, not the compounding of every tick until the flood is judged.
 PROBE_STEP_S = 2.0
 MAX_PROBE_GAIN = 4.0
+#: An account's own window, once learned, is probed shorter (x this per step) after a quiet
+#: period in which it was full: N comes rounded up to whole seconds, so a window learned from
+#: a 2-3 s limit can be a second (25-40%) too long, and an account's limit may rise. A probe
+#: that floods goes back to the window that held, and the next one splits the difference.
+WINDOW_PROBE_STEP = 0.9
+#: Window probes stop once the one that flooded is within this fraction of the one that held.
+WINDOW_PROBE_GAP = 0.03
 
 
 @dataclass
@@ -48,6 +55,11 @@ class BucketMemory:
     window_s: float | None = None  # a window-type limit's window, once one was seen
     window_k: int | None = None  # the requests that got through in it, at that flood
     window_set: tuple[int, float] | None = None  # (K, W s) set as this session's own window
+    window_probe_from: tuple[int, float] | None = None  # the window that held before a probe
+    window_probe_s: float | None = None  # when the last window probe step was set
+    window_too_short: float | None = None  # the longest probed W (with this K) that flooded
+    window_answered_s: float | None = None  # the last flood a window probe's revert answered
+    window_backoff: float = 1.0  # x the quiet before a window probe: doubled by each flood
     shared: bool = False  # fleet buckets: a shared limit was seen to bind
     probe_backoff: float = 1.0  # × the probe quiet: doubled by each probe that found no headroom
     #: The fleet bucket's last shared cut came while it was not what paced the fleet (not
@@ -153,6 +165,52 @@ class BucketMemory:
             probe_after = max(params.probe_after_s, 2 * self.window_s)
             params = replace(params, probe_quiet_s=probe_after, quiet_period_s=probe_after)
         return params
+
+    def window_probe(self, now_s: float, *, full: bool, quiet_s: float) -> tuple[int, float] | None:
+        """The shorter window (K, W) to try now, or None: only a window that is what paces its
+        account (``full``), a quiet period (``quiet_s`` x the backoff, at least two windows)
+        after its last flood and its last probe step, and while the step is worth taking."""
+        if self.window_set is None or self.window_probe_from is not None or not full:
+            return None
+        k, w = self.window_set
+        last = [t for t in (self.last_flood_s, self.window_probe_s) if t is not None]
+        if last and now_s - max(last) < max(quiet_s * self.window_backoff, 2 * w):
+            return None
+        shorter = w * WINDOW_PROBE_STEP
+        if self.window_too_short is not None:
+            shorter = max(shorter, (w + self.window_too_short) / 2)
+        if shorter >= w * (1 - WINDOW_PROBE_GAP):
+            return None
+        self.window_probe_from = self.window_set
+        self.window_probe_s = now_s
+        self.window_set = (k, shorter)
+        return self.window_set
+
+    def window_probe_held(self, now_s: float) -> None:
+        """A probe step that went two of its windows without a flood is the window now."""
+        if (
+            self.window_probe_from is not None
+            and self.window_set is not None
+            and self.window_probe_s is not None
+            and now_s - self.window_probe_s >= 2 * self.window_set[1]
+        ):
+            self.window_probe_from = None
+
+    def window_probe_flooded(self, flood_at_s: float) -> tuple[int, float] | None:
+        """A flood of the account at ``flood_at_s`` during a window probe: back to the window
+        that held (returned), the probed one remembered as too short. None: not probing."""
+        if (
+            self.window_probe_from is None
+            or self.window_set is None
+            or self.window_probe_s is None
+            or flood_at_s < self.window_probe_s
+        ):
+            return None
+        self.window_too_short = self.window_set[1]
+        self.window_set, self.window_probe_from = self.window_probe_from, None
+        self.window_answered_s = flood_at_s
+        self.window_backoff = min(MAX_PROBE_BACKOFF, 2 * self.window_backoff)
+        return self.window_set
 
     def note_window(self, flood_at_s: float, wait_s: float, span_s: float) -> bool:
         """Remember when the window this flood found full frees, and (a long N) how long the

@@ -544,6 +544,58 @@ async def test_a_long_flood_of_one_account_sets_its_own_window_and_a_second_one_
     assert raw is not None and int(raw.split()[0]) <= 8
 
 
+async def test_an_own_window_that_binds_is_probed_shorter_and_a_probe_flood_goes_back(
+    redis_client: aioredis.Redis,
+) -> None:
+    """N comes rounded up to whole seconds, so a window learned from it can be a second too
+    long: once the window is full for a quiet period it is probed shorter; a flood during the
+    probe brings back the window that held (K unchanged) and the next probe splits the
+    difference."""
+    s = settings(
+        fleet_rate_history_per_second=90.0, rate_history_per_second=40.0, aimd_quiet_seconds=0.5
+    )
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    field = "session:acct:history:window"
+
+    async def window() -> tuple[int, float]:
+        raw = await redis_client.hget(Keys().rates, field)
+        assert raw is not None
+        k, w_us = raw.split()
+        return int(k), int(w_us) / 1e6
+
+    await controller.tick()
+    memory = controller._memory.setdefault(("session:acct", "history"), BucketMemory())
+    memory.window_set = (5, 1.0)
+    await bucket.set_window("acct", "history", 5, 1.0)
+    # Not full: nothing to learn by probing a window the account does not use.
+    assert (await bucket.acquire("acct", "history")).admitted
+    assert not [c for c in await controller.tick() if "window probe" in c.decision.why]
+    assert await window() == (5, 1.0)
+    for _ in range(4):
+        assert (await bucket.acquire("acct", "history")).admitted
+    probes = [c for c in await controller.tick() if "window probe" in c.decision.why]
+    assert [c.decision.action for c in probes] == ["raise"]
+    assert await window() == (5, pytest.approx(0.9))
+    # A flood of the account during the probe: back to the window that held, at once.
+    await bucket.record_flood("acct", "history", 1)
+    backs = [c for c in await controller.tick() if "window probe" in c.decision.why]
+    assert [c.decision.action for c in backs] == ["cut"] and "flooded" in backs[0].decision.why
+    assert await window() == (5, 1.0)
+    # Judged later as the account's own, that flood does not also take one off K.
+    await asyncio.sleep(0.6)
+    await controller.tick()
+    assert await window() == (5, 1.0)
+    assert memory.window_too_short == pytest.approx(0.9) and memory.window_backoff == 2.0
+    # The next probe comes two windows (and the doubled quiet) after the flood, halfway.
+    await redis_client.delete(Keys().pause("acct", "history"))
+    await asyncio.sleep(2.1)
+    for _ in range(5):
+        assert (await bucket.acquire("acct", "history")).admitted
+    probes = [c for c in await controller.tick() if "window probe" in c.decision.why]
+    assert len(probes) == 1 and await window() == (5, pytest.approx(0.95))
+
+
 async def test_a_flood_during_a_ramp_up_is_measured_at_the_rate_it_reached(
     redis_client: aioredis.Redis,
 ) -> None:

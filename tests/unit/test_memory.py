@@ -1,0 +1,62 @@
+"""An account's learned window, probed shorter and taken back (pure memory, no Redis)."""
+
+from __future__ import annotations
+
+import pytest
+
+from governor.memory import MAX_PROBE_BACKOFF, WINDOW_PROBE_STEP, BucketMemory
+
+
+def windowed(k: int = 31, w: float = 3.9) -> BucketMemory:
+    return BucketMemory(window_set=(k, w), last_flood_s=100.0)
+
+
+def test_a_window_is_probed_only_when_full_and_after_a_quiet_period_of_two_windows() -> None:
+    m = windowed()
+    assert m.window_probe(105.0, full=True, quiet_s=5.0) is None  # 5 s < 2 W = 7.8 s
+    assert m.window_probe(108.0, full=False, quiet_s=5.0) is None  # the window does not bind
+    assert m.window_set == (31, 3.9)
+    probe = m.window_probe(108.0, full=True, quiet_s=5.0)
+    assert probe == (31, pytest.approx(3.9 * WINDOW_PROBE_STEP))
+    assert m.window_set == probe and m.window_probe_from == (31, 3.9)
+    # One step at a time: no second step while the first is watched.
+    assert m.window_probe(200.0, full=True, quiet_s=5.0) is None
+
+
+def test_a_probe_that_floods_goes_back_and_the_next_one_splits_the_difference() -> None:
+    m = windowed(31, 4.0)
+    assert m.window_probe(110.0, full=True, quiet_s=5.0) == (31, pytest.approx(3.6))
+    assert m.window_probe_flooded(109.0) is None  # a flood from before the step says nothing
+    assert m.window_probe_flooded(111.0) == (31, 4.0)
+    assert m.window_set == (31, 4.0) and m.window_too_short == pytest.approx(3.6)
+    assert m.window_answered_s == 111.0 and m.window_backoff == 2.0
+    assert m.window_probe_flooded(112.0) is None  # not probing any more
+    # The next probe waits the doubled quiet (2 x 5 s) after the step, then takes the middle.
+    m.last_flood_s = 111.0
+    assert m.window_probe(119.0, full=True, quiet_s=5.0) is None
+    assert m.window_probe(121.5, full=True, quiet_s=5.0) == (31, pytest.approx(3.8))
+    # Two of its windows without a flood: it holds, and it is the window from now on.
+    m.window_probe_held(121.5 + 7.0)
+    assert m.window_probe_from == (31, 4.0)
+    m.window_probe_held(121.5 + 7.7)
+    assert m.window_probe_from is None and m.window_set == (31, pytest.approx(3.8))
+    # Halfway between 3.8 and 3.6 is within 3% of 3.8: probing has converged.
+    assert m.window_probe(1000.0, full=True, quiet_s=5.0) is None
+
+
+def test_probe_floods_back_off_up_to_the_cap() -> None:
+    m = windowed(10, 2.0)
+    for i in range(6):
+        now = 200.0 + 100 * i
+        m.window_too_short = None
+        assert m.window_probe(now, full=True, quiet_s=1.0) is not None
+        assert m.window_probe_flooded(now + 0.5) == (10, 2.0)
+    assert m.window_backoff == MAX_PROBE_BACKOFF
+
+
+def test_no_window_no_probe() -> None:
+    m = BucketMemory()
+    assert m.window_probe(0.0, full=True, quiet_s=0.0) is None
+    assert m.window_probe_flooded(1.0) is None
+    m.window_probe_held(10.0)
+    assert m.window_set is None
