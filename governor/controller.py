@@ -239,8 +239,15 @@ class RateController:
         current = _rate(raw_rates, f"session:{session}:{c}:rate", shared_rate)
         name = f"session:{session}:{c}:admits"
         mine = own.get(session, [])
-        # A flooded session is measured as the flood came in, not after its pause.
-        measured = max((f.own_rate for f in mine), default=self._measured(now, name))
+        # A flooded session is measured as the flood came in, not after its pause. Refused
+        # just after its own pause, what it sent says nothing of a pace: measured at its
+        # bucket's rate (a session paused by a N = 2 s flood, refused again by the fleet's
+        # window on its first request after, read 0.5/s, and that flood, the second of a
+        # streak, sent an account of 10/s to 0.47/s: 14% of its limit for the whole run).
+        measured = max(
+            (current if f.after_pause else f.own_rate for f in mine),
+            default=self._measured(now, name),
+        )
         saturated = per_s(now, prev, name) >= SESSION_SATURATION * current
         memory = self._memory.setdefault((f"session:{session}", c), BucketMemory())
         if saturated:
@@ -389,6 +396,7 @@ class RateController:
         def seen(event: RawFlood) -> FloodSeen:
             at_s, session, seconds = event
             rate, company, kept = own_rates(at_s, session)
+            resumed = self._floods.resumed_at(c, session, at_s)
             return FloodSeen(
                 at_s,
                 session,
@@ -403,6 +411,7 @@ class RateController:
                 company_rate=company,
                 sustained=kept,
                 fleet_paced=_paced(fleet, at_s),
+                after_pause=resumed is not None and 0 <= at_s - resumed < MEASURE_WINDOW_S,
             )
 
         return self._floods.judge(c, now.at_s, events, seen, fleet_shared=fleet.shared)

@@ -68,6 +68,14 @@ class FloodLog:
         ``SUSTAINED_LOOKBACK_S`` (and a little more) was recorded."""
         return [e[0] for e in self._history.get(c, []) if e[1] == session]
 
+    def resumed_at(self, c: str, session: str, before_s: float) -> float | None:
+        """When the pause that ``session``'s last flood of class ``c`` before ``before_s``
+        asked for (the flood + its N) ended; None if none was read lately."""
+        ends = [
+            e[0] + e[2] for e in self._history.get(c, []) if e[1] == session and e[0] < before_s
+        ]
+        return max(ends, default=None)
+
     def pending_sessions(self, c: str) -> set[str]:
         """Sessions with a flood of class ``c`` read but not judged yet."""
         return {f.session for f in self._pending.get(c, [])}

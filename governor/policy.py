@@ -259,6 +259,9 @@ class FloodSeen:
     #: The fleet bucket of its class paced the class (saturated) in the measuring window before
     #: it: a shared limit near the fleet's rate could have refused it.
     fleet_paced: bool = False
+    #: The session's own pause after its previous flood (that flood + its N) ended less than a
+    #: measuring window before this one: ``own_rate`` counts the pause, not a pace it kept.
+    after_pause: bool = False
 
 
 #: Two floods keep each other company (evidence of a shared window) only when their sessions ran

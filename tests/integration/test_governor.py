@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from fleet.bucket import TokenBucket
 from fleet.keys import Keys
-from governor.controller import RateController
+from governor.controller import RateChange, RateController
 from governor.leader import LeaderLease
 from governor.memory import BucketMemory
 from governor.scheduler import Schedule, Scheduler, parse_chats, parse_daily_at
@@ -771,6 +771,43 @@ async def test_one_flood_far_below_a_learned_limit_lowers_it_by_one_cut_at_most(
     again = await controller._decide(scope, "history", 35.0, lone.new, 1.0, True, 1)
     assert again is not None and again.new < 1.0
     assert memory.ceiling == pytest.approx(1.0)
+
+
+async def test_a_flood_just_after_the_accounts_own_pause_is_not_measured_over_the_pause(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Paused N = 2 s by its first flood, an account sends two requests and the second is
+    refused (a window its fleet-mates filled): over the 2 s before it, one request got
+    through, 0.5/s. That flood, the second of a streak, is taken at its bucket's rate, not
+    at 0.5/s (which sent an account of 10/s to 0.47/s for the rest of a bench run)."""
+    s = settings(
+        fleet_rate_history_per_second=90.0, rate_history_per_second=10.0, aimd_quiet_seconds=10
+    )
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+
+    async def send(n: int) -> None:
+        waits = [(await bucket.acquire("acct", "history")).wait_s for _ in range(n)]
+        await asyncio.sleep(max(waits))  # each goes out at the slot its bucket booked
+
+    async def own_change() -> RateChange:
+        await asyncio.sleep(0.6)  # judged once no other session can still join it
+        changes = [c for c in await controller.tick() if c.scope == "session:acct"]
+        assert len(changes) == 1 and changes[0].decision.action == "cut"
+        return changes[0]
+
+    await send(12)
+    await bucket.record_flood("acct", "history", 2)
+    first = await own_change()
+    assert first.new < 10.0
+    await asyncio.sleep(1.5)  # the pause of N = 2 s has ended
+    await redis_client.delete(Keys().pause("acct", "history"))
+    await send(2)
+    await bucket.record_flood("acct", "history", 1)
+    second = await own_change()
+    assert second.old == pytest.approx(first.new)
+    assert second.new >= 0.9 * first.new, second.decision.why
 
 
 async def fleet_probing_above_its_cruise(
