@@ -261,6 +261,7 @@ class RateController:
             f"session:{session}", c, now.at_s, current, measured, saturated, len(mine),
             estimate=estimate, wait_s=wait_s,
             pending=session in self._floods.pending_sessions(c),
+            probe_answer=any(f.probe for f in mine),
         )  # fmt: skip
         changes = [] if change is None else [change]
         if memory.window_set is not None:
@@ -505,6 +506,7 @@ class RateController:
         estimate: float = 0.0,
         wait_s: float = 0.0,
         pending: bool = False,
+        probe_answer: bool = False,
     ) -> RateChange | None:
         """One bucket's decision, applied. ``estimate`` is what a window-type limit allows
         (:func:`policy.window_estimate`) when the floods came with their N; 0 if unknown.
@@ -545,7 +547,7 @@ class RateController:
                 memory, decision, now_s=now_s, current=current, measured=measured,
                 estimate=estimate, wait_s=wait_s, margin=margin,
                 quiet_s=self.settings.aimd_quiet_seconds,
-                decrease_factor=params.decrease_factor,
+                decrease_factor=params.decrease_factor, probe_answer=probe_answer,
             )  # fmt: skip
         # An account that floods on its own gets no burst on top of its rate: near a short
         # window's limit the burst is what floods it (K per W admits at most rate × W + burst).

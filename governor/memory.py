@@ -238,6 +238,7 @@ def cut(
     margin: float,
     quiet_s: float,
     decrease_factor: float,
+    probe_answer: bool = False,
 ) -> Decision:
     """Remember a cut, and decide how deep it goes.
 
@@ -250,7 +251,7 @@ def cut(
     climb back would only waste the fleet's slots.
     """
     previous = memory.ceiling
-    near_the_limit = _remember_cut(memory, now_s, current, measured, margin, quiet_s)
+    near_the_limit = _remember_cut(memory, now_s, current, measured, margin, quiet_s, probe_answer)
     decision = _depth(memory, decision, current, estimate, wait_s, margin, near_the_limit)
     return _one_cut(memory, decision, previous, current, decrease_factor)
 
@@ -290,9 +291,17 @@ def _remember_cut(
     measured: float,
     margin: float,
     quiet_s: float,
+    probe_answer: bool = False,
 ) -> bool:
     """Update the ceiling, streak, suspicion and probe spacing; True if the flood measured the
-    limit itself (a streak, or a probe's answer) rather than a fallen one."""
+    limit itself (a streak, or a probe's answer) rather than a fallen one.
+
+    ``probe_answer``: an account's own flood that came while the fleet bucket probed above
+    its cruise. The probe let every account send more, so what the account sent when it was
+    refused is a limit met (its own, or its share of the shared one the probe overfilled),
+    not a sign that its own limit fell: with a learned ceiling it goes to the cruise a margin
+    below that measure. Taken for a fallen limit, each probe of a `low` run cut one account
+    by 0.7x and had it climb back step by step (every ~22 s, a different account each time)."""
     since_cut = None if memory.last_cut_s is None else now_s - memory.last_cut_s
     old_target = memory.target(margin)
     # A flood met while probing above the cruise is the probe's answer, not one more cut of
@@ -301,7 +310,10 @@ def _remember_cut(
     probing = old_target is not None and current > old_target * margin * (1 + 1e-6)
     in_streak = not probing and since_cut is not None and since_cut < quiet_s
     memory.suspect = (
-        not in_streak and old_target is not None and current <= old_target * margin * (1 + 1e-6)
+        not in_streak
+        and not probe_answer
+        and old_target is not None
+        and current <= old_target * margin * (1 + 1e-6)
     )
     near_the_limit = in_streak or (old_target is not None and not memory.suspect)
     previous = memory.ceiling

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from governor.memory import MAX_PROBE_BACKOFF, WINDOW_PROBE_STEP, BucketMemory
+from governor.memory import MAX_PROBE_BACKOFF, WINDOW_PROBE_STEP, BucketMemory, cut
+from governor.policy import Decision
 
 
 def windowed(k: int = 31, w: float = 3.9) -> BucketMemory:
@@ -60,3 +61,28 @@ def test_no_window_no_probe() -> None:
     assert m.window_probe_flooded(1.0) is None
     m.window_probe_held(10.0)
     assert m.window_set is None
+
+
+def _cruising_account() -> BucketMemory:
+    """An account that learned 8/s and cruises a margin below it, quiet for 20 s."""
+    return BucketMemory(last_flood_s=0.0, last_cut_s=0.0, ceiling=8.0, streak=1)
+
+
+@pytest.mark.parametrize("probe_answer", [False, True])
+def test_an_own_flood_during_a_fleet_probe_is_a_limit_met_not_a_fallen_one(
+    probe_answer: bool,
+) -> None:
+    m = _cruising_account()
+    policy = Decision(0.7 * 7.5, "cut", "1 flood(s); measured 7.5/s")
+    got = cut(
+        m, policy, now_s=20.0, current=0.97 * 8.0, measured=7.5, estimate=0.0, wait_s=1.0,
+        margin=0.97, quiet_s=10.0, decrease_factor=0.7, probe_answer=probe_answer,
+    )  # fmt: skip
+    assert m.ceiling == pytest.approx(7.5)
+    if probe_answer:
+        # The cruise a margin below what it sent, and no step-by-step climb.
+        assert not m.suspect and got.rate == pytest.approx(0.97 * 7.5)
+        assert "straight to the cruise" in got.why
+    else:
+        # Cruising below its ceiling, it flooded: the limit fell, the policy's deep cut stands.
+        assert m.suspect and got.rate == pytest.approx(0.7 * 7.5)
