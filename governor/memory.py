@@ -38,6 +38,10 @@ MAX_PROBE_GAIN = 4.0
 #: a 2-3 s limit can be a second (25-40%) too long, and an account's limit may rise. A probe
 #: that floods goes back to the window that held, and the next one splits the difference.
 WINDOW_PROBE_STEP = 0.9
+#: ...and by at most this many seconds: N's rounding makes a learned W at most about a second
+#: too long, so a 30 s window probed by 3 s only buys a flood (with ``WINDOW_PROBE_GAP``,
+#: windows over ~17 s, where the rounding costs at most 3%, are not probed at all).
+WINDOW_PROBE_MAX_STEP_S = 0.5
 #: Window probes stop once the one that flooded is within this fraction of the one that held.
 WINDOW_PROBE_GAP = 0.03
 
@@ -176,7 +180,7 @@ class BucketMemory:
         last = [t for t in (self.last_flood_s, self.window_probe_s) if t is not None]
         if last and now_s - max(last) < max(quiet_s * self.window_backoff, 2 * w):
             return None
-        shorter = w * WINDOW_PROBE_STEP
+        shorter = w - min(w * (1 - WINDOW_PROBE_STEP), WINDOW_PROBE_MAX_STEP_S)
         if self.window_too_short is not None:
             shorter = max(shorter, (w + self.window_too_short) / 2)
         if shorter >= w * (1 - WINDOW_PROBE_GAP):

@@ -55,6 +55,12 @@ def test_probe_floods_back_off_up_to_the_cap() -> None:
     assert m.window_backoff == MAX_PROBE_BACKOFF
 
 
+def test_a_long_window_is_probed_by_half_a_second_at_most_and_not_past_the_gap() -> None:
+    # 8 s: one step of 0.5 s (not 0.8 s); 30 s: 0.5 s is within 3%, N's rounding costs less.
+    assert windowed(20, 8.0).window_probe(200.0, full=True, quiet_s=5.0) == (20, 7.5)
+    assert windowed(30, 30.0).window_probe(200.0, full=True, quiet_s=5.0) is None
+
+
 def test_no_window_no_probe() -> None:
     m = BucketMemory()
     assert m.window_probe(0.0, full=True, quiet_s=0.0) is None
