@@ -810,6 +810,35 @@ async def test_a_flood_just_after_the_accounts_own_pause_is_not_measured_over_th
     assert second.new >= 0.9 * first.new, second.decision.why
 
 
+async def test_a_short_n_flood_after_a_long_climb_is_not_cut_to_a_diluted_window_estimate(
+    redis_client: aioredis.Redis,
+) -> None:
+    """One request, 4.5 s of nothing, then a burst of 20 and a flood with N = 1 s: over the
+    span since its first request, 21 / (4.5 + 1) s is no window's K / W (a burst from idle
+    into a short window spans at most a window). The cut is the policy's, on what it sent."""
+    s = settings(
+        fleet_rate_history_per_second=90.0,
+        rate_history_per_second=90.0,
+        rate_history_burst=25,
+    )
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+    assert (await bucket.acquire("acct", "history")).admitted
+    for _ in range(18):  # the counters are sampled between ticks, as the daemon does
+        await asyncio.sleep(0.25)
+        await controller.sample()
+    for _ in range(21):
+        assert (await bucket.acquire("acct", "history")).admitted
+    await bucket.record_flood("acct", "history", 1)
+    await controller.tick()
+    await asyncio.sleep(0.6)
+    changes = [c for c in await controller.tick() if c.scope == "session:acct"]
+    assert len(changes) == 1 and changes[0].decision.action == "cut"
+    assert "the window allows" not in changes[0].decision.why
+    assert changes[0].new >= 5.0, changes[0].decision.why
+
+
 async def fleet_probing_above_its_cruise(
     redis_client: aioredis.Redis,
 ) -> tuple[RateController, TokenBucket, float, float]:
