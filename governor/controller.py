@@ -219,7 +219,12 @@ class RateController:
                 current = max(current, fleet_memory.probe_from)  # judged at the probe's rate
         pending = bool(self._floods.pending_sessions(c))
         if not pending:
-            fleet_memory.probe_judged(now.at_s, shared=bool(shared))
+            margin = self.settings.aimd_recovery_margin
+            held = fleet_memory.probe_judged(now.at_s, shared=bool(shared), margin=margin)
+            if held is not None and held > current:
+                await self.bucket.set_rate(c, held, scope="fleet")  # type: ignore[arg-type]
+                why = "the probe met only accounts' own limits: a margin below its last step"
+                return RateChange("fleet", c, current, held, Decision(held, "raise", why))
         return await self._decide(
             "fleet", c, now.at_s, current, measured, saturated, len(shared),
             estimate=estimate, wait_s=wait_s, pending=pending,
@@ -544,7 +549,7 @@ class RateController:
                     return None  # the last probe step is still being watched
                 rate = params.clamp(current + (decision.rate - current) * gain)
                 if rate > current:
-                    memory.probed(now_s)
+                    memory.probed(now_s, current)
                 decision = Decision(rate, "raise", f"{decision.why}; probe step x{gain:g}")
         if math.isclose(decision.rate, current, rel_tol=1e-9, abs_tol=1e-9):
             return None

@@ -73,6 +73,7 @@ class BucketMemory:
     saturated_s: float | None = None  # when the bucket was last seen saturated
     last_probe_s: float | None = None  # when the last probe step above the ceiling was taken
     probe_run: int = 0  # probe steps taken since the last flood (each doubles the next)
+    probe_held: float | None = None  # the highest probe step of this probe that held
     #: A flood came while the bucket probed above its cruise: the rate went back to the cruise
     #: at once, and the flood is judged as met at this probe rate.
     probe_from: float | None = None
@@ -99,29 +100,46 @@ class BucketMemory:
             return None
         return min(MAX_PROBE_GAIN, float(2**self.probe_run))
 
-    def probed(self, now_s: float) -> None:
+    def probed(self, now_s: float, current: float) -> None:
+        """A probe step from ``current`` is taken now; ``current`` held if it was a step."""
+        if self.probe_run > 0:
+            self.probe_held = max(self.probe_held or 0.0, current)
         self.last_probe_s = now_s
         self.probe_run += 1
 
-    def probe_judged(self, now_s: float, *, shared: bool) -> None:
+    def probe_judged(self, now_s: float, *, shared: bool, margin: float = 1.0) -> float | None:
         """Every flood of the probe that ended (``probe_from``) is judged. If none was shared
         and no shared flood cut the bucket since the probe ended, they were all accounts' own
         (each at its own limit): above the cruise their own limits bind, not a shared one.
         Wait and space the next probe out as after a probe that found no headroom; otherwise
         the probe went on at its doubled step two seconds later, and one account flooded
-        every 2-3 s (`high` seed 3 with a 0.3 s fleet hold: 21 FloodWaits against 10-11)."""
+        every 2-3 s (`high` seed 3 with a 0.3 s fleet hold: 21 FloodWaits against 10-11).
+
+        Returns the rate the fleet bucket goes to when the probe met only accounts' own limits
+        after a step of it had held (a ``margin`` below that step, now the ceiling); else None.
+        """
         if self.probe_from is None:
-            return
+            return None
         cut_since = (
             self.last_cut_s is not None
             and self.last_probe_s is not None
             and self.last_cut_s >= self.last_probe_s
         )
-        if not shared and not cut_since:
-            self.probe_run = 0
-            self.last_flood_s = now_s
-            self.probe_backoff = min(MAX_PROBE_BACKOFF, 2 * self.probe_backoff)
+        held, self.probe_held = self.probe_held, None
         self.probe_from = None
+        if shared or cut_since:
+            return None
+        self.probe_run = 0
+        self.last_flood_s = now_s
+        self.probe_backoff = min(MAX_PROBE_BACKOFF, 2 * self.probe_backoff)
+        if held is None or self.ceiling is None or held <= self.ceiling:
+            return None
+        # A step held without a flood and no shared limit was met above it: the fleet bucket
+        # cruises a margin below that step, not back at the cruise before the probe (after a
+        # rise of 50%, probes reached 28.7/s, an account's own flood sent the fleet back to
+        # 15.5/s each time, and it stayed there: 61% of the new limit).
+        self.ceiling, self.streak, self.suspect = held, 1, False
+        return held * margin
 
     def target(self, margin: float) -> float | None:
         """The ceiling the policy recovers toward. Cuts in a row mean the limit fell and the
@@ -324,6 +342,7 @@ def _remember_cut(
     memory.streak = memory.streak + 1 if in_streak else 1
     memory.last_cut_s = now_s
     memory.probe_run = 0
+    memory.probe_held = None
     # What the fleet really sent when Telegram said "too much": the next climb stops a
     # margin below it.
     memory.ceiling = min(current, measured) if measured > 0 else current

@@ -907,6 +907,32 @@ async def test_a_flood_while_the_fleet_probes_ends_the_probe_at_once_and_is_judg
     assert [c.scope for c in changes if c.decision.action == "cut"] == ["session:b"]
 
 
+async def test_a_probe_that_only_meets_own_limits_after_a_step_held_cruises_below_that_step(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A probe step held for 2 s and the next one met an account's own limit: no shared limit
+    was found up to that step, so the fleet bucket cruises a margin below it (that step is its
+    ceiling now) instead of going back to the cruise from before the limit rose."""
+    controller, bucket, first_step, cruise = await fleet_probing_above_its_cruise(redis_client)
+    memory = controller._memory[("fleet", "history")]
+    assert memory.last_probe_s is not None
+    second = await controller._decide(
+        "fleet", "history", memory.last_probe_s + 2.5, first_step, first_step, True, 0
+    )
+    assert second is not None and second.new > first_step and memory.probe_held == first_step
+    controller._memory[("session:a", "history")] = BucketMemory(ceiling=1.0)  # a's own limit
+    await bucket.record_flood("a", "history", 1)
+    await controller.tick()
+    assert await fleet_rate(redis_client) == pytest.approx(cruise)  # the probe ended at once
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    assert [c.scope for c in changes if c.decision.action == "cut"] == ["session:a"]
+    fleet = [c for c in changes if c.scope == "fleet"]
+    assert len(fleet) == 1 and "own limits" in fleet[0].decision.why
+    assert fleet[0].new == pytest.approx(0.97 * first_step) == await fleet_rate(redis_client)
+    assert memory.ceiling == pytest.approx(first_step) and memory.probe_backoff == 2.0
+
+
 async def test_a_probe_that_only_meets_accounts_own_limits_backs_off_like_one_without_headroom(
     redis_client: aioredis.Redis,
 ) -> None:

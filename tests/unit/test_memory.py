@@ -92,3 +92,29 @@ def test_an_own_flood_during_a_fleet_probe_is_a_limit_met_not_a_fallen_one(
     else:
         # Cruising below its ceiling, it flooded: the limit fell, the policy's deep cut stands.
         assert m.suspect and got.rate == pytest.approx(0.7 * 7.5)
+
+
+def test_a_probe_that_met_only_own_limits_cruises_below_the_last_step_that_held() -> None:
+    m = BucketMemory(ceiling=20.0, streak=1, last_flood_s=0.0, last_cut_s=0.0)
+    m.probed(10.0, 19.4)  # the first step, from the cruise: nothing held yet
+    assert m.probe_held is None
+    m.probed(12.0, 21.3)  # the second: the first step (21.3/s) held for 2 s
+    m.probed(14.0, 25.6)  # the third: so did the second
+    assert m.probe_held == 25.6
+    m.probe_from = 35.8  # the third step's flood ended the probe
+    # Judged: every flood of the probe was an account's own. A margin below the last step
+    # that held, and that step is the ceiling now; the next probe waits as after any other.
+    assert m.probe_judged(15.0, shared=False, margin=0.97) == pytest.approx(0.97 * 25.6)
+    assert m.ceiling == 25.6 and m.probe_held is None and m.probe_backoff == 2.0
+    assert m.probe_judged(16.0, shared=False, margin=0.97) is None  # judged once
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_probe_that_met_a_shared_limit_or_held_no_step_keeps_its_ceiling(shared: bool) -> None:
+    m = BucketMemory(ceiling=20.0, streak=1, last_flood_s=0.0, last_cut_s=0.0)
+    m.probed(10.0, 19.4)
+    if shared:
+        m.probed(12.0, 21.3)
+    m.probe_from = 25.6
+    assert m.probe_judged(15.0, shared=shared, margin=0.97) is None
+    assert m.ceiling == 20.0 and m.probe_held is None
