@@ -354,6 +354,28 @@ async def test_a_flood_at_a_rate_that_was_safe_climbs_back_step_by_step(
     assert above is not None and above.new == pytest.approx(0.97 * min(higher.new, 16.0))
 
 
+async def test_a_streak_of_cuts_after_a_drop_deepens_twice_as_fast_each_cut(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A limit that fell 40% under a cruise of 23.3/s: the first flood gets the policy's 0.7x
+    cut; floods that keep coming within the quiet period, each at the rate the last cut set,
+    go 2, then 4, then 8 margins below what they measured (one more margin a cut took five to
+    seven cuts to get there), and the fleet bucket in Redis follows."""
+    s = settings(fleet_rate_history_per_second=24.0)
+    controller = RateController(TokenBucket(redis_client, Keys(), s), s)
+    controller._memory[("fleet", "history")] = BucketMemory(
+        ceiling=24.0, streak=1, last_flood_s=0.0, last_cut_s=0.0
+    )
+    rate, at = 0.97 * 24.0, 30.0
+    expected = [0.7 * 23.0, 0.97**2 * 15.5, 0.97**4 * 14.0, 0.97**8 * 12.0]
+    for measured, want in zip((23.0, 15.5, 14.0, 12.0), expected, strict=True):
+        change = await controller._decide("fleet", "history", at, rate, measured, True, 1)
+        assert change is not None and change.decision.action == "cut"
+        assert change.new == pytest.approx(want) == await fleet_rate(redis_client)
+        rate, at = change.new, at + 3.0
+    assert controller._memory[("fleet", "history")].streak == 4
+
+
 async def test_the_measured_rate_covers_exactly_the_window_between_samples(
     redis_client: aioredis.Redis,
 ) -> None:

@@ -118,3 +118,26 @@ def test_a_probe_that_met_a_shared_limit_or_held_no_step_keeps_its_ceiling(share
     m.probe_from = 25.6
     assert m.probe_judged(15.0, shared=shared, margin=0.97) is None
     assert m.ceiling == 20.0 and m.probe_held is None
+
+
+def test_each_cut_of_a_streak_takes_twice_the_margins_of_the_one_before() -> None:
+    """A limit that fell 40%: the first flood (at the cruise that held) gets the policy's deep
+    cut; each later flood within the quiet period goes straight to a cruise below what it
+    measured, 1, 3, 7 margins below (the policy's own 0.7x cut is the floor)."""
+    m = BucketMemory(ceiling=24.0, streak=1, last_flood_s=0.0, last_cut_s=0.0)
+    at, current, got = 30.0, 0.97 * 24.0, []
+    for measured in (23.0, 16.0, 15.0, 14.0, 13.0):
+        policy = Decision(0.7 * min(current, measured), "cut", f"measured {measured}")
+        decision = cut(
+            m, policy, now_s=at, current=current, measured=measured, estimate=0.0,
+            wait_s=1.0, margin=0.97, quiet_s=10.0, decrease_factor=0.7,
+        )  # fmt: skip
+        got.append((m.streak, decision.rate))
+        at, current = at + 3.0, decision.rate
+    assert [s for s, _ in got] == [1, 2, 3, 4, 5]
+    rates = [r for _, r in got]
+    assert rates[0] == pytest.approx(0.7 * 23.0)  # the limit fell: the policy's cut
+    assert rates[1] == pytest.approx(0.97**2 * 16.0)
+    assert rates[2] == pytest.approx(0.97**4 * 15.0)
+    assert rates[3] == pytest.approx(0.97**8 * 0.97**4 * 15.0)  # never above the rate it had
+    assert rates[4] == pytest.approx(0.7 * rates[3])  # 0.97**16 < 0.7: the policy's cut
