@@ -23,6 +23,7 @@ from fleet.settings import ConfigError, load_settings
 from worker.backend import Backend, backend_for
 from worker.cmdline import add_command_arguments, build_fetch_payload
 from worker.commands import CommandLimits, FetchCommand, parse_command, today_in
+from worker.console import ProgressPrinter, print_summary
 from worker.errors import CommandRejected, FetchError, PermanentError, SessionRevoked
 from worker.settings import WorkerSettings
 
@@ -128,7 +129,7 @@ async def _fetch_once(
         store = store_from_settings(settings)
         concurrency = settings.fetch_concurrency
         fetcher = Fetcher(telegram, store, tz=settings.tz, concurrency=concurrency, metrics=metrics)
-        bar = _ProgressPrinter(cmd)
+        bar = ProgressPrinter(cmd)
         outcome: FetchOutcome = await fetcher.run(cmd, on_progress=bar.update)
         bar.done()
     except SessionRevoked as exc:
@@ -146,7 +147,7 @@ async def _fetch_once(
     finally:
         await telegram.close()
     seconds = time.monotonic() - started
-    _print_summary(cmd, outcome, seconds)
+    print_summary(cmd, outcome, seconds)
     return _record_outcome(metrics, cmd, outcome, seconds)
 
 
@@ -237,51 +238,6 @@ def _default_session(settings: WorkerSettings, backend: Backend) -> str:
         )
     names = ", ".join(p.stem for p in found)
     raise ConfigError(f"several sessions ({names}): choose one with --session or TELEGRAM_SESSION")
-
-
-class _ProgressPrinter:
-    """A one-line progress bar on a terminal; plain lines otherwise."""
-
-    def __init__(self, cmd: FetchCommand) -> None:
-        self.cmd = cmd
-        self.tty = sys.stderr.isatty()
-        self.total = len(cmd.days)
-
-    async def update(self, outcome: object) -> None:
-        from worker.fetch import FetchOutcome
-
-        assert isinstance(outcome, FetchOutcome)
-        done = len(outcome.days_completed) + len(outcome.days_skipped) + len(outcome.days_partial)
-        width = 30
-        filled = int(width * done / self.total) if self.total else width
-        line = (
-            f"{self.cmd.chat.display} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{done}/{self.total} days, {outcome.processed} messages"
-        )
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
-
-
-def _print_summary(cmd: FetchCommand, outcome: object, seconds: float) -> None:
-    from worker.fetch import FetchOutcome
-
-    assert isinstance(outcome, FetchOutcome)
-    print(
-        f"{cmd.chat.display}: {outcome.processed} messages in {seconds:.1f}s; "
-        f"days complete {len(outcome.days_completed)}, already complete "
-        f"{len(outcome.days_skipped)}, partial {len(outcome.days_partial)}, "
-        f"failed {len(outcome.days_failed)}"
-    )
-    for day, err in sorted(outcome.days_failed.items()):
-        print(f"  failed {day}: {err.type_name}: {err}")
-    for path in outcome.files:
-        print(f"  {path}")
 
 
 # --- verify ------------------------------------------------------------------------------------
