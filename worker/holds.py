@@ -26,6 +26,9 @@ from fleet.clock import Clock
 from fleet.redisconn import REDIS_DOWN
 from fleet.scripts import text
 
+#: How long closing the subscription may take before it is abandoned.
+CLOSE_TIMEOUT_S = 1.0
+
 
 class HoldListener:
     def __init__(self, redis: Redis, channel: str, *, retry_s: float = 0.5) -> None:
@@ -108,6 +111,9 @@ class HoldListener:
                 logger.warning("fleet hold subscription failed ({}); retrying", exc)
             finally:
                 self._subscribed.clear()
+                # Bounded: this also runs when the task is cancelled (close, or a loop shutting
+                # down), and an unbounded close of a pubsub whose connection is being re-made
+                # to a restarted Redis hung a test's event-loop teardown for its whole timeout.
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), timeout=CLOSE_TIMEOUT_S)
             await asyncio.sleep(self.retry_s)

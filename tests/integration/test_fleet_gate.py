@@ -210,6 +210,7 @@ async def test_redis_outage_fails_closed_and_shared_control_resumes_within_2_s(
     pause = await private_client.pttl(Keys().pause("alice", "history"))
     assert 25_000 < pause <= 30_000
     print(f"\nshared control resumed {resumed_after:.2f} s after Redis returned")
+    await gate.aclose()
 
 
 # --- cost: latency and round trips from 4 processes ------------------------------------------
