@@ -86,7 +86,9 @@ class FleetSettings(BaseSettings):
     fleet_rate_history_per_second: float = Field(10.0, gt=0)
     fleet_rate_history_burst: int = Field(1, ge=1)
     fleet_rate_resolve_per_second: float = Field(1.0, gt=0)
-    fleet_rate_resolve_burst: int = Field(2, ge=1)
+    # A fleet of fresh sessions resolves its chats at once (one each; every account's own
+    # bucket above keeps it to its own pace): a burst of 2 started the 12th worker 11 s late.
+    fleet_rate_resolve_burst: int = Field(20, ge=1)
     fleet_rate_other_per_second: float = Field(5.0, gt=0)
     fleet_rate_other_burst: int = Field(5, ge=1)
     fleet_rate_min_per_second: float = Field(0.05, gt=0)

@@ -197,6 +197,22 @@ async def test_waits_longer_than_flood_wait_max_are_refused_without_booking(
         assert not r.admitted and r.reason == "session" and 4.5 < r.wait_s <= 5.0
 
 
+async def test_a_fleet_of_fresh_sessions_resolves_its_chats_at_once_on_the_defaults(
+    bucket: TokenBucket,
+) -> None:
+    # Each account's own resolve bucket paces it (burst 1); the fleet's resolve burst lets
+    # twenty fresh sessions resolve one chat each with no wait, and the next one is paced at
+    # the fleet's 1/s. With a burst of 2 the twelfth of twelve waited 10 s.
+    burst = bucket.settings.fleet_rate_resolve_burst
+    assert burst == 20
+    first = await asyncio.gather(*(bucket.acquire(f"s{i}", "resolve") for i in range(burst)))
+    assert [r.wait_s for r in first] == [0.0] * burst
+    late = await bucket.acquire("s-late", "resolve")
+    assert late.admitted and late.reason == "fleet" and 0.9 < late.wait_s <= 1.0
+    again = await bucket.acquire("s0", "resolve")  # its own bucket: one per 3 s
+    assert again.admitted and again.reason == "session" and 2.9 < again.wait_s <= 3.1
+
+
 async def test_governor_can_change_rates_while_workers_run(bucket: TokenBucket) -> None:
     await bucket.set_rate("other", 0.001, 2)
     assert [(await bucket.acquire(f"s{i}", "other")).admitted for i in range(3)] == [
