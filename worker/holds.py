@@ -28,6 +28,8 @@ from fleet.scripts import text
 
 #: How long closing the subscription may take before it is abandoned.
 CLOSE_TIMEOUT_S = 1.0
+#: The longest single read of the subscription (a cancel is honoured at least this often).
+READ_TIMEOUT_S = 1.0
 
 
 class HoldListener:
@@ -102,9 +104,18 @@ class HoldListener:
             try:
                 await pubsub.subscribe(self.channel)
                 self._subscribed.set()
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                while True:
+                    # A bounded read, not ``listen()``: redis-py's blocking read of a pubsub
+                    # could keep a cancelled listener waiting (the task "cancelling" on its
+                    # socket), which hung a gate's close and an event loop's shutdown.
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=READ_TIMEOUT_S
+                    )
+                    if message is not None and message.get("type") == "message":
                         self._announce(message.get("data", b""))
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise asyncio.CancelledError
             except REDIS_DOWN as exc:
                 logger.debug("fleet hold subscription down ({}); retrying", type(exc).__name__)
             except Exception as exc:  # never let the listener die: holds would stop arriving
@@ -114,6 +125,24 @@ class HoldListener:
                 # Bounded: this also runs when the task is cancelled (close, or a loop shutting
                 # down), and an unbounded close of a pubsub whose connection is being re-made
                 # to a restarted Redis hung a test's event-loop teardown for its whole timeout.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pubsub.aclose(), timeout=CLOSE_TIMEOUT_S)
+                await _close_within(pubsub, CLOSE_TIMEOUT_S)
             await asyncio.sleep(self.retry_s)
+
+
+async def _close_within(pubsub: Any, seconds: float) -> None:
+    """Close ``pubsub``, giving up after ``seconds``, and never wait for the close to end after
+    that: ``asyncio.wait_for`` waits for the task it cancels to finish, and a close stuck in the
+    connection pool's teardown (a client closed under it) kept a test's event-loop shutdown
+    waiting with no timer for its whole timeout, on a clean-clone CI run."""
+    closing = asyncio.ensure_future(pubsub.aclose())
+    closing.add_done_callback(_consume)
+    try:
+        await asyncio.wait((closing,), timeout=seconds)
+    finally:
+        if not closing.done():
+            closing.cancel()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed close is not "never retrieved"

@@ -4,6 +4,7 @@ refusing everything while open, exactly one half-open probe fleet-wide, closing/
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -17,6 +18,23 @@ from fleet.settings import FleetSettings
 from tests.integration.procs import Procs
 from worker.errors import BreakerOpen
 from worker.fleet_gate import FleetGate
+
+GateFactory = Callable[[str, FleetSettings], FleetGate]
+
+
+@pytest.fixture
+async def gates(redis_client: aioredis.Redis) -> AsyncIterator[GateFactory]:
+    """Gates closed after the test, before its Redis client is: a gate left open keeps its hold
+    listener reconnecting to a client the test closed."""
+    made: list[FleetGate] = []
+
+    def make(session: str, s: FleetSettings) -> FleetGate:
+        made.append(FleetGate(redis_client, Keys(), session, s, SystemClock()))
+        return made[-1]
+
+    yield make
+    for gate in made:
+        await gate.aclose()
 
 
 def settings(**overrides: Any) -> FleetSettings:
@@ -56,7 +74,9 @@ async def test_failures_older_than_the_window_do_not_count(redis_client: aioredi
     assert (await breaker.record_failure()).transition == Transition.OPENED
 
 
-async def test_while_open_no_acquire_is_admitted(redis_client: aioredis.Redis) -> None:
+async def test_while_open_no_acquire_is_admitted(
+    redis_client: aioredis.Redis, gates: GateFactory
+) -> None:
     s = settings(circuit_breaker_failure_threshold=1)
     bucket = TokenBucket(redis_client, Keys(), s)
     breaker = CircuitBreaker(redis_client, Keys(), s)
@@ -67,7 +87,7 @@ async def test_while_open_no_acquire_is_admitted(redis_client: aioredis.Redis) -
     assert sum(r.admitted for r in results) == 0
     assert {r.reason for r in results} == {"breaker"}
     assert all(55 < r.wait_s <= 60 for r in results)
-    gate = FleetGate(redis_client, Keys(), "alice", s, SystemClock())
+    gate = gates("alice", s)
     refused = 0
     for _ in range(20):
         with pytest.raises(BreakerOpen) as exc:
@@ -175,10 +195,10 @@ async def test_late_failures_of_other_requests_while_open_are_ignored(
 
 
 async def test_flood_waits_never_open_the_breaker_but_transient_failures_do(
-    redis_client: aioredis.Redis,
+    redis_client: aioredis.Redis, gates: GateFactory
 ) -> None:
     s = settings(circuit_breaker_failure_threshold=2, flood_wait_jitter_seconds=0)
-    gate = FleetGate(redis_client, Keys(), "alice", s, SystemClock())
+    gate = gates("alice", s)
     for _ in range(5):
         await gate.report("history", "flood", flood_wait_s=0.01)
     assert (await gate.breaker.status()).state == BreakerState.CLOSED
@@ -190,11 +210,11 @@ async def test_flood_waits_never_open_the_breaker_but_transient_failures_do(
 
 
 async def test_gate_reports_the_probe_outcome_and_only_the_probe_closes(
-    redis_client: aioredis.Redis,
+    redis_client: aioredis.Redis, gates: GateFactory
 ) -> None:
     s = settings(circuit_breaker_failure_threshold=1, circuit_breaker_open_timeout_seconds=0.1)
-    probe_gate = FleetGate(redis_client, Keys(), "alice", s, SystemClock())
-    other_gate = FleetGate(redis_client, Keys(), "bob", s, SystemClock())
+    probe_gate = gates("alice", s)
+    other_gate = gates("bob", s)
     await other_gate.report("other", "transient")
     await asyncio.sleep(0.15)
     await probe_gate.acquire("other")  # the probe
@@ -206,3 +226,21 @@ async def test_gate_reports_the_probe_outcome_and_only_the_probe_closes(
     await probe_gate.report("other", "ok")
     assert (await probe_gate.breaker.status()).state == BreakerState.CLOSED
     await other_gate.acquire("other")
+
+
+async def test_a_gate_closes_promptly_after_its_breaker_opened(
+    redis_client: aioredis.Redis,
+) -> None:
+    # Closed while its hold listener was still subscribing: redis-py's blocking pubsub read
+    # kept the cancelled listener waiting, and the close (or the event loop's shutdown, for a
+    # gate left open) hung until the test's timeout.
+    s = settings(circuit_breaker_failure_threshold=2, flood_wait_jitter_seconds=0)
+    gate = FleetGate(redis_client, Keys(), "alice", s, SystemClock())
+    for _ in range(5):
+        await gate.report("history", "flood", flood_wait_s=0.01)
+    await gate.report("other", "transient")
+    await gate.report("other", "transient")
+    with pytest.raises(BreakerOpen):
+        await gate.acquire("other")
+    async with asyncio.timeout(1.0):  # 2 ms with the bounded read
+        await gate.aclose()
