@@ -261,6 +261,7 @@ class RateController:
         estimate = 0.0
         if mine:
             at_s = max(f.at_s for f in mine)
+            memory.own_flood_s = max(at_s, memory.own_flood_s or at_s)
             estimate = self._window_estimate(now, name, memory, wait_s, at_s, c, session)
         change = await self._decide(
             f"session:{session}", c, now.at_s, current, measured, saturated, len(mine),
@@ -392,7 +393,16 @@ class RateController:
                         log, refused=len(earlier), min_span_s=SHARED_FLOOD_WINDOW_S
                     )
                     # The fastest it went without a flood lately: refused below that, the
-                    # limit that refused it is not its own.
+                    # limit that refused it is not its own. Only since its own limit last
+                    # spoke: a pace kept before a flood judged its own is what that limit has
+                    # just refused (an account whose own limit
+                    # fell from 6/s to 1/s, cut to 1.65/s by its first flood, was refused again
+                    # there, "well below the 6/s it kept", and that second flood, taken for
+                    # shared, cut the whole fleet from 12/s to 3.2/s).
+                    taught = self._memory.get((f"session:{session}", c), BucketMemory())
+                    since = taught.own_flood_s
+                    if since is not None:
+                        full = [b for b in full if b > since]
                     before = [f for f in self._floods.flood_times(c, session) if f < at_s]
                     kept = sustained(full, before, lookback_s=SUSTAINED_LOOKBACK_S)
                     return rate, company, kept

@@ -71,6 +71,9 @@ class BucketMemory:
     #: together look like a shared one. The cut stands, but probing starts at once.
     provisional: bool = False
     saturated_s: float | None = None  # when the bucket was last seen saturated
+    #: Session buckets: when the latest flood judged this account's own came in (its own limit
+    #: spoke then: a pace it kept before that is no evidence of what it may send now).
+    own_flood_s: float | None = None
     last_probe_s: float | None = None  # when the last probe step above the ceiling was taken
     probe_run: int = 0  # probe steps taken since the last flood (each doubles the next)
     probe_held: float | None = None  # the highest probe step of this probe that held
