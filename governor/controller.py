@@ -65,6 +65,10 @@ SESSION_SATURATION = 0.9
 #: The fleet bucket counts as saturated when callers waited for it *and* it admitted at least
 #: this share of its rate (a few waits at a burst edge do not make a busy bucket).
 FLEET_SATURATION = 0.8
+#: ... and its rate is below this share of the sum of the own rates of the sessions that sent:
+#: a fleet bucket at (or above) what its callers' own buckets allow together cannot be what
+#: paces them, however often its burst edge makes one wait.
+FLEET_BINDS = 0.99
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +206,13 @@ class RateController:
         admitted = now.get(f"{c}:admits") - prev.get(f"{c}:admits")
         waited = now.get(f"{c}:fleet_waits") - prev.get(f"{c}:fleet_waits")
         recent = admitted / (now.at_s - prev.at_s)
-        saturated = waited > 0 and recent >= FLEET_SATURATION * current
+        own_sum = sum(
+            _own_rate(raw_rates, session, c, self.defaults.session[c])
+            for session in _sessions_sent(now, prev, c)
+        )
+        saturated = (
+            waited > 0 and recent >= FLEET_SATURATION * current and current < FLEET_BINDS * own_sum
+        )
         if saturated:
             fleet_memory.saturated_s = now.at_s
         estimate = 0.0
@@ -594,6 +604,28 @@ def _rate(raw: dict[str, str], name: str, default: ClassRate | float) -> float:
     return default.per_second if isinstance(default, ClassRate) else default
 
 
+def _sessions_sent(now: Counters, prev: Counters, c: str) -> set[str]:
+    """Sessions admitted a request of class ``c`` since ``prev``."""
+    found: set[str] = set()
+    suffix = f":{c}:admits"
+    for name, value in now.values.items():
+        if name.startswith("session:") and name.endswith(suffix) and value > prev.get(name):
+            found.add(name.split(":")[1])
+    return found
+
+
+def _own_rate(raw: dict[str, str], session: str, c: str, default: ClassRate) -> float:
+    """What one session's own bucket of class ``c`` admits per second: its window (K per W)
+    if one is set, else its rate (its override, or the shared session rate)."""
+    window = raw.get(f"session:{session}:{c}:window", "").split()
+    if len(window) == 2:
+        try:
+            return int(window[0]) / (int(window[1]) / 1_000_000)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return _rate(raw, f"session:{session}:{c}:rate", _rate(raw, f"session:{c}:rate", default))
+
+
 def _sessions_to_govern(
     now: Counters,
     prev: Counters,
@@ -604,11 +636,7 @@ def _sessions_to_govern(
     """Sessions whose own bucket of class ``c`` is governed this tick: those that flooded on
     their own, those that already have an override, and those that sent since ``prev`` (an
     account whose own bucket binds is raised, whatever the configured rate said)."""
-    found: set[str] = set(own)
-    suffix = f":{c}:admits"
-    for name, value in now.values.items():
-        if name.startswith("session:") and name.endswith(suffix) and value > prev.get(name):
-            found.add(name.split(":")[1])
+    found = set(own) | _sessions_sent(now, prev, c)
     for name in raw_rates:
         parts = name.split(":")
         if len(parts) == 4 and parts[0] == "session" and parts[2] == c and parts[3] == "rate":

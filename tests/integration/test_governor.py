@@ -721,6 +721,49 @@ async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cu
     assert [c.scope for c in changes if c.decision.action == "cut"] == ["fleet"]
 
 
+async def test_a_fleet_bucket_at_the_sum_of_its_callers_own_rates_paces_none_of_them(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A fleet rate configured as the accounts' rates added up (no fleet limit meant) makes
+    the fleet bucket look busy whenever every account is: callers wait at its burst edge and
+    it admits all of its rate. It is not what paces them, so two alike accounts meeting their
+    own limits together are each cut alone (taken for shared, the fleet bucket took over
+    pacing them, and every fleet probe after cost both a FloodWait: `hetero` seed 1, 85%)."""
+    s = settings(
+        fleet_rate_history_per_second=8.0,
+        fleet_rate_history_burst=1,
+        rate_history_per_second=4.0,
+        rate_history_burst=1,
+    )
+    bucket = TokenBucket(redis_client, Keys(), s)
+    controller = RateController(bucket, s)
+    await controller.tick()
+
+    async def send_all_the_bucket_allows(session: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            got = await bucket.acquire(session, "history")
+            await asyncio.sleep(got.wait_s)
+
+    await asyncio.gather(*(send_all_the_bucket_allows(n, 1.2) for n in ("a", "b")))
+    await controller.tick()
+    counters = await bucket.counters()
+    assert counters.get("history:fleet_waits") > 0  # the fleet bucket did make callers wait
+    assert not _paced_fleet(controller)
+    await bucket.record_flood("a", "history", 1)
+    await bucket.record_flood("b", "history", 1)
+    await asyncio.sleep(0.6)
+    changes = await controller.tick()
+    cuts = sorted(c.scope for c in changes if c.decision.action == "cut")
+    assert cuts == ["session:a", "session:b"]
+    assert await fleet_rate(redis_client) is None  # the configured 8/s, untouched
+
+
+def _paced_fleet(controller: RateController) -> bool:
+    memory = controller._memory.get(("fleet", "history"))
+    return memory is not None and memory.saturated_s is not None
+
+
 async def test_an_accounts_flood_is_measured_on_its_window_log_up_to_the_refused_request(
     redis_client: aioredis.Redis,
 ) -> None:
