@@ -37,6 +37,20 @@ async def fleet_rate(client: aioredis.Redis, c: str = "history") -> float | None
     return float(raw) if raw is not None else None
 
 
+async def send_all_the_buckets_allow(
+    bucket: TokenBucket, sessions: tuple[str, ...], seconds: float
+) -> None:
+    """Each session sends history requests as fast as the buckets admit, for ``seconds``."""
+
+    async def one(session: str) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            got = await bucket.acquire(session, "history")
+            await asyncio.sleep(got.wait_s)  # a slot booked ahead is sent when it comes
+
+    await asyncio.gather(*(one(n) for n in sessions))
+
+
 async def test_floods_of_two_sessions_together_cut_the_fleet_rate_not_their_own(
     redis_client: aioredis.Redis,
 ) -> None:
@@ -690,13 +704,7 @@ async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cu
     controller = RateController(bucket, s)
     await controller.tick()
 
-    async def send_all_the_bucket_allows(session: str, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            got = await bucket.acquire(session, "history")
-            await asyncio.sleep(got.wait_s)  # a slot booked ahead is sent when it comes
-
-    await asyncio.gather(*(send_all_the_bucket_allows(n, 1.2) for n in ("a", "b")))
+    await send_all_the_buckets_allow(bucket, ("a", "b"), 1.2)
     await controller.tick()  # both own buckets saturated, the fleet bucket (90/s) far from it
     await bucket.record_flood("a", "history", 1)
     await bucket.record_flood("b", "history", 1)
@@ -739,13 +747,7 @@ async def test_a_fleet_bucket_at_the_sum_of_its_callers_own_rates_paces_none_of_
     controller = RateController(bucket, s)
     await controller.tick()
 
-    async def send_all_the_bucket_allows(session: str, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            got = await bucket.acquire(session, "history")
-            await asyncio.sleep(got.wait_s)
-
-    await asyncio.gather(*(send_all_the_bucket_allows(n, 1.2) for n in ("a", "b")))
+    await send_all_the_buckets_allow(bucket, ("a", "b"), 1.2)
     await controller.tick()
     counters = await bucket.counters()
     assert counters.get("history:fleet_waits") > 0  # the fleet bucket did make callers wait
