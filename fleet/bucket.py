@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -377,6 +378,16 @@ class TokenBucket:
             "counters": counters.values,
             "recent_floods": [asdict(e) for e in await self.recent_floods(10)],
         }
+
+
+def parse_window(value: str) -> tuple[int, float] | None:
+    """A session window as :meth:`TokenBucket.set_window` writes it (``"<K> <W µs>"``): (K, W
+    seconds), or None for a value ``bucket.lua`` ignores (the same pattern and bounds)."""
+    match = re.fullmatch(r"(\d+) (\d+)", value)
+    if match is None:
+        return None
+    k, w_us = int(match[1]), int(match[2])
+    return (k, w_us / 1_000_000) if k > 0 and w_us > 0 else None
 
 
 def _field(scope: str, request_class: str, what: str) -> str:

@@ -15,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from fleet.bucket import parse_window
 from fleet.exitcodes import Exit
 from fleet.settings import ConfigError, load_settings
 from governor.settings import GovernorSettings
@@ -122,11 +123,10 @@ async def gather_status(settings: GovernorSettings) -> dict[str, Any]:
 
 def _window_text(value: str) -> str:
     """``"<K> <W µs>"`` as a person reads it (bucket.lua ignores a value it cannot parse)."""
-    try:
-        k, w_us = (int(x) for x in value.split())
-    except ValueError:
+    window = parse_window(value)
+    if window is None:
         return f"{value!r} (own window, unreadable: ignored)"
-    return f"{k} per {w_us / 1e6:.3g} s (own window, bursts allowed)"
+    return f"{window[0]} per {window[1]:.3g} s (own window, bursts allowed)"
 
 
 def status_text(r: dict[str, Any]) -> str:

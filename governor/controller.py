@@ -32,6 +32,7 @@ from fleet.bucket import (
     Counters,
     RateDefaults,
     TokenBucket,
+    parse_window,
 )
 from fleet.gate import REQUEST_CLASSES
 from fleet.scripts import text
@@ -405,12 +406,11 @@ class RateController:
                     # The fastest it went without a flood lately: refused below that, the
                     # limit that refused it is not its own. Only since its own limit last
                     # spoke: a pace kept before a flood judged its own is what that limit has
-                    # just refused (an account whose own limit
-                    # fell from 6/s to 1/s, cut to 1.65/s by its first flood, was refused again
-                    # there, "well below the 6/s it kept", and that second flood, taken for
-                    # shared, cut the whole fleet from 12/s to 3.2/s).
-                    taught = self._memory.get((f"session:{session}", c), BucketMemory())
-                    since = taught.own_flood_s
+                    # just refused (an account whose own limit fell from 6/s to 1/s, cut to
+                    # 1.65/s by its first flood, was refused again there, "well below the 6/s
+                    # it kept", and that second flood, taken for shared, cut the whole fleet).
+                    taught = self._memory.get((f"session:{session}", c))
+                    since = None if taught is None else taught.own_flood_s
                     if since is not None:
                         full = [b for b in full if b > since]
                     before = [f for f in self._floods.flood_times(c, session) if f < at_s]
@@ -617,12 +617,9 @@ def _sessions_sent(now: Counters, prev: Counters, c: str) -> set[str]:
 def _own_rate(raw: dict[str, str], session: str, c: str, default: ClassRate) -> float:
     """What one session's own bucket of class ``c`` admits per second: its window (K per W)
     if one is set, else its rate (its override, or the shared session rate)."""
-    window = raw.get(f"session:{session}:{c}:window", "").split()
-    if len(window) == 2:
-        try:
-            return int(window[0]) / (int(window[1]) / 1_000_000)
-        except (ValueError, ZeroDivisionError):
-            pass
+    window = parse_window(raw.get(f"session:{session}:{c}:window", ""))
+    if window is not None:
+        return window[0] / window[1]
     return _rate(raw, f"session:{session}:{c}:rate", _rate(raw, f"session:{c}:rate", default))
 
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from fleet.bucket import TokenBucket
+from fleet.bucket import TokenBucket, parse_window
 from fleet.keys import Keys
 from fleet.settings import FleetSettings
 from tests.integration.procs import Procs
@@ -265,6 +265,25 @@ async def test_a_window_lets_an_account_burst_k_then_waits_for_its_oldest_to_lea
     late = [await bucket.acquire("acct", "history") for _ in range(2)]
     # Its own bucket (0.5/s, burst 1), untouched while the window replaced it: full.
     assert late[0].wait_s == 0 and late[1].wait_s == pytest.approx(2.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "value", ["3 2000000", "0 2000000", "3 0", "+3 2000000", " 3 2000000", "3 2e6", "3", ""]
+)
+async def test_parse_window_reads_a_window_exactly_when_bucket_lua_applies_it(
+    bucket: TokenBucket, redis_client: aioredis.Redis, value: str
+) -> None:
+    """The governor reads an account's window (its own limit, for the fleet's saturation) with
+    ``parse_window``: a value it reads is one the bucket applies, and one it cannot, the bucket
+    ignores."""
+    await bucket.set_rate("history", 1000.0, 1000)
+    await bucket.set_rate("history", 1000.0, 1000, scope="session:acct")
+    await redis_client.hset(Keys().rates, "session:acct:history:window", value)
+    waits = [(await bucket.acquire("acct", "history")).wait_s for _ in range(4)]
+    applied = waits[3] > 1.0  # the 4th of a 3-per-2 s window waits for the 1st to leave
+    assert (parse_window(value) is not None) == applied, (value, waits)
+    if applied:
+        assert parse_window(value) == (3, 2.0)
 
 
 async def test_the_window_counts_requests_admitted_before_it_was_set(

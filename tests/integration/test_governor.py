@@ -729,18 +729,23 @@ async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cu
     assert [c.scope for c in changes if c.decision.action == "cut"] == ["fleet"]
 
 
+@pytest.mark.parametrize(
+    ("own_rate", "fleet_share", "paced"), [(4.0, 1.0, False), (7.0, 1.0, False), (4.0, 0.75, True)]
+)
 async def test_a_fleet_bucket_at_the_sum_of_its_callers_own_rates_paces_none_of_them(
-    redis_client: aioredis.Redis,
+    redis_client: aioredis.Redis, own_rate: float, fleet_share: float, paced: bool
 ) -> None:
     """A fleet rate configured as the accounts' rates added up (no fleet limit meant) makes
     the fleet bucket look busy whenever every account is: callers wait at its burst edge and
     it admits all of its rate. It is not what paces them, so two alike accounts meeting their
     own limits together are each cut alone (taken for shared, the fleet bucket took over
-    pacing them, and every fleet probe after cost both a FloodWait: `hetero` seed 1, 85%)."""
+    pacing them, and every fleet probe after cost both a FloodWait: `hetero` seed 1, 85%).
+    Set below that sum, it is what paces them, and the same two floods are shared."""
+    fleet = 2 * own_rate * fleet_share
     s = settings(
-        fleet_rate_history_per_second=8.0,
+        fleet_rate_history_per_second=fleet,
         fleet_rate_history_burst=1,
-        rate_history_per_second=4.0,
+        rate_history_per_second=own_rate,
         rate_history_burst=1,
     )
     bucket = TokenBucket(redis_client, Keys(), s)
@@ -751,14 +756,19 @@ async def test_a_fleet_bucket_at_the_sum_of_its_callers_own_rates_paces_none_of_
     await controller.tick()
     counters = await bucket.counters()
     assert counters.get("history:fleet_waits") > 0  # the fleet bucket did make callers wait
-    assert not _paced_fleet(controller)
+    assert _paced_fleet(controller) == paced
     await bucket.record_flood("a", "history", 1)
     await bucket.record_flood("b", "history", 1)
     await asyncio.sleep(0.6)
     changes = await controller.tick()
     cuts = sorted(c.scope for c in changes if c.decision.action == "cut")
-    assert cuts == ["session:a", "session:b"]
-    assert await fleet_rate(redis_client) is None  # the configured 8/s, untouched
+    if paced:
+        assert cuts == ["fleet"]
+        cut_to = await fleet_rate(redis_client)
+        assert cut_to is not None and cut_to < fleet
+    else:
+        assert cuts == ["session:a", "session:b"]
+        assert await fleet_rate(redis_client) is None  # the configured rate, untouched
 
 
 def _paced_fleet(controller: RateController) -> bool:
