@@ -280,6 +280,12 @@ class RateController:
             pending=session in self._floods.pending_sessions(c),
             probe_answer=any(f.probe for f in mine),
         )  # fmt: skip
+        if mine and change is not None and change.decision.action == "cut":
+            # The ceiling this cut set was read on a burst from idle: an upper bound only.
+            memory.limit_from_burst = all(f.from_idle for f in mine)
+            if memory.limit_from_burst:
+                why = f"{change.decision.why}; read on a burst from idle, an upper bound"
+                change = replace(change, decision=replace(change.decision, why=why))
         changes = [] if change is None else [change]
         if memory.window_set is not None:
             probe = await self._window_probe(session, c, now, memory)
@@ -385,13 +391,15 @@ class RateController:
 
         fleet = self._memory.get(("fleet", c), BucketMemory())
 
-        def own_rates(at_s: float, session: str) -> tuple[float, float | None, float | None]:
+        def own_rates(at_s: float, session: str) -> tuple[float, float | None, float | None, bool]:
             # What got through before Telegram said "too much": the bucket admitted the
             # refused requests too, and counting them puts the ceiling above the limit (for a
             # window of K requests, (K + 1) / W: 25% too high for K = 4). Second: the same
             # with a burst measured over at least the shared-flood window, to compare accounts.
             full = [b for b in bookings.get(session, []) if b <= at_s + 0.001]
             log = [b for b in full if b >= at_s - 2 * MEASURE_WINDOW_S]
+            # It began sending inside the measuring window: its rate is over its burst's span.
+            from_idle = len(full) >= 2 and full[0] >= full[-1] - MEASURE_WINDOW_S
             if log:
                 since_s = log[-1] - MEASURE_WINDOW_S
                 earlier = [
@@ -415,14 +423,15 @@ class RateController:
                         full = [b for b in full if b > since]
                     before = [f for f in self._floods.flood_times(c, session) if f < at_s]
                     kept = sustained(full, before, lookback_s=SUSTAINED_LOOKBACK_S)
-                    return rate, company, kept
+                    return rate, company, kept, from_idle
             name = f"session:{session}:{c}:admits"
-            return self._at_flood(now, name, c, events, session, spans=(1.0,)), None, None
+            return self._at_flood(now, name, c, events, session, spans=(1.0,)), None, None, False
 
         def seen(event: RawFlood) -> FloodSeen:
             at_s, session, seconds = event
-            rate, company, kept = own_rates(at_s, session)
+            rate, company, kept, from_idle = own_rates(at_s, session)
             resumed = self._floods.resumed_at(c, session, at_s)
+            taught = self._memory.get((f"session:{session}", c))
             return FloodSeen(
                 at_s,
                 session,
@@ -432,12 +441,13 @@ class RateController:
                 own_limit=self._own_limit(session, c),
                 fleet_rate=self._at_flood(now, f"{c}:sent", c, events),
                 probe=fleet.probe_from is not None,
-                own_paced=_paced(self._memory.get((f"session:{session}", c)), at_s)
-                and not _paced(fleet, at_s),
+                own_paced=_paced(taught, at_s) and not _paced(fleet, at_s),
                 company_rate=company,
                 sustained=kept,
                 fleet_paced=_paced(fleet, at_s),
                 after_pause=resumed is not None and 0 <= at_s - resumed < MEASURE_WINDOW_S,
+                limit_from_burst=taught is not None and taught.limit_from_burst,
+                from_idle=from_idle,
             )
 
         return self._floods.judge(c, now.at_s, events, seen, fleet_shared=fleet.shared)

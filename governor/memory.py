@@ -74,6 +74,9 @@ class BucketMemory:
     #: Session buckets: when the latest flood judged this account's own came in (its own limit
     #: spoke then: a pace it kept before that is no evidence of what it may send now).
     own_flood_s: float | None = None
+    #: Session buckets: the ceiling was read over the account's first burst from idle, an
+    #: upper bound of its limit (:attr:`policy.FloodSeen.limit_from_burst`).
+    limit_from_burst: bool = False
     last_probe_s: float | None = None  # when the last probe step above the ceiling was taken
     probe_run: int = 0  # probe steps taken since the last flood (each doubles the next)
     probe_held: float | None = None  # the highest probe step of this probe that held

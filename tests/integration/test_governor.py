@@ -688,13 +688,11 @@ async def test_a_shared_cut_while_the_fleet_bucket_was_not_what_paced_it_probes_
     assert not memory.provisional
 
 
-async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cut_alone(
+async def two_accounts_under_a_far_fleet_rate(
     redis_client: aioredis.Redis,
-) -> None:
-    """The first workers of a fleet slow-start their own buckets and meet their own limits at
-    the same moment. Their own buckets paced them and the fleet bucket did not: each flood is
-    its account's own, so each account is cut and the fleet rate stays (taken for shared, it
-    cut the fleet to the pace of the two accounts that had started)."""
+) -> tuple[TokenBucket, RateController]:
+    """Accounts a and b at 4/s each (burst 1) under a fleet rate of 90/s: their own buckets
+    pace them, the fleet bucket never does."""
     s = settings(
         fleet_rate_history_per_second=90.0,
         rate_history_per_second=4.0,
@@ -703,13 +701,32 @@ async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cu
     bucket = TokenBucket(redis_client, Keys(), s)
     controller = RateController(bucket, s)
     await controller.tick()
+    return bucket, controller
 
-    await send_all_the_buckets_allow(bucket, ("a", "b"), 1.2)
-    await controller.tick()  # both own buckets saturated, the fleet bucket (90/s) far from it
+
+async def both_flood_at_their_own_pace(
+    bucket: TokenBucket, controller: RateController, seconds: float
+) -> list[RateChange]:
+    """a and b send all their buckets allow for ``seconds``, then flood together; the changes
+    of the tick that judges those floods."""
+    await controller.tick()  # ticks come every second: the next one sees only this send
+    await send_all_the_buckets_allow(bucket, ("a", "b"), seconds)
+    await controller.tick()  # both own buckets saturated, the fleet bucket far from it
     await bucket.record_flood("a", "history", 1)
     await bucket.record_flood("b", "history", 1)
     await asyncio.sleep(0.6)
-    changes = await controller.tick()
+    return await controller.tick()
+
+
+async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cut_alone(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The first workers of a fleet slow-start their own buckets and meet their own limits at
+    the same moment. Their own buckets paced them and the fleet bucket did not: each flood is
+    its account's own, so each account is cut and the fleet rate stays (taken for shared, it
+    cut the fleet to the pace of the two accounts that had started)."""
+    bucket, controller = await two_accounts_under_a_far_fleet_rate(redis_client)
+    changes = await both_flood_at_their_own_pace(bucket, controller, 1.2)
     cuts = sorted(c.scope for c in changes if c.decision.action == "cut")
     assert cuts == ["session:a", "session:b"]
     assert await fleet_rate(redis_client) is None  # the configured 90/s, untouched
@@ -727,6 +744,38 @@ async def test_alike_accounts_flooding_together_at_their_own_buckets_pace_are_cu
     await asyncio.sleep(0.6)
     changes = await controller.tick()
     assert [c.scope for c in changes if c.decision.action == "cut"] == ["fleet"]
+
+
+@pytest.mark.parametrize(("first_burst_s", "from_idle"), [(1.2, True), (2.6, False)])
+async def test_a_limit_read_on_a_burst_from_idle_leaves_the_next_own_paced_floods_their_own(
+    redis_client: aioredis.Redis, first_burst_s: float, from_idle: bool
+) -> None:
+    """Two alike accounts' first floods, after a burst that began inside the measuring window,
+    are read over the burst's own span: an upper bound of their limit. Their next floods
+    together, at the limit itself and "well below" that reading, while their own buckets pace
+    them and the fleet bucket does not, are their own again (taken for shared, they cut the
+    whole fleet to their pace: `hetero`, 84% in a third of the runs). Read over a whole
+    measuring window, the first floods taught the limits, and the same pair below them is a
+    shared limit, as before."""
+    bucket, controller = await two_accounts_under_a_far_fleet_rate(redis_client)
+    first = await both_flood_at_their_own_pace(bucket, controller, first_burst_s)
+    assert sorted(c.scope for c in first if c.decision.action == "cut") == [
+        "session:a",
+        "session:b",
+    ]
+    for name in ("a", "b"):
+        memory = controller._memory[(f"session:{name}", "history")]
+        assert memory.limit_from_burst == from_idle
+    cut_lines = [c.line() for c in first if c.decision.action == "cut"]
+    assert all(("a burst from idle" in line) == from_idle for line in cut_lines)
+    await asyncio.sleep(2.1)  # past the cut cooldown
+    second = await both_flood_at_their_own_pace(bucket, controller, 1.2)
+    cuts = sorted(c.scope for c in second if c.decision.action == "cut")
+    if from_idle:
+        assert cuts == ["session:a", "session:b"]
+        assert await fleet_rate(redis_client) is None  # the configured 90/s, untouched
+    else:
+        assert cuts == ["fleet"]
 
 
 @pytest.mark.parametrize(

@@ -413,6 +413,22 @@ def test_floods_of_accounts_their_own_buckets_paced_are_their_own_until_they_lea
                      fleet_shared=False) == [True, True]  # fmt: skip
 
 
+def test_a_limit_read_on_a_burst_from_idle_does_not_make_the_next_own_paced_flood_shared() -> None:
+    # Two alike accounts learned 12.8/s and 11.4/s on their first bursts (each began sending
+    # inside the measuring window); their own limit is 9/s, and they flood there together
+    # while their own buckets pace them and the fleet bucket does not: their own, not shared.
+    a = replace(flood(10.0, "a", own_rate=9.0, own_limit=12.8), own_paced=True)
+    b = replace(flood(10.1, "b", own_rate=9.0, own_limit=11.4), own_paced=True)
+    burst = [replace(a, limit_from_burst=True), replace(b, limit_from_burst=True)]
+    assert attribute(burst, [], shared_window_s=0.5, fleet_shared=False) == [False, False]
+    # Learned over a whole measuring window, the same limits are the limits: far below them
+    # together is a shared limit.
+    assert attribute([a, b], [], shared_window_s=0.5, fleet_shared=False) == [True, True]
+    # Not paced by their own buckets (the fleet's paced them): the rate decides, as before.
+    fleet_paced = [replace(f, own_paced=False) for f in burst]
+    assert attribute(fleet_paced, [], shared_window_s=0.5, fleet_shared=False) == [True, True]
+
+
 def test_a_bucket_that_never_flooded_grows_by_the_slow_start_factor() -> None:
     p = replace(P, slow_start_factor=1.25)
     grown = decide(TickInputs(4.0, 4.0, True, 0), p)
